@@ -1,0 +1,29 @@
+# Both entry points set up .venv themselves on a fresh machine (python3 must be 3.10+; 3.11 on the
+# dev/CI machines, where torch==2.13.0's CPU wheel lies on disk).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: train test install clean
+
+$(VENV)/.stamp-base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-base
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.stamp-test
+
+train: $(VENV)/.stamp-base
+	$(PY) train.py --config configs/digits.py --workdir runs/digits
+
+test: $(VENV)/.stamp-test
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,189 @@
+"""CvT model configuration: variants, official SPEC dicts and YAML files.
+
+A model is described by a flat dict of fields. Per-stage fields are tuples with one entry per stage and
+carry the lower-case names of the official SPEC keys (`DIM_EMBED` -> `dim_embed`), so an official YAML
+file maps onto them one to one. Everything else (classes, activation, init, implementation choices)
+is a scalar.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import yaml
+
+# Official SPEC key -> our field name (per-stage fields).
+STAGE_FIELDS = {
+    'PATCH_SIZE': 'patch_size',
+    'PATCH_STRIDE': 'patch_stride',
+    'PATCH_PADDING': 'patch_padding',
+    'DIM_EMBED': 'dim_embed',
+    'NUM_HEADS': 'num_heads',
+    'DEPTH': 'depth',
+    'MLP_RATIO': 'mlp_ratio',
+    'QKV_BIAS': 'qkv_bias',
+    'DROP_RATE': 'drop_rate',
+    'ATTN_DROP_RATE': 'attn_drop_rate',
+    'DROP_PATH_RATE': 'drop_path_rate',
+    'CLS_TOKEN': 'cls_token',
+    'QKV_PROJ_METHOD': 'qkv_proj_method',
+    'KERNEL_QKV': 'kernel_qkv',
+    'STRIDE_KV': 'stride_kv',
+    'STRIDE_Q': 'stride_q',
+    'PADDING_KV': 'padding_kv',
+    'PADDING_Q': 'padding_q',
+}
+# Official SPEC keys that are accepted but carry nothing we model.
+_IGNORED_SPEC_KEYS = {'NUM_STAGES', 'POS_EMBED', 'INIT'}
+PROJ_METHODS = ('dw_bn', 'avg', 'linear')
+ACTIVATIONS = ('quick_gelu', 'gelu')
+DWCONV_IMPLS = ('auto', 'xla', 'shifts')
+
+
+@dataclasses.dataclass(frozen=True)
+class CvTConfig:
+  """All fields that define a CvT model. Per-stage fields are tuples of length `num_stages`."""
+  dim_embed: tuple = (64, 192, 384)
+  num_heads: tuple = (1, 3, 6)
+  depth: tuple = (1, 2, 10)
+  patch_size: tuple = (7, 3, 3)
+  patch_stride: tuple = (4, 2, 2)
+  patch_padding: tuple = (2, 1, 1)
+  cls_token: tuple = (False, False, True)
+  qkv_proj_method: tuple = ('dw_bn', 'dw_bn', 'dw_bn')
+  kernel_qkv: tuple = (3, 3, 3)
+  stride_kv: tuple = (2, 2, 2)
+  stride_q: tuple = (1, 1, 1)
+  padding_kv: tuple = (1, 1, 1)
+  padding_q: tuple = (1, 1, 1)
+  qkv_bias: tuple = (True, True, True)
+  mlp_ratio: tuple = (4.0, 4.0, 4.0)
+  drop_rate: tuple = (0.0, 0.0, 0.0)
+  attn_drop_rate: tuple = (0.0, 0.0, 0.0)
+  drop_path_rate: tuple = (0.0, 0.0, 0.1)
+  num_classes: int = 1000
+  in_chans: int = 3
+  # 'quick_gelu': x * sigmoid(1.702 x), the official model. 'gelu': exact erf GELU, HF transformers.
+  activation: str = 'quick_gelu'
+  layer_norm_eps: float = 1e-5
+  # 'trunc_norm' or 'xavier', as the official INIT option.
+  init: str = 'trunc_norm'
+  # Depthwise conv implementation: 'xla' (grouped conv), 'shifts' (k*k shifted multiply-adds, which
+  # XLA:CPU fuses and runs much faster), 'auto' = 'shifts' on CPU, 'xla' elsewhere. Same numerics.
+  dwconv_impl: str = 'auto'
+  # Computation dtype ('float32' or 'bfloat16'); parameters stay float32, LayerNorm and softmax run in
+  # float32 either way.
+  dtype: str = 'float32'
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.dim_embed)
+
+  def to_dict(self) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  def to_official_spec(self) -> dict:
+    spec = {key: list(getattr(self, name)) for key, name in STAGE_FIELDS.items()}
+    spec.update(NUM_STAGES=self.num_stages, INIT=self.init, POS_EMBED=[False] * self.num_stages)
+    return spec
+
+  def validate(self) -> 'CvTConfig':
+    n = self.num_stages
+    for name in STAGE_FIELDS.values():
+      if len(getattr(self, name)) != n:
+        raise ValueError(f'CvT config: `{name}` has {len(getattr(self, name))} entries, '
+                         f'`dim_embed` has {n}; every per-stage field needs one entry per stage.')
+    for i, (dim, heads) in enumerate(zip(self.dim_embed, self.num_heads)):
+      if dim % heads:
+        raise ValueError(f'CvT config: stage {i} width {dim} is not divisible by {heads} heads.')
+    for i, m in enumerate(self.qkv_proj_method):
+      if m not in PROJ_METHODS:
+        raise ValueError(f'CvT config: stage {i} qkv_proj_method {m!r} is not one of {PROJ_METHODS}.')
+    if any(self.cls_token[:-1]):
+      raise ValueError('CvT config: only the last stage may have a cls token (as in the official code).')
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'CvT config: activation {self.activation!r} is not one of {ACTIVATIONS}.')
+    if self.init not in ('trunc_norm', 'xavier'):
+      raise ValueError(f"CvT config: init {self.init!r} is not 'trunc_norm' or 'xavier'.")
+    if self.dwconv_impl not in DWCONV_IMPLS:
+      raise ValueError(f'CvT config: dwconv_impl {self.dwconv_impl!r} is not one of {DWCONV_IMPLS}.')
+    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f"CvT config: dtype {self.dtype!r} is not 'float32' or 'bfloat16'.")
+    return self
+
+
+_CVT_13 = dict(dim_embed=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 2, 10),
+               drop_path_rate=(0.0, 0.0, 0.1))
+VARIANTS = {
+    'cvt-13': _CVT_13,
+    'cvt-21': dict(_CVT_13, depth=(1, 4, 16)),
+    'cvt-w24': dict(dim_embed=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20),
+                    drop_path_rate=(0.0, 0.0, 0.3)),
+}
+
+
+def _stage_tuple(key: str, value: Any) -> tuple:
+  if isinstance(value, (list, tuple)):
+    return tuple(value)
+  raise ValueError(f'CvT config: `{key}` must be a list with one entry per stage, got {value!r}.')
+
+
+def from_official_spec(spec: Mapping[str, Any], **overrides) -> CvTConfig:
+  """Builds a config from an official SPEC dict (the upper-case keys of the official YAML files)."""
+  spec = dict(spec)
+  unknown = set(spec) - set(STAGE_FIELDS) - _IGNORED_SPEC_KEYS
+  if unknown:
+    raise ValueError(f'Official CvT SPEC: unknown keys {sorted(unknown)}.')
+  if any(spec.get('POS_EMBED') or []):
+    raise ValueError('Official CvT SPEC: POS_EMBED=True is not supported (no released model uses it).')
+  fields = {name: _stage_tuple(key, spec[key]) for key, name in STAGE_FIELDS.items() if key in spec}
+  if 'INIT' in spec:
+    fields['init'] = spec['INIT']
+  missing = [k for k in ('DIM_EMBED', 'NUM_HEADS', 'DEPTH') if k not in spec]
+  if missing:
+    raise ValueError(f'Official CvT SPEC: missing keys {missing}.')
+  return make_config(dict(fields, **overrides))
+
+
+def make_config(variant_or_fields: Any = 'cvt-13', **overrides) -> CvTConfig:
+  """Resolves a variant name, an official SPEC, a ConfigDict/dict of fields or a CvTConfig."""
+  src = variant_or_fields
+  if isinstance(src, CvTConfig):
+    fields = src.to_dict()
+  elif isinstance(src, str):
+    if src.lower() not in VARIANTS:
+      raise ValueError(f'Unknown CvT variant {src!r}; known: {sorted(VARIANTS)}.')
+    fields = dict(VARIANTS[src.lower()])
+  else:
+    fields = dict(src.to_dict() if hasattr(src, 'to_dict') else src)
+    if any(k.isupper() for k in fields):
+      return from_official_spec(fields, **overrides)
+    if 'variant' in fields:  # a model ConfigDict may name a variant and override some fields
+      fields = dict(VARIANTS[fields.pop('variant').lower()], **fields)
+  fields.update(overrides)
+  known = {f.name for f in dataclasses.fields(CvTConfig)}
+  unknown = set(fields) - known
+  if unknown:
+    raise ValueError(f'CvT config: unknown fields {sorted(unknown)}; known: {sorted(known)}.')
+  n = len(fields.get('dim_embed', CvTConfig.dim_embed))
+  # Per-stage fields left at their 3-stage defaults must match a model with another stage count.
+  for name in STAGE_FIELDS.values():
+    if name in fields:
+      fields[name] = _stage_tuple(name, fields[name])
+    elif n != 3:
+      raise ValueError(f'CvT config: `{name}` must be given for a {n}-stage model.')
+  return CvTConfig(**fields).validate()
+
+
+def configs_from_official_yaml(path: str, **overrides) -> CvTConfig:
+  """Reads an official experiment YAML (`MODEL.SPEC`, `MODEL.NUM_CLASSES`) into a CvTConfig."""
+  with open(path) as f:
+    doc = yaml.safe_load(f)
+  try:
+    model = doc['MODEL']
+    spec = model['SPEC']
+  except (KeyError, TypeError) as e:
+    raise ValueError(f'{path}: not an official CvT YAML (no MODEL.SPEC).') from e
+  if 'NUM_CLASSES' in model:
+    overrides.setdefault('num_classes', model['NUM_CLASSES'])
+  return from_official_spec(spec, **overrides)

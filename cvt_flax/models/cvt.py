@@ -1,0 +1,258 @@
+"""CvT (Wu et al. 2021) in Flax NNX, numerically equivalent to the official PyTorch model.
+
+Attribute names mirror the official state-dict keys (`stage2.blocks.3.attn.conv_proj_q.bn.running_mean`
+is `model.stage2.blocks[3].attn.conv_proj_q.bn.mean`), so conversion is a plain table
+(see `cvt_flax.convert`). Images are NHWC.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cvt_flax.models import layers
+from cvt_flax.models.config import STAGE_FIELDS, CvTConfig, make_config
+
+
+def _layer_norm(dim, cfg: CvTConfig, dtype, rngs):
+  # use_fast_variance=False: E[(x-mu)^2] as torch does, not E[x^2]-mu^2, which loses precision.
+  return nnx.LayerNorm(dim, epsilon=cfg.layer_norm_eps, dtype=dtype, use_fast_variance=False,
+                       rngs=rngs)
+
+
+def _linear(din, dout, cfg: CvTConfig, dtype, rngs, use_bias=True):
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype,
+                    kernel_init=layers.linear_kernel_init(cfg.init), rngs=rngs)
+
+
+class ConvProjection(nnx.Module):
+  """The `dw_bn` projection: depthwise conv (no bias) + BatchNorm."""
+
+  def __init__(self, dim, kernel_size, stride, padding, cfg: CvTConfig, dtype, rngs):
+    self.conv = layers.DepthwiseConv(dim, kernel_size, stride, padding, impl=cfg.dwconv_impl,
+                                     dtype=dtype, rngs=rngs)
+    self.bn = layers.BatchNorm(dim, dtype=dtype)
+
+  def __call__(self, x):
+    return self.bn(self.conv(x))
+
+
+class Attention(nnx.Module):
+  """Convolutional projection attention.
+
+  q, k, v are spatial projections (`dw_bn`: depthwise conv + BN; `avg`: ceil-mode average pooling of
+  k and v, q unprojected; `linear`: none) of the token map, followed by linear q/k/v layers. The cls
+  token bypasses the spatial projection but goes through the linear layers. The scale is
+  dim**-0.5 with dim the full stage width, as in the official code.
+  """
+
+  def __init__(self, dim, num_heads, stage: dict, cfg: CvTConfig, dtype, rngs):
+    self.num_heads, self.dtype = num_heads, dtype
+    self.scale = dim ** -0.5
+    self.method = stage['qkv_proj_method']
+    self.with_cls_token = stage['cls_token']
+    self.kernel_size, self.stride_kv = stage['kernel_qkv'], stage['stride_kv']
+    self.padding_kv = stage['padding_kv']
+    if self.method == 'dw_bn':
+      q_args = (stage['kernel_qkv'], stage['stride_q'], stage['padding_q'])
+      kv_args = (stage['kernel_qkv'], stage['stride_kv'], stage['padding_kv'])
+      self.conv_proj_q = ConvProjection(dim, *q_args, cfg, dtype, rngs)
+      self.conv_proj_k = ConvProjection(dim, *kv_args, cfg, dtype, rngs)
+      self.conv_proj_v = ConvProjection(dim, *kv_args, cfg, dtype, rngs)
+    bias = stage['qkv_bias']
+    self.proj_q = _linear(dim, dim, cfg, dtype, rngs, use_bias=bias)
+    self.proj_k = _linear(dim, dim, cfg, dtype, rngs, use_bias=bias)
+    self.proj_v = _linear(dim, dim, cfg, dtype, rngs, use_bias=bias)
+    self.attn_drop = nnx.Dropout(stage['attn_drop_rate'], rngs=rngs)
+    self.proj = _linear(dim, dim, cfg, dtype, rngs)
+    self.proj_drop = nnx.Dropout(stage['drop_rate'], rngs=rngs)
+
+  def _spatial_qkv(self, x, h, w):
+    if self.method == 'linear':
+      return x, x, x
+    cls_tok = None
+    if self.with_cls_token:
+      cls_tok, x = x[:, :1], x[:, 1:]
+    b, _, c = x.shape
+    fmap = x.reshape(b, h, w, c)
+    if self.method == 'dw_bn':
+      q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)
+    else:  # avg
+      q = fmap
+      k = v = layers.avg_pool_ceil(fmap, self.kernel_size, self.stride_kv, self.padding_kv)
+    q, k, v = (t.reshape(b, -1, c) for t in (q, k, v))
+    if cls_tok is not None:
+      q, k, v = (jnp.concatenate([cls_tok.astype(t.dtype), t], axis=1) for t in (q, k, v))
+    return q, k, v
+
+  def _heads(self, t):
+    b, n, c = t.shape
+    return t.reshape(b, n, self.num_heads, c // self.num_heads).transpose(0, 2, 1, 3)
+
+  def __call__(self, x, h, w):
+    q, k, v = self._spatial_qkv(x, h, w)
+    q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
+    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * self.scale
+    attn = self.attn_drop(jax.nn.softmax(scores, axis=-1)).astype(self.dtype)
+    out = jnp.einsum('bhqk,bhkd->bhqd', attn, v)
+    b, nh, n, d = out.shape
+    out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
+    return self.proj_drop(self.proj(out))
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, dim, hidden, drop, cfg: CvTConfig, dtype, rngs):
+    self.fc1 = _linear(dim, hidden, cfg, dtype, rngs)
+    self.act = layers.ACTIVATIONS[cfg.activation]
+    self.fc2 = _linear(hidden, dim, cfg, dtype, rngs)
+    self.drop = nnx.Dropout(drop, rngs=rngs)
+
+  def __call__(self, x):
+    return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block. Stochastic depth = dropout broadcast over all but the batch axis."""
+
+  def __init__(self, dim, num_heads, drop_path, stage: dict, cfg: CvTConfig, dtype, rngs):
+    self.norm1 = _layer_norm(dim, cfg, dtype, rngs)
+    self.attn = Attention(dim, num_heads, stage, cfg, dtype, rngs)
+    self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+    self.norm2 = _layer_norm(dim, cfg, dtype, rngs)
+    self.mlp = Mlp(dim, int(dim * stage['mlp_ratio']), stage['drop_rate'], cfg, dtype, rngs)
+
+  def __call__(self, x, h, w):
+    x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConvEmbed(nnx.Module):
+  """Convolutional token embedding: strided conv with explicit symmetric padding, then LayerNorm."""
+
+  def __init__(self, in_chans, dim, patch_size, stride, padding, cfg: CvTConfig, dtype, rngs):
+    fan_in = in_chans * patch_size * patch_size
+    self.proj = nnx.Conv(in_chans, dim, (patch_size, patch_size), strides=stride,
+                         padding=((padding, padding), (padding, padding)), dtype=dtype,
+                         kernel_init=layers.torch_default_uniform(fan_in),
+                         bias_init=layers.torch_default_uniform(fan_in), rngs=rngs)
+    self.norm = _layer_norm(dim, cfg, dtype, rngs)
+
+  def __call__(self, x):
+    return self.norm(self.proj(x))
+
+
+class Stage(nnx.Module):
+  """One CvT stage (the official `VisionTransformer`): conv embedding, optional cls token, blocks."""
+
+  def __init__(self, in_chans, stage: dict, cfg: CvTConfig, dtype, rngs):
+    dim = stage['dim_embed']
+    self.patch_embed = ConvEmbed(in_chans, dim, stage['patch_size'], stage['patch_stride'],
+                                 stage['patch_padding'], cfg, dtype, rngs)
+    self.cls_token = (nnx.Param(layers.trunc_normal(0.02)(rngs.params(), (1, 1, dim)))
+                      if stage['cls_token'] else None)
+    self.pos_drop = nnx.Dropout(stage['drop_rate'], rngs=rngs)
+    # Stochastic depth grows linearly inside each stage, from 0 to the stage's rate (official rule).
+    rates = np.linspace(0.0, stage['drop_path_rate'], stage['depth'])
+    self.blocks = nnx.List([Block(dim, stage['num_heads'], float(r), stage, cfg, dtype, rngs)
+                            for r in rates])
+
+  def __call__(self, x):
+    """NHWC image/feature map -> (NHWC feature map, cls token (B, C) or None)."""
+    x = self.patch_embed(x)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    if self.cls_token is not None:
+      cls_tok = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (b, 1, c))
+      x = jnp.concatenate([cls_tok, x], axis=1)
+    x = self.pos_drop(x)
+    for block in self.blocks:
+      x = block(x, h, w)
+    cls_out = None
+    if self.cls_token is not None:
+      cls_out, x = x[:, 0], x[:, 1:]
+    return x.reshape(b, h, w, c), cls_out
+
+
+class CvT(nnx.Module):
+  """Convolutional vision Transformer. `model(images)` -> logits; `model.features(images)` -> dict."""
+
+  def __init__(self, cfg: CvTConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    dtype = jnp.dtype(cfg.dtype)
+    self.dtype = dtype
+    in_chans = cfg.in_chans
+    for i in range(cfg.num_stages):
+      stage = {name: getattr(cfg, name)[i] for name in STAGE_FIELDS.values()}
+      setattr(self, f'stage{i}', Stage(in_chans, stage, cfg, dtype, rngs))
+      in_chans = stage['dim_embed']
+    dim = cfg.dim_embed[-1]
+    self.norm = _layer_norm(dim, cfg, dtype, rngs)
+    # The official head: trunc_normal(0.02) weight, torch-default bias (it is built outside `apply`).
+    self.head = (nnx.Linear(dim, cfg.num_classes, dtype=dtype, kernel_init=layers.trunc_normal(0.02),
+                            bias_init=layers.torch_default_uniform(dim), rngs=rngs)
+                 if cfg.num_classes > 0 else None)
+
+  @property
+  def stages(self):
+    return [getattr(self, f'stage{i}') for i in range(self.config.num_stages)]
+
+  def _check_images(self, images):
+    c = self.config.in_chans
+    if images.ndim != 4 or images.shape[-1] != c:
+      hint = (' (this looks like NCHW; CvT-Flax takes NHWC: transpose with (0, 2, 3, 1))'
+              if images.ndim == 4 and images.shape[1] == c else '')
+      raise ValueError(f'CvT expects NHWC images (batch, height, width, {c}); '
+                       f'got shape {tuple(images.shape)}{hint}.')
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f'CvT expects floating-point images (normalised); got dtype {images.dtype}.')
+
+  def features(self, images) -> dict[str, Any]:
+    """Per-stage NHWC feature maps (`stage0`...), the last stage's `cls_token` (B, C) or None, and
+    `pre_logits`: LayerNorm(cls token), or the mean of LayerNorm(tokens) for models without one."""
+    self._check_images(images)
+    x = images.astype(self.dtype)
+    out = {}
+    cls_tok = None
+    for i, stage in enumerate(self.stages):
+      x, cls_tok = stage(x)
+      out[f'stage{i}'] = x
+    out['cls_token'] = cls_tok
+    if cls_tok is not None:
+      out['pre_logits'] = self.norm(cls_tok)
+    else:
+      b, h, w, c = x.shape
+      out['pre_logits'] = jnp.mean(self.norm(x.reshape(b, h * w, c)), axis=1)
+    return out
+
+  def __call__(self, images):
+    pre_logits = self.features(images)['pre_logits']
+    if self.head is None:
+      return pre_logits
+    return self.head(pre_logits).astype(jnp.float32)
+
+
+
+
+def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None, *,
+                 rngs: nnx.Rngs, **overrides) -> CvT:
+  """Builds a CvT in training mode (call `.eval()` for inference).
+
+  `variant_or_spec`: 'cvt-13' | 'cvt-21' | 'cvt-w24', a CvTConfig, a dict/ConfigDict of model fields
+  (optionally with `variant`), or an official SPEC dict (upper-case keys). `num_classes` defaults to
+  1000 for variant names and to the given config's value otherwise; 0 gives a model returning
+  pre-logits features.
+  """
+  if num_classes is not None:
+    overrides['num_classes'] = num_classes
+  return CvT(make_config(variant_or_spec, **overrides), rngs=rngs)
+
+
+def count_params(model_or_state) -> int:
+  """Number of trainable parameters (nnx.Param), as torch counts `requires_grad` parameters."""
+  state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) \
+      else model_or_state
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -1,0 +1,167 @@
+"""Building blocks of CvT that Flax does not ship in the form CvT needs.
+
+All tensors are NHWC (images, feature maps) or (batch, tokens, channels).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def quick_gelu(x):
+  """The official CvT activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x):
+  """Exact erf GELU, as HF transformers' CvT (flax's `nnx.gelu` default is the tanh approximation)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': exact_gelu}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initialisers matching the official code (timm `trunc_normal_` and torch's default conv init).
+
+def trunc_normal(std=0.02):
+  """timm's trunc_normal_(std) truncates at +-2 in absolute value, i.e. +-2/std standard deviations."""
+  def init(key, shape, dtype=jnp.float32):
+    bound = 2.0 / std
+    return jax.random.truncated_normal(key, -bound, bound, shape, dtype) * std
+  return init
+
+
+def torch_default_uniform(fan_in):
+  """torch's default Conv/Linear init (kaiming_uniform a=sqrt(5)): U(+-1/sqrt(fan_in)), weights and biases."""
+  bound = 1.0 / math.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def linear_kernel_init(init_name):
+  if init_name == 'xavier':
+    return nnx.initializers.xavier_uniform()
+  return trunc_normal(0.02)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depthwise convolution with a choice of implementation.
+
+def resolve_dwconv_impl(impl: str) -> str:
+  if impl == 'auto':
+    return 'shifts' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def depthwise_conv(x, kernel, stride: int, padding: int, impl: str):
+  """Depthwise conv of NHWC `x` with a (k, k, 1, C) kernel, explicit symmetric zero padding.
+
+  'xla' lowers to one grouped convolution; 'shifts' writes it as k*k strided slices times a
+  per-channel weight, which XLA:CPU fuses into one loop and runs an order of magnitude faster than
+  its grouped-conv kernel. Both compute the same sum; they differ only in summation order.
+  """
+  k = kernel.shape[0]
+  if resolve_dwconv_impl(impl) == 'xla':
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
+  _, h, w, _ = x.shape
+  ho = (h + 2 * padding - k) // stride + 1
+  wo = (w + 2 * padding - k) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out = None
+  for i in range(k):
+    for j in range(k):
+      patch = jax.lax.slice(xp, (0, i, j, 0),
+                            (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+                             xp.shape[3]), (1, stride, stride, 1))
+      term = patch * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class DepthwiseConv(nnx.Module):
+  """Depthwise conv without bias. `kernel` is (k, k, 1, C): torch's (C, 1, k, k) transposed (2, 3, 1, 0)."""
+
+  def __init__(self, channels, kernel_size, stride, padding, *, impl='auto', dtype=jnp.float32, rngs):
+    self.stride, self.padding, self.impl, self.dtype = stride, padding, impl, dtype
+    init = torch_default_uniform(kernel_size * kernel_size)
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, channels)))
+
+  def __call__(self, x):
+    return depthwise_conv(x.astype(self.dtype), self.kernel.value.astype(self.dtype),
+                          self.stride, self.padding, self.impl)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BatchNorm with PyTorch's exact semantics.
+
+class BatchNorm(nnx.Module):
+  """BatchNorm over all axes but the last, with PyTorch's semantics and state.
+
+  Unlike `nnx.BatchNorm` it updates the running variance with the unbiased batch variance and counts
+  `num_batches_tracked`, as torch.nn.BatchNorm2d does, so that a converted model trains on exactly as
+  in PyTorch and a round trip to a state dict reproduces every tensor. `momentum` uses the Flax
+  convention (0.9 here = PyTorch's 0.1). Statistics are computed in float32. Under `jax.jit` with a
+  batch-sharded input the statistics are over the global batch (synchronised BatchNorm).
+  """
+
+  def __init__(self, num_features, *, momentum=0.9, epsilon=1e-5, dtype=jnp.float32):
+    self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
+    self.use_running_average = False
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = self.mean.value, self.var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      n = math.prod(x.shape[:-1])
+      unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean.value = m * self.mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+      self.var.value = m * self.var.value + (1 - m) * unbiased
+      self.num_batches_tracked.value = self.num_batches_tracked.value + 1
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale.value + self.bias.value
+    return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Average pooling as torch.nn.AvgPool2d(ceil_mode=True, count_include_pad=True).
+
+def _ceil_pool_divisors(n, k, s, p):
+  """Output length and per-output window sizes of torch's ceil-mode pooling along one axis."""
+  out = -(-(n + 2 * p - k) // s) + 1
+  if (out - 1) * s >= n + p:  # torch drops a last window that starts inside the right padding
+    out -= 1
+  starts = np.arange(out) * s - p
+  # Windows count the zero padding but not the ceil-mode overhang past it.
+  sizes = np.minimum(starts + k, n + p) - starts
+  return out, sizes.astype(np.float32)
+
+
+def avg_pool_ceil(x, kernel_size, stride, padding):
+  _, h, w, _ = x.shape
+  k, s, p = kernel_size, stride, padding
+  ho, dh = _ceil_pool_divisors(h, k, s, p)
+  wo, dw = _ceil_pool_divisors(w, k, s, p)
+  extra_h = max((ho - 1) * s + k - (h + 2 * p), 0)
+  extra_w = max((wo - 1) * s + k - (w + 2 * p), 0)
+  summed = jax.lax.reduce_window(
+      x, jnp.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, s, s, 1),
+      ((0, 0), (p, p + extra_h), (p, p + extra_w), (0, 0)))
+  summed = summed[:, :ho, :wo]
+  return summed / jnp.asarray(np.outer(dh, dw)[None, :, :, None], x.dtype)
