@@ -52,9 +52,16 @@ def _model_variables(model: nnx.Module):
 
 
 def to_official_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-  """Flax CvT -> official state dict (numpy arrays; `num_batches_tracked` as int64)."""
+  """Flax CvT -> official state dict (numpy arrays; `num_batches_tracked` as int64).
+
+  For an abstract model (`nnx.eval_shape`) the values are `jax.ShapeDtypeStruct`s in torch layout.
+  """
   out = {}
   for path, var in _model_variables(model):
+    if isinstance(var.value, jax.ShapeDtypeStruct):  # a model from nnx.eval_shape: shapes only
+      shape = _to_torch_layout(str(path[-1]), np.zeros(var.value.shape, np.int8)).shape
+      out[_torch_name(path)] = jax.ShapeDtypeStruct(shape, var.value.dtype)
+      continue
     x = np.asarray(jax.device_get(var.value))
     if path[-1] == 'num_batches_tracked':
       x = x.astype(np.int64)
