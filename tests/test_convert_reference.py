@@ -1,0 +1,94 @@
+"""The from-scratch PyTorch reference against the official fixtures and the Flax model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import cvt_flax
+from cvt_flax.convert.official import load_official_state_dict
+from cvt_flax.convert.torch_reference import build_reference_model
+from conftest import FIXTURES, load_fixture
+
+
+def _fixture_reference(name):
+  meta, io = load_fixture(name)
+  model = build_reference_model(meta['spec'], meta['num_classes'], activation=meta['activation'])
+  model.load_state_dict(torch.load(FIXTURES / f'{name}.pth', weights_only=True), strict=True)
+  return model.eval(), meta, io
+
+
+@pytest.mark.parametrize('name', ['official_tiny', 'official_tiny_avg'])
+def test_reference_reproduces_official_fixtures(name):
+  model, meta, io = _fixture_reference(name)
+  for i in range(len(meta['input_shapes'])):
+    x = torch.from_numpy(io[f'input_{i}'])
+    with torch.no_grad():
+      maps, _ = model.forward_stages(x)
+      logits = model(x)
+    np.testing.assert_allclose(logits.numpy(), io[f'logits_{i}'], atol=1e-6, rtol=0)
+    for s, fmap in enumerate(maps):
+      np.testing.assert_allclose(fmap.numpy(), io[f'stage{s}_{i}'], atol=1e-6, rtol=0)
+
+
+def test_reference_batch_of_one_keeps_batch_axis():
+  model, _, io = _fixture_reference('official_tiny')
+  with torch.no_grad():
+    one = model(torch.from_numpy(io['input_1'][:1]))
+  assert one.shape == (1, 10)
+  np.testing.assert_allclose(one.numpy(), io['logits_1'][:1], atol=1e-6, rtol=0)
+
+
+def test_reference_state_dict_matches_official_manifests():
+  manifests = json.loads((FIXTURES / 'official_manifests.json').read_text())
+  variants = {'cvt-13-224x224': 'cvt-13', 'cvt-21-224x224': 'cvt-21', 'cvt-w24-384x384': 'cvt-w24'}
+  for key, variant in variants.items():
+    with torch.device('meta'):  # shapes only: W24 would take over a GB
+      model = build_reference_model(cvt_flax.make_config(variant))
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == manifests[key]['state_dict'], key
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == manifests[key]['num_params'], key
+
+
+def _perturb_(model, seed):
+  """Moves every tensor away from its init, so that a wrong mapping of any of them shows."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, t in model.state_dict().items():
+      if name.endswith('num_batches_tracked'):
+        t.fill_(7)
+      elif name.endswith('running_var'):
+        t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+      else:
+        t.add_(0.1 * torch.randn(t.shape, generator=gen))
+
+
+_SMALL = dict(dim_embed=(8, 16, 24), num_heads=(1, 2, 3), depth=(1, 1, 2), patch_size=(5, 3, 3),
+              patch_stride=(2, 2, 2), patch_padding=(2, 1, 1), cls_token=(False, False, True),
+              kernel_qkv=(3, 3, 3), stride_kv=(2, 2, 2), stride_q=(1, 1, 1),
+              padding_kv=(1, 1, 1), padding_q=(1, 1, 1), qkv_bias=(True, False, True),
+              mlp_ratio=(2.0, 3.0, 4.0), drop_rate=(0.0,) * 3, attn_drop_rate=(0.0,) * 3,
+              drop_path_rate=(0.0,) * 3, num_classes=6)
+
+
+@pytest.mark.parametrize('methods,activation,cls_last', [
+    (('linear', 'dw_bn', 'linear'), 'quick_gelu', True),
+    (('dw_bn', 'avg', 'dw_bn'), 'gelu', True),
+    (('avg', 'linear', 'dw_bn'), 'gelu', False),
+])
+def test_reference_agrees_with_flax_beyond_the_fixtures(methods, activation, cls_last):
+  cfg = cvt_flax.make_config(dict(_SMALL, qkv_proj_method=methods, activation=activation,
+                                  cls_token=(False, False, cls_last)))
+  torch.manual_seed(0)
+  reference = build_reference_model(cfg)
+  _perturb_(reference, seed=1)
+  reference.eval()
+  flax_model = cvt_flax.create_model(cfg, rngs=nnx.Rngs(0))
+  load_official_state_dict(flax_model, {k: v.numpy() for k, v in reference.state_dict().items()})
+  flax_model.eval()
+  x = np.random.default_rng(2).normal(size=(2, 3, 29, 37)).astype(np.float32)
+  with torch.no_grad():
+    want = reference(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(flax_model(x.transpose(0, 2, 3, 1)), want, atol=1e-5, rtol=0)
