@@ -1,0 +1,169 @@
+"""Image preprocessing ops in TensorFlow, with torchvision / timm semantics.
+
+Every random op takes an explicit stateless seed (an int32/int64 tensor of shape [2]) and draws only
+from `tf.random.stateless_*`, so the same seed gives the same result eagerly and inside `tf.data`.
+Images between ops are float32 HxWx3 in 0-255 with integer values (as uint8 PIL images are in timm),
+until `normalize`; random erasing acts on the normalised image, as in timm.
+"""
+import math
+
+import tensorflow as tf
+
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its center-crop fallback.
+ERASE_ATTEMPTS = 10
+
+
+def split_seed(seed, num):
+  """`num` independent seeds ([num, 2]) derived from one stateless seed."""
+  return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num)
+
+
+def quantize(image):
+  """Rounds and clips to uint8 values (kept as float32), as a PIL image would store them."""
+  return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+
+
+def _uniform(seed, shape, low, high):
+  return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=tf.float32)
+
+
+def _randint(seed, shape, high):
+  """Uniform integers in [0, high) for a per-element int32 `high` >= 1."""
+  u = _uniform(seed, shape, 0.0, 1.0)
+  return tf.minimum(tf.cast(tf.floor(u * tf.cast(high, tf.float32)), tf.int32), high - 1)
+
+
+def random_resized_crop_box(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop.get_params: returns int32 (top, left, crop_h, crop_w).
+
+  Up to 10 boxes with area fraction ~ U(scale) and log aspect ratio (w/h) ~ U(log ratio) are tried
+  (vectorised; the first that fits wins); if none fits, a center crop clamped to the ratio range.
+  """
+  seeds = split_seed(seed, 4)
+  height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  area = height_f * width_f * _uniform(seeds[0], [CROP_ATTEMPTS], scale[0], scale[1])
+  aspect = tf.exp(_uniform(seeds[1], [CROP_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1])))
+  crop_w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  crop_h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+  top = _randint(seeds[2], [CROP_ATTEMPTS], tf.maximum(height - crop_h + 1, 1))
+  left = _randint(seeds[3], [CROP_ATTEMPTS], tf.maximum(width - crop_w + 1, 1))
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+
+  in_ratio = width_f / height_f
+  fallback_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(height_f * ratio[1]), tf.int32), width)
+  fallback_h = tf.where(in_ratio < ratio[0], tf.cast(tf.round(width_f / ratio[0]), tf.int32), height)
+  fallback = tf.stack([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w])
+  sampled = tf.stack([top[first], left[first], crop_h[first], crop_w[first]])
+  return tf.unstack(tf.where(tf.reduce_any(fits), sampled, fallback))
+
+
+def _decode_any(image_bytes):
+  # channels=3 turns grey (and RGBA) images into RGB, so 1-channel datasets need no special case.
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def resize(image, height, width):
+  """Bicubic resize with antialiasing on downscaling (PIL's bicubic, as timm/torchvision use)."""
+  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]),
+                            method='bicubic', antialias=True)
+  return quantize(resized)
+
+
+def decode_and_random_resized_crop(image_bytes, seed, size, scale=(0.08, 1.0),
+                                   ratio=(3 / 4, 4 / 3)):
+  """Decodes an encoded image and applies RandomResizedCrop to (size, size).
+
+  JPEGs are decoded only inside the chosen window (`decode_and_crop_jpeg`), which is what makes the
+  ImageNet pipeline fast; other formats (PNG, ...) are decoded fully, then cropped.
+  """
+  def from_jpeg():
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    top, left, crop_h, crop_w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
+    window = tf.stack([top, left, crop_h, crop_w])
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3,
+                                         dct_method='INTEGER_ACCURATE')
+
+  def from_any():
+    image = _decode_any(image_bytes)
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
+    return image[top:top + crop_h, left:left + crop_w]
+
+  crop = tf.cond(tf.io.is_jpeg(image_bytes), from_jpeg, from_any)
+  image = resize(crop, size, size)
+  image.set_shape([size, size, 3])
+  return image
+
+
+def random_flip(image, seed, prob=0.5):
+  """Horizontal flip with probability `prob`."""
+  flip = _uniform(seed, [], 0.0, 1.0) < prob
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
+def decode_and_resize_eval(image_bytes, size, crop_pct=0.875, mode='crop'):
+  """timm's eval transform: 'crop' resizes the shorter side to floor(size / crop_pct) and takes the
+  center size x size crop; 'warp' resizes straight to size x size."""
+  image = _decode_any(image_bytes)
+  if mode == 'warp':
+    image = resize(image, size, size)
+  elif mode == 'crop':
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    short_side = math.floor(size / crop_pct)
+    # torchvision Resize(int): the shorter side becomes `short_side`, the longer one is truncated.
+    new_h = tf.where(height <= width, short_side,
+                     tf.cast(short_side * _ratio64(height, width), tf.int32))
+    new_w = tf.where(height <= width,
+                     tf.cast(short_side * _ratio64(width, height), tf.int32), short_side)
+    image = resize(image, new_h, new_w)
+    # torchvision CenterCrop: offset = round((extent - size) / 2).
+    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
+    image = image[top:top + size, left:left + size]
+  else:
+    raise ValueError(f"eval resize mode must be 'crop' or 'warp', got {mode!r}")
+  image.set_shape([size, size, 3])
+  return image
+
+
+def _ratio64(numerator, denominator):
+  """numerator / denominator in float64, so the truncation matches Python's int(size * a / b)."""
+  return tf.cast(numerator, tf.float64) / tf.cast(denominator, tf.float64)
+
+
+def normalize(image, mean, std):
+  """0-255 image -> (image / 255 - mean) / std, with mean/std in 0-1 units."""
+  mean = tf.constant(mean, tf.float32)
+  std = tf.constant(std, tf.float32)
+  return (image / 255.0 - mean) / std
+
+
+def random_erasing(image, seed, prob=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
+  """timm's RandomErasing(mode='pixel', count=1) on a normalised HxWxC image.
+
+  With probability `prob`, up to 10 boxes (area fraction ~ U(area), log aspect ~ U(log aspect)) are
+  tried; the first one strictly smaller than the image is filled with per-pixel N(0, 1) noise.
+  """
+  seeds = split_seed(seed, 6)
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  total = tf.cast(height * width, tf.float32)
+  target = total * _uniform(seeds[0], [ERASE_ATTEMPTS], area[0], area[1])
+  ratio = tf.exp(_uniform(seeds[1], [ERASE_ATTEMPTS], math.log(aspect[0]), math.log(aspect[1])))
+  box_h = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)
+  box_w = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
+  fits = (box_w < width) & (box_h < height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  box_h, box_w = box_h[first], box_w[first]
+  top = _randint(seeds[2], [], height - box_h + 1)  # timm: random.randint(0, H - h), inclusive.
+  left = _randint(seeds[3], [], width - box_w + 1)
+  rows = tf.range(height)[:, None, None]
+  cols = tf.range(width)[None, :, None]
+  inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+  erase = (_uniform(seeds[4], [], 0.0, 1.0) < prob) & tf.reduce_any(fits)
+  noise = tf.random.stateless_normal(shape, seeds[5], dtype=image.dtype)
+  return tf.where(inside & erase, noise, image)

@@ -1,0 +1,81 @@
+"""Input and Mixup/CutMix configs; the defaults are the official CvT ImageNet recipe.
+
+Both configs are lockable: every field has its final type from the start (`placeholder` fields hold
+None but accept a value of the declared type), so `--config.input.data_dir=/x` works on a locked
+config and a mistyped field name fails.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_RESIZE_MODES = ('crop', 'warp')
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+  """The input pipeline config (see `validate_input_config` for the constraints)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.dataset = 'imagenet2012'  # Any TFDS name with 'image' and 'label' features, or 'digits'.
+  cfg.data_dir = config_dict.placeholder(str)  # None: TFDS's default data dir.
+  cfg.train_split = 'train'
+  cfg.eval_split = 'validation'
+  cfg.image_size = 224
+  # 'crop': resize the shorter side to image_size / crop_pct, then center crop (224 models).
+  # 'warp': resize straight to image_size x image_size (the official 384 models' eval).
+  cfg.eval_resize = 'crop'
+  cfg.crop_pct = 0.875
+  cfg.crop_scale = (0.08, 1.0)  # RandomResizedCrop area fraction.
+  cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (w / h).
+  cfg.hflip = True
+  cfg.randaugment_num_ops = 2  # 0 disables RandAugment.
+  cfg.randaugment_magnitude = 9.0  # timm's 'rand-m9-mstd0.5'.
+  cfg.randaugment_mstd = 0.5
+  cfg.random_erasing = 0.25  # Probability; 0 disables.
+  cfg.mean = IMAGENET_MEAN  # In 0-1 units.
+  cfg.std = IMAGENET_STD
+  # Encoded records held in the shuffle buffer (~110 KB each for ImageNet, ~1.1 GB per process).
+  cfg.shuffle_buffer = 10_000
+  cfg.cache = False  # Keep the encoded records in memory after the first pass (small datasets).
+  cfg.num_parallel_calls = config_dict.placeholder(int)  # None: tf.data AUTOTUNE.
+  return cfg
+
+
+def default_mixup_config() -> ml_collections.ConfigDict:
+  """timm's Mixup (batch mode) as used by the official CvT recipe."""
+  cfg = ml_collections.ConfigDict()
+  cfg.mixup_alpha = 0.8
+  cfg.cutmix_alpha = 1.0
+  cfg.switch_prob = 0.5  # Probability of CutMix when both alphas are > 0.
+  cfg.prob = 1.0  # Probability of mixing a batch at all.
+  cfg.label_smoothing = 0.1
+  return cfg
+
+
+def validate_input_config(cfg) -> None:
+  """Raises ValueError naming the first field of `cfg` whose value cannot work."""
+  def fail(field, why):
+    raise ValueError(f'input config: {field}={getattr(cfg, field)!r}: {why}')
+
+  if cfg.image_size <= 0:
+    fail('image_size', 'must be positive')
+  if cfg.eval_resize not in EVAL_RESIZE_MODES:
+    fail('eval_resize', f'must be one of {EVAL_RESIZE_MODES}')
+  if not 0 < cfg.crop_pct <= 1:
+    fail('crop_pct', 'must be in (0, 1]')
+  for field, low in (('crop_scale', 0), ('crop_ratio', 0)):
+    values = tuple(getattr(cfg, field))
+    if len(values) != 2 or not low < values[0] <= values[1]:
+      fail(field, 'must be a (min, max) pair with 0 < min <= max')
+  if cfg.crop_scale[1] > 1:
+    fail('crop_scale', 'the area fraction cannot exceed 1')
+  if cfg.randaugment_num_ops < 0:
+    fail('randaugment_num_ops', 'must be >= 0')
+  if not 0 <= cfg.random_erasing <= 1:
+    fail('random_erasing', 'is a probability')
+  for field in ('mean', 'std'):
+    if len(tuple(getattr(cfg, field))) != 3:
+      fail(field, 'needs one value per RGB channel')
+  if min(cfg.std) <= 0:
+    fail('std', 'must be positive')
+  if cfg.shuffle_buffer < 1:
+    fail('shuffle_buffer', 'must be >= 1')

@@ -1,0 +1,227 @@
+"""tf.data input pipelines over TFDS datasets, yielding numpy batches for a JAX training loop.
+
+Determinism (train): the batch at step t is a pure function of (input config, seed, t, process_index,
+process_count). Each process reads its own disjoint, equal-sized part of the train split (the last
+`num_train_examples % process_count` examples are dropped). Within a process, the examples form one
+endless stream, epoch after epoch; epoch e is that part of the split shuffled with a seed derived from
+(seed, e) (full permutation if the part fits in `shuffle_buffer`, else tf.data's buffered shuffle of the
+records in file order), and example i of epoch e is augmented with stateless random ops seeded by
+(seed, process_index, e, i). Step t's batch is stream positions [t * B, (t + 1) * B) with
+B = global_batch_size // process_count; batches run across epoch boundaries. Resuming at `start_step`
+starts the stream at the right epoch and skips the remaining records of that epoch *before* decoding
+(reads bytes, decodes nothing), so the resumed iterator yields exactly the same batches.
+
+Not deterministic: anything across different `process_count`s (the data is split differently), and
+across TFDS/TF versions or a re-prepared dataset (record order, op numerics may change).
+
+Eval: each process reads its own part of the eval split (the parts cover every example exactly once),
+in file order, unshuffled and without randomness. All processes yield the same number of batches; the
+tail is padded with zero images whose `mask` is 0.
+"""
+import math
+from typing import NamedTuple
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cvt_flax.data import augment
+from cvt_flax.data import digits
+from cvt_flax.data import randaugment
+from cvt_flax.data.config import validate_input_config
+
+# Datasets whose builders need no download: prepared automatically on first use.
+LOCAL_DATASETS = (digits.NAME,)
+_MAX_EPOCHS = 2**40  # "Forever" for the epoch counter of the endless train stream.
+_SHUFFLE_TAG = 0x5EED  # Keeps the shuffle seeds apart from the augmentation seeds.
+
+
+class DatasetInfo(NamedTuple):
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def _builder(cfg):
+  builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+  if cfg.dataset in LOCAL_DATASETS and not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder
+
+
+def _read(builder, split, cache):
+  """The encoded records of `split`: {'image': encoded bytes, 'label': int32}, in file order."""
+  try:
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(try_autocache=False))
+  except AssertionError as e:  # TFDS's way of saying the dataset was never prepared.
+    raise FileNotFoundError(
+        f'TFDS dataset {builder.name!r} is not prepared in {builder.data_dir_root}: build it first '
+        f'(e.g. `tfds build {builder.name} --data_dir=...`, ImageNet needs its manual_dir), then '
+        f'set input.data_dir. TFDS said: {e}') from e
+  except (KeyError, ValueError) as e:
+    available = ', '.join(builder.info.splits) or 'unknown'
+    raise ValueError(f'dataset {builder.name!r}: cannot read split {split!r} '
+                     f'(available splits: {available}): {e}') from e
+  ds = ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
+  return ds.cache() if cache else ds
+
+
+def _num_records(ds, what):
+  count = int(ds.cardinality())
+  if count < 0:
+    raise ValueError(f'{what}: the number of examples is unknown to TFDS')
+  return count
+
+
+def _num_classes(builder):
+  label = builder.info.features['label'] if 'label' in builder.info.features else None
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(f'dataset {builder.name!r} has no ClassLabel feature named "label"')
+  return label.num_classes
+
+
+def get_dataset_info(input_cfg) -> DatasetInfo:
+  """Classes and split sizes of the configured dataset (as the pipelines will read them)."""
+  builder = _builder(input_cfg)
+  return DatasetInfo(
+      num_classes=_num_classes(builder),
+      num_train_examples=_num_records(_read(builder, input_cfg.train_split, False), 'train split'),
+      num_eval_examples=_num_records(_read(builder, input_cfg.eval_split, False), 'eval split'))
+
+
+def _local_batch_size(global_batch_size, process_index, process_count):
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of '
+                     f'process_count={process_count}')
+  return global_batch_size // process_count
+
+
+def _hash_seed(a, b):
+  """A well-mixed int64 from two int64 scalars (stateless, so identical eagerly and in tf.data)."""
+  return tf.random.stateless_uniform([], tf.stack([tf.cast(a, tf.int64), tf.cast(b, tf.int64)]),
+                                     minval=None, maxval=None, dtype=tf.int64)
+
+
+def example_seed(seed, process_index, epoch, index):
+  """The stateless seed ([2] int64) of example `index` of `epoch` on `process_index`."""
+  return tf.stack([_hash_seed(_hash_seed(seed, process_index), epoch), tf.cast(index, tf.int64)])
+
+
+def train_transform(cfg, image_bytes, seed):
+  """Encoded image -> normalised float32 (S, S, 3): the official CvT/timm train augmentation."""
+  seeds = augment.split_seed(seed, 4)
+  image = augment.decode_and_random_resized_crop(
+      image_bytes, seeds[0], cfg.image_size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+  if cfg.hflip:
+    image = augment.random_flip(image, seeds[1])
+  if cfg.randaugment_num_ops > 0:
+    fill = tuple(min(255, round(255 * m)) for m in cfg.mean)  # timm fills with the mean colour.
+    image = randaugment.rand_augment(image, seeds[2], cfg.randaugment_num_ops,
+                                     cfg.randaugment_magnitude, cfg.randaugment_mstd, fill)
+  image = augment.normalize(image, tuple(cfg.mean), tuple(cfg.std))
+  if cfg.random_erasing > 0:
+    image = augment.random_erasing(image, seeds[3], cfg.random_erasing)
+  return image
+
+
+def eval_transform(cfg, image_bytes):
+  image = augment.decode_and_resize_eval(image_bytes, cfg.image_size, cfg.crop_pct, cfg.eval_resize)
+  return augment.normalize(image, tuple(cfg.mean), tuple(cfg.std))
+
+
+def _with_options(ds):
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return ds.with_options(options)
+
+
+def _parallelism(cfg):
+  return cfg.num_parallel_calls if cfg.num_parallel_calls is not None else tf.data.AUTOTUNE
+
+
+def make_train_dataset(input_cfg, *, global_batch_size, seed, start_step=0, process_index=0,
+                       process_count=1) -> tf.data.Dataset:
+  """The tf.data pipeline behind `make_train_iterator` (see the module docstring)."""
+  validate_input_config(input_cfg)
+  cfg = input_cfg
+  batch = _local_batch_size(global_batch_size, process_index, process_count)
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} must be >= 0')
+  builder = _builder(cfg)
+  split = tfds.split_for_jax_process(cfg.train_split, process_index=process_index,
+                                     process_count=process_count, drop_remainder=True)
+  records = _read(builder, split, cfg.cache)
+  epoch_size = _num_records(records, f'train split {cfg.train_split!r}')
+  if epoch_size == 0:
+    raise ValueError(f'train split {cfg.train_split!r} of {cfg.dataset!r} has no examples for '
+                     f'process {process_index} of {process_count}')
+  start_epoch, skip = divmod(start_step * batch, epoch_size)
+  buffer_size = min(cfg.shuffle_buffer, epoch_size)
+  shuffle_key = _hash_seed(seed, _SHUFFLE_TAG)
+
+  def one_epoch(epoch):
+    shuffled = records.shuffle(buffer_size, seed=_hash_seed(shuffle_key, epoch),
+                               reshuffle_each_iteration=False)
+    return shuffled.enumerate().map(lambda i, ex: (epoch, i, ex))
+
+  def preprocess(epoch, index, ex):
+    ex_seed = example_seed(seed, process_index, epoch, index)
+    return {'image': train_transform(cfg, ex['image'], ex_seed), 'label': ex['label']}
+
+  ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(one_epoch)
+  ds = ds.skip(skip)  # Encoded records only: the decode happens in `preprocess` below.
+  ds = ds.map(preprocess, num_parallel_calls=_parallelism(cfg), deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True)
+  return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def make_train_iterator(input_cfg, *, global_batch_size, seed, start_step=0, process_index=0,
+                        process_count=1):
+  """Endless iterator of {'image': float32 (B, S, S, 3), 'label': int32 (B,)} numpy batches with
+  B = global_batch_size // process_count; the first one is batch `start_step` of the stream."""
+  ds = make_train_dataset(input_cfg, global_batch_size=global_batch_size, seed=seed,
+                          start_step=start_step, process_index=process_index,
+                          process_count=process_count)
+  return iter(tfds.as_numpy(ds))
+
+
+def num_eval_batches(num_examples, global_batch_size, process_count):
+  """Batches per process: TFDS's even split gives at most ceil(n / processes) examples to one."""
+  per_process = math.ceil(num_examples / process_count)
+  return math.ceil(per_process / (global_batch_size // process_count))
+
+
+def make_eval_dataset(input_cfg, *, global_batch_size, process_index=0,
+                      process_count=1) -> tf.data.Dataset:
+  """The tf.data pipeline behind `make_eval_iterator`."""
+  validate_input_config(input_cfg)
+  cfg = input_cfg
+  batch = _local_batch_size(global_batch_size, process_index, process_count)
+  builder = _builder(cfg)
+  total = _num_records(_read(builder, cfg.eval_split, False), f'eval split {cfg.eval_split!r}')
+  split = tfds.split_for_jax_process(cfg.eval_split, process_index=process_index,
+                                     process_count=process_count, drop_remainder=False)
+  records = _read(builder, split, cfg.cache)
+  size = cfg.image_size
+  ds = records.map(
+      lambda ex: {'image': eval_transform(cfg, ex['image']), 'label': ex['label'],
+                  'mask': tf.constant(1.0)},
+      num_parallel_calls=_parallelism(cfg), deterministic=True)
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([size, size, 3]), 'label': tf.constant(0), 'mask': tf.constant(0.0)})
+  num_batches = num_eval_batches(total, global_batch_size, process_count)
+  ds = ds.concatenate(padding.repeat()).take(num_batches * batch).batch(batch)
+  return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def make_eval_iterator(input_cfg, *, global_batch_size, process_index=0, process_count=1):
+  """Finite iterator of {'image', 'label', 'mask'} numpy batches of global_batch_size //
+  process_count examples; every process yields the same number of batches, and over all processes
+  each eval example appears once with mask 1 (padding has mask 0 and label 0)."""
+  ds = make_eval_dataset(input_cfg, global_batch_size=global_batch_size,
+                         process_index=process_index, process_count=process_count)
+  return iter(tfds.as_numpy(ds))

@@ -1,0 +1,200 @@
+"""timm's RandAugment ('rand-m9-mstd0.5') as TensorFlow ops on float32 0-255 HxWx3 images.
+
+Each of `num_ops` rounds picks one of the 15 ops below uniformly (with replacement) and applies it
+with probability 0.5, at magnitude ~ N(magnitude, mstd) clipped to [0, 10]. Signed ops (rotate,
+shear, translate) flip the sign with probability 0.5. The op implementations follow PIL (which timm
+calls): point ops are exact, geometric ops use bilinear sampling and fill with the mean colour.
+"""
+import functools
+import math
+
+import tensorflow as tf
+
+from cvt_flax.data.augment import quantize, split_seed
+
+MAX_LEVEL = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the strongest setting.
+APPLY_PROB = 0.5  # timm's rand_augment_ops use AugmentOp(prob=0.5).
+
+
+def _blend(degenerate, image, factor):
+  """PIL Image.blend(degenerate, image, factor): truncated towards zero, clipped to 0-255."""
+  return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
+
+
+def _grey(image):
+  """PIL's RGB -> L conversion (ITU-R 601-2 luma, fixed point with rounding), HxWx1."""
+  rgb = tf.cast(image, tf.int32)
+  luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) // 65536
+  return tf.cast(luma, tf.float32)[..., None]
+
+
+def auto_contrast(image, _):
+  """PIL ImageOps.autocontrast: stretch each channel to the full 0-255 range."""
+  low = tf.reduce_min(image, axis=[0, 1])
+  high = tf.reduce_max(image, axis=[0, 1])
+  scale = 255.0 / tf.maximum(high - low, 1.0)
+  stretched = tf.clip_by_value(tf.floor((image - low) * scale), 0.0, 255.0)
+  return tf.where(high > low, stretched, image)
+
+
+def _equalize_channel(channel):
+  values = tf.cast(channel, tf.int32)
+  histogram = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
+  last_nonzero = tf.gather(histogram, tf.reduce_max(tf.where(histogram > 0)))
+  step = (tf.reduce_sum(histogram) - last_nonzero) // 256
+  lut = (step // 2 + tf.cumsum(histogram, exclusive=True)) // tf.maximum(step, 1)
+  equalized = tf.cast(tf.gather(tf.minimum(lut, 255), values), tf.float32)
+  return tf.where(step > 0, equalized, channel)
+
+
+def equalize(image, _):
+  """PIL ImageOps.equalize, per channel."""
+  return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+
+
+def invert(image, _):
+  return 255.0 - image
+
+
+def posterize(image, bits):
+  """Keeps the `bits` most significant bits (0 bits -> black, as PIL does)."""
+  divisor = tf.pow(2.0, 8.0 - tf.cast(bits, tf.float32))
+  return tf.floor(image / divisor) * divisor
+
+
+def solarize(image, threshold):
+  return tf.where(image >= tf.cast(threshold, tf.float32), 255.0 - image, image)
+
+
+def solarize_add(image, addition, threshold=128.0):
+  added = tf.minimum(image + tf.cast(addition, tf.float32), 255.0)
+  return tf.where(image < threshold, added, image)
+
+
+def color(image, factor):
+  return _blend(tf.tile(_grey(image), [1, 1, 3]), image, factor)
+
+
+def contrast(image, factor):
+  mean = tf.floor(tf.reduce_mean(_grey(image)) + 0.5)  # PIL: int(ImageStat mean + 0.5).
+  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+
+
+def brightness(image, factor):
+  return _blend(tf.zeros_like(image), image, factor)
+
+
+def sharpness(image, factor):
+  """PIL ImageEnhance.Sharpness: blend with the SMOOTH-filtered image (border pixels unfiltered)."""
+  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], 'VALID')[0]
+  smooth = tf.pad(quantize(smooth), [[1, 1], [1, 1], [0, 0]])
+  shape = tf.shape(image)
+  rows = tf.range(shape[0])[:, None, None]
+  cols = tf.range(shape[1])[None, :, None]
+  border = (rows == 0) | (rows == shape[0] - 1) | (cols == 0) | (cols == shape[1] - 1)
+  return _blend(tf.where(border, image, smooth), image, factor)
+
+
+def affine(image, matrix, fill):
+  """PIL Image.transform(AFFINE, matrix, BILINEAR, fillcolor=fill) for matrix (a, b, c, d, e, f):
+  output pixel (x, y) samples the input at (a x + b y + c, d x + e y + f) in PIL's centre-based
+  coordinates. The fill colour is blended in through a transformed coverage channel."""
+  a, b, c, d, e, f = [tf.cast(v, tf.float32) for v in matrix]
+  # PIL maps pixel centres (x + 0.5); TF maps pixel indices.
+  transform = tf.stack([a, b, c + 0.5 * (a + b - 1.0), d, e, f + 0.5 * (d + e - 1.0), 0.0, 0.0])
+  with_coverage = tf.concat([image, tf.ones_like(image[..., :1])], axis=-1)
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=with_coverage[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation='BILINEAR', fill_mode='CONSTANT')[0]
+  coverage = out[..., 3:]
+  return quantize(out[..., :3] + (1.0 - coverage) * tf.constant(fill, tf.float32))
+
+
+def rotate(image, degrees, fill):
+  """PIL Image.rotate(degrees): counter-clockwise about the image centre."""
+  shape = tf.cast(tf.shape(image), tf.float32)
+  center_x, center_y = shape[1] / 2.0, shape[0] / 2.0
+  angle = -tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  matrix = (cos, sin, center_x - cos * center_x - sin * center_y,
+            -sin, cos, center_y + sin * center_x - cos * center_y)
+  return affine(image, matrix, fill)
+
+
+def shear_x(image, factor, fill):
+  return affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill)
+
+
+def shear_y(image, factor, fill):
+  return affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill)
+
+
+def translate_x_rel(image, fraction, fill):
+  pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
+  return affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+
+
+def translate_y_rel(image, fraction, fill):
+  pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
+  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+
+
+# timm's level -> argument mappings (magnitude m in [0, 10]; `sign` is +1 or -1).
+def _enhance_arg(m, _):
+  return m / MAX_LEVEL * 1.8 + 0.1
+
+
+def _signed(scale):
+  return lambda m, sign: sign * m / MAX_LEVEL * scale
+
+
+def _floored(scale):
+  return lambda m, _: tf.floor(m / MAX_LEVEL * scale)
+
+
+# name -> (op(image, arg, fill) -> image, level_to_arg(magnitude, sign)); timm's _RAND_TRANSFORMS.
+_GEOMETRIC = {'Rotate': (rotate, _signed(30.0)),
+              'ShearX': (shear_x, _signed(0.3)),
+              'ShearY': (shear_y, _signed(0.3)),
+              'TranslateXRel': (translate_x_rel, _signed(0.45)),
+              'TranslateYRel': (translate_y_rel, _signed(0.45))}
+_COLOUR = {'AutoContrast': (auto_contrast, lambda m, s: 0.0),
+           'Equalize': (equalize, lambda m, s: 0.0),
+           'Invert': (invert, lambda m, s: 0.0),
+           'Posterize': (posterize, _floored(4.0)),
+           'Solarize': (solarize, _floored(256.0)),
+           'SolarizeAdd': (solarize_add, _floored(110.0)),
+           'Color': (color, _enhance_arg),
+           'Contrast': (contrast, _enhance_arg),
+           'Brightness': (brightness, _enhance_arg),
+           'Sharpness': (sharpness, _enhance_arg)}
+OP_NAMES = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
+            'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
+            'TranslateYRel')
+
+
+def apply_op(image, name, magnitude, sign=1.0, fill=(128, 128, 128)):
+  """Applies RandAugment op `name` at `magnitude` (0-10) with sign +1/-1 (for signed ops)."""
+  magnitude = tf.cast(magnitude, tf.float32)
+  sign = tf.cast(sign, tf.float32)
+  if name in _GEOMETRIC:
+    op, level_to_arg = _GEOMETRIC[name]
+    return op(image, level_to_arg(magnitude, sign), fill)
+  op, level_to_arg = _COLOUR[name]
+  return op(image, level_to_arg(magnitude, sign))
+
+
+def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, fill=(128, 128, 128)):
+  """timm RandAugment: `num_ops` rounds of (random op, p=0.5, noisy magnitude, random sign)."""
+  for round_seed in tf.unstack(split_seed(seed, num_ops)):
+    seeds = split_seed(round_seed, 4)
+    index = tf.random.stateless_uniform([], seeds[0], 0, len(OP_NAMES), dtype=tf.int32)
+    apply = tf.random.stateless_uniform([], seeds[1]) < APPLY_PROB
+    noisy = magnitude + magnitude_std * tf.random.stateless_normal([], seeds[2])
+    level = tf.clip_by_value(noisy if magnitude_std > 0 else magnitude, 0.0, MAX_LEVEL)
+    sign = tf.where(tf.random.stateless_uniform([], seeds[3]) > 0.5, -1.0, 1.0)
+    branches = [functools.partial(apply_op, image, name, level, sign, fill) for name in OP_NAMES]
+    image = tf.cond(apply, functools.partial(tf.switch_case, index, branches), lambda: image)
+  return image
