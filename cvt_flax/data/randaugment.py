@@ -99,17 +99,23 @@ def sharpness(image, factor):
 
 def affine(image, matrix, fill):
   """PIL Image.transform(AFFINE, matrix, BILINEAR, fillcolor=fill) for matrix (a, b, c, d, e, f):
-  output pixel (x, y) samples the input at (a x + b y + c, d x + e y + f) in PIL's centre-based
-  coordinates. The fill colour is blended in through a transformed coverage channel."""
+  output pixel (x, y) samples the input at (a x + b y + c, d x + e y + f) in PIL's coordinates, where
+  pixel i spans [i, i + 1). As in PIL, a sample point inside the image is interpolated with edge
+  pixels replicated, and one outside it takes the fill colour."""
   a, b, c, d, e, f = [tf.cast(v, tf.float32) for v in matrix]
   # PIL maps pixel centres (x + 0.5); TF maps pixel indices.
   transform = tf.stack([a, b, c + 0.5 * (a + b - 1.0), d, e, f + 0.5 * (d + e - 1.0), 0.0, 0.0])
-  with_coverage = tf.concat([image, tf.ones_like(image[..., :1])], axis=-1)
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=with_coverage[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
-      fill_value=0.0, interpolation='BILINEAR', fill_mode='CONSTANT')[0]
-  coverage = out[..., 3:]
-  return quantize(out[..., :3] + (1.0 - coverage) * tf.constant(fill, tf.float32))
+  shape = tf.shape(image)
+  sampled = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None], output_shape=shape[:2], fill_value=0.0,
+      interpolation='BILINEAR', fill_mode='NEAREST')[0]
+  height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  x = tf.range(width)[None, :] + 0.5
+  y = tf.range(height)[:, None] + 0.5
+  x_in, y_in = a * x + b * y + c, d * x + e * y + f
+  inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)
+  # PIL truncates the interpolated value.
+  return tf.floor(tf.where(inside[..., None], sampled, tf.constant(fill, tf.float32)))
 
 
 def rotate(image, degrees, fill):
