@@ -1,0 +1,157 @@
+"""PyTorch-side CvT weights <-> Flax CvT: `load_pytorch`, `save_official`, `save_hf`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+import yaml
+from flax import nnx
+
+from cvt_flax.convert import hf, infer, sources
+from cvt_flax.convert.official import (ConversionError, load_official_state_dict,
+                                       to_official_state_dict)
+from cvt_flax.models import CvT, CvTConfig, configs_from_official_yaml, make_config
+
+DEFAULT_ACTIVATION = {'official': 'quick_gelu', 'hf': 'gelu'}
+
+
+def read_spec(spec: Any) -> CvTConfig:
+  """A model spec as the user gives it -> CvTConfig.
+
+  Accepts a CvTConfig, a variant name ('cvt-13'), a dict (official SPEC with upper-case keys, or
+  CvTConfig fields), or a file: an official experiment YAML (`MODEL.SPEC`), or JSON holding a SPEC
+  dict, `{"spec": SPEC, ...}` (the fixtures' format), `{"MODEL": {"SPEC": ...}}`, or a cvt-flax
+  model `config.json` (`{"config": fields}`).
+  """
+  if isinstance(spec, CvTConfig):
+    return spec
+  if isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
+    return _read_spec_file(os.fspath(spec))
+  try:
+    return make_config(spec)
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f'spec {spec!r}: {e}') from e
+
+
+def _read_spec_file(path: str) -> CvTConfig:
+  try:
+    if path.endswith(('.yaml', '.yml')):
+      return configs_from_official_yaml(path)
+    with open(path) as f:
+      doc = json.load(f)
+    if isinstance(doc, dict) and 'MODEL' in doc:
+      fields = dict(doc['MODEL']['SPEC'])
+      if 'NUM_CLASSES' in doc['MODEL']:
+        fields['num_classes'] = doc['MODEL']['NUM_CLASSES']
+      return make_config(fields)
+    for key in ('spec', 'config'):
+      if isinstance(doc, dict) and isinstance(doc.get(key), dict):
+        return make_config(doc[key])
+    return make_config(doc)
+  except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+    raise ConversionError(f'spec file {path}: not a CvT spec ({type(e).__name__}: {e}).') from e
+
+
+def _with_batch_counts(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Adds `num_batches_tracked` = 0 where a BatchNorm lacks it (older checkpoints; torch does the
+  same in BatchNorm._load_from_state_dict). It does not affect inference."""
+  out = dict(state_dict)
+  for key in state_dict:
+    if key.endswith('.running_mean'):
+      out.setdefault(key[:-len('running_mean')] + 'num_batches_tracked', np.zeros((), np.int64))
+  return out
+
+
+def _config_for(src: sources.Source, state_dict, spec, num_classes, activation) -> CvTConfig:
+  if spec is not None:
+    cfg = read_spec(spec)
+    explicit = isinstance(spec, CvTConfig)  # only a full config carries classes and activation
+  elif src.layout == 'hf':
+    cfg, explicit = hf.config_from_hf(src.hf_config, source=src.path), True
+  else:
+    cfg, explicit = infer.infer_config(state_dict, source=src.path), False
+  overrides = {}
+  if num_classes is not None:
+    overrides['num_classes'] = num_classes
+  elif not explicit:
+    overrides['num_classes'] = infer.num_classes_of(state_dict)
+  if activation is not None:
+    overrides['activation'] = activation
+  elif not explicit:
+    overrides['activation'] = DEFAULT_ACTIVATION[src.layout]
+  try:
+    return dataclasses.replace(cfg, **overrides).validate()
+  except ValueError as e:
+    raise ConversionError(f'{src.path}: {e}') from e
+
+
+def load_pytorch(path, *, spec=None, num_classes: int | None = None,
+                 activation: str | None = None) -> CvT:
+  """Loads official or HF PyTorch CvT weights into a Flax CvT, in eval mode.
+
+  `path`: an official `.pth` (state dict or training checkpoint), an HF checkpoint directory, or an
+  HF weights file with its config.json beside it (see `cvt_flax.convert.sources`).
+  `spec`: the architecture (see `read_spec`); by default it comes from the HF config.json or is
+  inferred from the official weights (see `cvt_flax.convert.infer`).
+  `num_classes`: defaults to the weights' head; 0 drops the head (a pre-logits feature model).
+  `activation`: defaults to 'quick_gelu' for official weights and 'gelu' for HF ones.
+
+  Strict: every tensor must be used and fit; otherwise a ConversionError lists the keys, and no
+  model is returned.
+  """
+  src = sources.read_source(path)
+  state = src.state_dict
+  if src.layout == 'hf':
+    state = hf.hf_to_official_state_dict(state, source=src.path)
+  state = _with_batch_counts(state)
+  cfg = _config_for(src, state, spec, num_classes, activation)
+  if cfg.num_classes == 0:
+    state = {k: v for k, v in state.items() if not k.startswith('head.')}
+  model = CvT(cfg, rngs=nnx.Rngs(0))
+  load_official_state_dict(model, state, source=src.path)
+  model.eval()
+  return model
+
+
+def _atomic_write(path: str, write_fn) -> None:
+  """Runs write_fn(tmp_path) on a temporary sibling, then renames it over `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  os.close(fd)
+  try:
+    write_fn(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_official(model: nnx.Module, path) -> None:
+  """Writes the official layout `.pth`: `torch.save` of a state dict of tensors (needs torch)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  state = {k: torch.from_numpy(np.array(v, order='C'))
+           for k, v in to_official_state_dict(model).items()}
+  _atomic_write(os.fspath(path), lambda tmp: torch.save(state, tmp))
+
+
+def save_hf(model: CvT, directory, *, id2label: Mapping[int, str] | None = None) -> None:
+  """Writes an HF checkpoint directory (`config.json` + `model.safetensors`), without torch."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  directory = os.fspath(directory)
+  config = hf.config_to_hf(model.config, id2label)
+  tensors = {k: np.array(v, order='C') for k, v in
+             hf.official_to_hf_state_dict(to_official_state_dict(model)).items()}
+  os.makedirs(directory, exist_ok=True)
+  # 'format': 'pt' is what transformers checks before loading a safetensors file as PyTorch weights.
+  _atomic_write(os.path.join(directory, 'model.safetensors'),
+                lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={'format': 'pt'}))
+
+  def write_config(tmp):
+    with open(tmp, 'w') as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+  _atomic_write(os.path.join(directory, sources.HF_CONFIG_FILE), write_config)
