@@ -1,0 +1,1 @@
+"""Training building blocks (optimizer, sharding, steps, checkpoints, metrics); see train_lib."""

@@ -1,0 +1,51 @@
+r"""Trains CvT. All settings come from a config file; this script only parses flags.
+
+    python train.py --config configs/digits.py --workdir runs/digits
+    python train.py --config configs/imagenet.py:cvt-13,224 --workdir gs://bucket/cvt13 \
+        --config.input.data_dir=gs://bucket/tfds --jax_distributed
+
+`--config.<field>=<value>` overrides a config field (the config is locked: a misspelt field fails).
+Rerunning the same command resumes from the newest checkpoint in the workdir.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+_DISTRIBUTED = flags.DEFINE_bool('jax_distributed', False,
+                                 'Call jax.distributed.initialize() (multi-host runs).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (auto-detected on TPU pods, SLURM).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_CPU_COLLECTIVES = flags.DEFINE_string('cpu_collectives', None,
+                                       "Cross-process collectives for CPU devices ('gloo').")
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that --helpfull stays fast and JAX starts after flag parsing.
+  from cvt_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from cvt_flax.training import sharding  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    _CPU_COLLECTIVES.value)
+  try:
+    result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train_lib.TrainingDivergedError as e:
+    print(f'ERROR: {e}', file=sys.stderr)
+    sys.exit(1)
+  if result.get('preempted'):
+    return
+  print(f'Final test top-1: {result["eval/top1"]:.2%} (top-5 {result["eval/top5"]:.2%}, '
+        f'step {result["step"]}, workdir {_WORKDIR.value})')
+
+
+if __name__ == '__main__':
+  app.run(main)
