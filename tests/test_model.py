@@ -157,3 +157,14 @@ def test_avg_pool_matches_torch_ceil_mode():
     ref = torch.nn.AvgPool2d(k, s, p, ceil_mode=True)(torch.tensor(x).permute(0, 3, 1, 2))
     np.testing.assert_allclose(layers.avg_pool_ceil(jnp.asarray(x), k, s, p),
                                ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_attention_maps_are_probabilities_and_leave_no_state():
+  model = _tiny()
+  model.eval()
+  maps = cvt_flax.models.attention_maps(model, jnp.ones((2, 16, 16, 3)))
+  # stage 1: 4x4 tokens + cls as queries; kv subsampled by stride 2 -> 2x2 + cls.
+  assert maps[1][0].shape == (2, 2, 17, 5)
+  np.testing.assert_allclose(maps[1][0].sum(-1), 1.0, rtol=1e-5)
+  assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
+  assert model.stage1.blocks[0].attn.record_attention is False

@@ -51,6 +51,7 @@ class Attention(nnx.Module):
 
   def __init__(self, dim, num_heads, stage: dict, cfg: CvTConfig, dtype, rngs):
     self.num_heads, self.dtype = num_heads, dtype
+    self.record_attention = False
     self.scale = dim ** -0.5
     self.method = stage['qkv_proj_method']
     self.with_cls_token = stage['cls_token']
@@ -96,7 +97,10 @@ class Attention(nnx.Module):
     q, k, v = self._spatial_qkv(x, h, w)
     q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
     scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * self.scale
-    attn = self.attn_drop(jax.nn.softmax(scores, axis=-1)).astype(self.dtype)
+    attn = jax.nn.softmax(scores, axis=-1)
+    if self.record_attention:  # for visualisation; see `attention_maps`
+      self.sow(nnx.Intermediate, 'attention_weights', attn)
+    attn = self.attn_drop(attn).astype(self.dtype)
     out = jnp.einsum('bhqk,bhkd->bhqd', attn, v)
     b, nh, n, d = out.shape
     out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
@@ -249,6 +253,25 @@ def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None
   if num_classes is not None:
     overrides['num_classes'] = num_classes
   return CvT(make_config(variant_or_spec, **overrides), rngs=rngs)
+
+
+def attention_maps(model: CvT, images) -> list[list[jax.Array]]:
+  """Attention probabilities of every block: maps[stage][block] is (B, heads, q_tokens, kv_tokens).
+
+  In the last stage token 0 is the cls token, so maps[-1][-1][:, :, 0, 1:] is the cls token's
+  attention over the (stride_kv-subsampled) spatial tokens.
+  """
+  model.set_attributes(record_attention=True)
+  try:
+    model(images)
+    recorded = nnx.pop(model, nnx.Intermediate)
+  finally:
+    model.set_attributes(record_attention=False)
+  maps = []
+  for i, stage in enumerate(model.stages):
+    maps.append([recorded[f'stage{i}']['blocks'][j]['attn']['attention_weights'].value[0]
+                 for j in range(len(stage.blocks))])
+  return maps
 
 
 def count_params(model_or_state) -> int:
