@@ -1,0 +1,185 @@
+"""Augmentation ops: PIL/torchvision/timm semantics, value ranges, and stateless determinism."""
+import math
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from cvt_flax.data import augment, pipeline, randaugment
+from cvt_flax.data.config import default_input_config
+import tensorflow as tf
+
+FILL = (124, 116, 104)  # timm's fill for the ImageNet mean.
+
+
+def _natural_image(height=40, width=56, seed=0):
+  """Smooth random content with the full 0-255 range (pure noise is not what images look like)."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (height // 4, width // 4, 3)).astype(np.uint8)
+  smooth = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+  smooth = np.asarray(smooth.filter(ImageFilter.GaussianBlur(1))).astype(int)
+  return np.clip(smooth * 3 // 2 - 40, 0, 255).astype(np.uint8)
+
+
+def _solarize_add(image, addition, threshold=128):
+  return image.point([min(255, i + addition) if i < threshold else i for i in range(256)] * 3)
+
+
+def _pil_reference(image, name, magnitude, sign):
+  """What timm's RandAugment op does to a PIL image at `magnitude` (its level_to_arg + PIL call)."""
+  level = magnitude / 10
+  factor = level * 1.8 + 0.1
+  size = image.size
+  bilinear = Image.BILINEAR
+  shift = lambda m: image.transform(size, Image.AFFINE, m, resample=bilinear, fillcolor=FILL)
+  ops = {
+      'AutoContrast': lambda: ImageOps.autocontrast(image),
+      'Equalize': lambda: ImageOps.equalize(image),
+      'Invert': lambda: ImageOps.invert(image),
+      'Posterize': lambda: ImageOps.posterize(image, int(level * 4)),
+      'Solarize': lambda: ImageOps.solarize(image, int(level * 256)),
+      'SolarizeAdd': lambda: _solarize_add(image, int(level * 110)),
+      'Color': lambda: ImageEnhance.Color(image).enhance(factor),
+      'Contrast': lambda: ImageEnhance.Contrast(image).enhance(factor),
+      'Brightness': lambda: ImageEnhance.Brightness(image).enhance(factor),
+      'Sharpness': lambda: ImageEnhance.Sharpness(image).enhance(factor),
+      'Rotate': lambda: image.rotate(sign * level * 30, resample=bilinear, fillcolor=FILL),
+      'ShearX': lambda: shift((1, sign * level * 0.3, 0, 0, 1, 0)),
+      'ShearY': lambda: shift((1, 0, 0, sign * level * 0.3, 1, 0)),
+      'TranslateXRel': lambda: shift((1, 0, sign * level * 0.45 * size[0], 0, 1, 0)),
+      'TranslateYRel': lambda: shift((1, 0, 0, 0, 1, sign * level * 0.45 * size[1])),
+  }
+  return np.asarray(ops[name]()).astype(np.float32)
+
+
+@pytest.mark.parametrize('name', randaugment.OP_NAMES)
+def test_randaugment_op_matches_pil(name):
+  image = _natural_image()
+  for magnitude, sign in ((2.5, 1.0), (6.3, -1.0), (9.0, 1.0), (10.0, -1.0)):
+    expected = _pil_reference(Image.fromarray(image), name, magnitude, sign)
+    out = randaugment.apply_op(tf.constant(image, tf.float32), name, magnitude, sign, FILL).numpy()
+    diff = np.abs(out - expected)
+    # Within one level everywhere (float vs fixed-point rounding), and almost always exact.
+    assert diff.max() <= 1, (name, magnitude, diff.max())
+    assert diff.mean() < 0.1, (name, magnitude, diff.mean())
+
+
+@pytest.mark.parametrize('name', randaugment.OP_NAMES)
+def test_randaugment_op_keeps_shape_dtype_range(name):
+  image = tf.constant(_natural_image(17, 23, seed=1), tf.float32)  # Odd, non-square on purpose.
+  for magnitude in (0.0, 5.0, 9.0, 10.0):
+    out = randaugment.apply_op(image, name, magnitude, -1.0, FILL)
+    assert out.shape == image.shape and out.dtype == tf.float32
+    values = out.numpy()
+    assert values.min() >= 0 and values.max() <= 255
+    np.testing.assert_array_equal(values, np.round(values))  # Stays uint8-valued.
+
+
+def test_posterize_zero_bits_is_black():
+  # timm with an old PIL: magnitude < 2.5 keeps 0 bits (new PIL refuses bits=0).
+  out = randaugment.apply_op(tf.constant(_natural_image(), tf.float32), 'Posterize', 1.0)
+  assert np.all(out.numpy() == 0)
+
+
+def test_resize_matches_pil_bicubic():
+  image = _natural_image(75, 100, seed=2)
+  for height, width in ((224, 224), (32, 40), (50, 300), (300, 20), (60, 80)):
+    expected = np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+    out = augment.resize(tf.constant(image), height, width).numpy()
+    assert out.shape == (height, width, 3)
+    assert np.abs(out - expected).max() <= 1, (height, width)
+
+
+@pytest.mark.parametrize('mode', ['crop', 'warp'])
+def test_eval_resize_matches_timm_transform(mode):
+  image = _natural_image(75, 100, seed=3)
+  pil = Image.fromarray(image)
+  if mode == 'warp':
+    expected = pil.resize((64, 64), Image.BICUBIC)
+  else:  # timm: Resize(floor(64 / 0.875)) on the shorter side, CenterCrop(64).
+    short = math.floor(64 / 0.875)
+    resized = pil.resize((int(short * 100 / 75), short), Image.BICUBIC)
+    top = int(round((resized.size[1] - 64) / 2))
+    left = int(round((resized.size[0] - 64) / 2))
+    expected = resized.crop((left, top, left + 64, top + 64))
+  out = augment.decode_and_resize_eval(tf.io.encode_png(image), 64, 0.875, mode).numpy()
+  assert out.shape == (64, 64, 3)
+  assert np.abs(out - np.asarray(expected)).max() <= 1
+
+
+def _boxes(height, width, scale, ratio, num):
+  return np.array([[int(v) for v in augment.random_resized_crop_box(
+      tf.constant([7, i]), height, width, scale, ratio)] for i in range(num)])
+
+
+def test_random_resized_crop_boxes_respect_bounds():
+  height, width = 300, 400
+  boxes = _boxes(height, width, (0.08, 1.0), (3 / 4, 4 / 3), 300)
+  top, left, crop_h, crop_w = boxes.T
+  assert np.all((top >= 0) & (left >= 0) & (top + crop_h <= height) & (left + crop_w <= width))
+  # Sides are rounded, so area and ratio may pass their bounds by half a pixel's worth.
+  area = crop_h * crop_w / (height * width)
+  assert area.min() >= 0.08 * (1 - 2 * 0.5 / math.sqrt(0.08 * 0.75 * height * width))
+  assert area.max() <= 1.0
+  ratio = crop_w / crop_h
+  assert ratio.min() >= 3 / 4 - 0.02 and ratio.max() <= 4 / 3 + 0.02
+  assert len({tuple(b) for b in boxes}) > 250  # Random, not a constant box.
+  assert area.max() - area.min() > 0.5
+
+
+def test_random_resized_crop_falls_back_to_center_crop_like_torchvision():
+  # No box with area >= 90% fits a 10x1000 image at ratio <= 4/3: torchvision's fallback clamps the
+  # whole image to the largest allowed ratio and centres it.
+  for top, left, crop_h, crop_w in _boxes(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), 5):
+    assert (top, left, crop_h, crop_w) == (0, (1000 - 13) // 2, 10, round(10 * 4 / 3))
+  for top, left, crop_h, crop_w in _boxes(1000, 10, (0.9, 1.0), (3 / 4, 4 / 3), 5):
+    assert (top, left, crop_h, crop_w) == ((1000 - 13) // 2, 0, round(10 / (3 / 4)), 10)
+
+
+def test_random_erasing_box_and_noise():
+  image = tf.zeros([64, 48, 3])
+  erased_fractions = []
+  for i in range(40):
+    out = augment.random_erasing(image, tf.constant([3, i]), prob=1.0).numpy()
+    changed = np.any(out != 0, axis=-1)
+    rows, cols = np.nonzero(changed)
+    if rows.size:  # The erased region is one axis-aligned box.
+      box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+      assert box.all()
+      erased_fractions.append(box.size / changed.size)
+  assert len(erased_fractions) >= 35  # With prob 1 a box fits almost always on 64x48.
+  assert min(erased_fractions) >= 0.015 and max(erased_fractions) <= 1 / 3 + 0.03
+  noise = augment.random_erasing(image, tf.constant([3, 0]), prob=1.0).numpy()
+  noise = noise[noise != 0]
+  assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2  # Per-pixel N(0, 1).
+  untouched = augment.random_erasing(image + 5.0, tf.constant([3, 0]), prob=0.0)
+  np.testing.assert_array_equal(untouched.numpy(), 5.0)
+
+
+def _augment_everything(image_bytes, seed):
+  cfg = default_input_config()
+  cfg.image_size = 24
+  cfg.random_erasing = 1.0
+  cfg.randaugment_num_ops = 3
+  return pipeline.train_transform(cfg, image_bytes, seed)
+
+
+@pytest.mark.parametrize('encode', [tf.io.encode_png, tf.io.encode_jpeg])
+def test_ops_agree_eagerly_and_inside_tf_data(encode):
+  image_bytes = encode(tf.constant(_natural_image(37, 53, seed=4)))
+  seeds = tf.constant([[1, 2], [3, 4], [5, 6], [7, 8]], tf.int64)
+  fns = {
+      'crop': lambda b, s: augment.decode_and_random_resized_crop(b, s, 24),
+      'flip': lambda b, s: augment.random_flip(augment.decode_and_resize_eval(b, 24), s),
+      'randaugment': lambda b, s: randaugment.rand_augment(
+          augment.decode_and_resize_eval(b, 24), s, 4, 9.0, 0.5, FILL),
+      'erasing': lambda b, s: augment.random_erasing(augment.decode_and_resize_eval(b, 24), s, 1.0),
+      'train_transform': _augment_everything,
+  }
+  for name, fn in fns.items():
+    eager = [fn(image_bytes, seed).numpy() for seed in seeds]
+    ds = tf.data.Dataset.from_tensor_slices(seeds).map(lambda s, fn=fn: fn(image_bytes, s),
+                                                       num_parallel_calls=2)
+    for expected, got in zip(eager, ds.as_numpy_iterator()):
+      np.testing.assert_array_equal(got, expected, err_msg=name)
+    assert any(not np.array_equal(eager[0], e) for e in eager[1:]), f'{name}: seed has no effect'
