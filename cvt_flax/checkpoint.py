@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cvt_flax.convert.official import abstract_model, finish_abstract_model
 from cvt_flax.models import CvT, CvTConfig, make_config
 
 FORMAT = 'cvt_flax.model'
@@ -66,7 +67,7 @@ def save_model(model: CvT, path, *, overwrite: bool = False) -> None:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it.')
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
-  weights = {k: np.asarray(jax.device_get(v.value)) for k, v in _weights(model).items()}
+  weights = {k: np.asarray(jax.device_get(v.get_value())) for k, v in _weights(model).items()}
   tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.tmp-')
   try:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -129,7 +130,7 @@ def _restore_weights(model: CvT, state_dir: str) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
       stored = _flatten(checkpointer.metadata(state_dir).item_metadata.tree)
       _check_matches(stored, expected, state_dir)
-      target = _nest({k: jax.ShapeDtypeStruct(v.value.shape, v.value.dtype)
+      target = _nest({k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
                       for k, v in expected.items()})
       restored = _flatten(checkpointer.restore(state_dir, target))
   except CheckpointError:
@@ -138,15 +139,16 @@ def _restore_weights(model: CvT, state_dir: str) -> None:
     raise CheckpointError(f'{state_dir}: truncated or corrupt Orbax state '
                           f'({type(e).__name__}: {str(e)[:500]}).') from e
   for key, var in expected.items():
-    var.value = restored[key]
+    var.set_value(restored[key])
 
 
 def _check_matches(stored: dict[str, Any], expected: dict[str, Any], state_dir: str) -> None:
   missing = sorted(set(expected) - set(stored))
   unexpected = sorted(set(stored) - set(expected))
-  shapes = sorted(f'{k}: stored {tuple(stored[k].shape)}, config needs {tuple(expected[k].shape)}'
+  shapes = sorted(f'{k}: stored {tuple(stored[k].shape)}, '
+                  f'config needs {tuple(expected[k].get_value().shape)}'
                   for k in set(stored) & set(expected)
-                  if tuple(stored[k].shape) != tuple(expected[k].shape))
+                  if tuple(stored[k].shape) != tuple(expected[k].get_value().shape))
   if not (missing or unexpected or shapes):
     return
   lines = [f'{state_dir}: the stored weights do not match the model in config.json:']
@@ -175,7 +177,8 @@ def load_checkpoint(path) -> CvT:
     from cvt_flax.training.checkpointing import load_model_from_workdir  # pylint: disable=g-import-not-at-top
     model = load_model_from_workdir(path)
   else:
-    model = CvT(read_model_config(path), rngs=nnx.Rngs(0))
+    model = abstract_model(read_model_config(path))
     _restore_weights(model, os.path.join(path, STATE_DIR))
+    finish_abstract_model(model)
   model.eval()
   return model

@@ -14,6 +14,8 @@ What transformers' CvT (checked against transformers 5.23) actually computes, an
     'dw_bn', and its forward calls it unconditionally, so any other method raises AttributeError; HF
     computes nothing we could match. 'avg' checkpoints (necessarily converted from official ones,
     since HF cannot train them) are read with the official meaning: average-pooled keys/values.
+  * transformers cannot even build a model with depth[i] <= i for some stage i (it indexes the
+    per-block drop-path rates by the stage index); cvt-flax reads and writes such configs anyway.
   * Stochastic depth (training only): HF gives every block of stage i the rate
     `linspace(0, rate_i, depth_i)[i]` and drops after the MLP residual; we keep the official
     per-block linear rule. Eval outputs are unaffected.

@@ -58,15 +58,43 @@ def to_official_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """
   out = {}
   for path, var in _model_variables(model):
-    if isinstance(var.value, jax.ShapeDtypeStruct):  # a model from nnx.eval_shape: shapes only
-      shape = _to_torch_layout(str(path[-1]), np.zeros(var.value.shape, np.int8)).shape
-      out[_torch_name(path)] = jax.ShapeDtypeStruct(shape, var.value.dtype)
+    if isinstance(var.get_value(), jax.ShapeDtypeStruct):  # a model from nnx.eval_shape: shapes only
+      shape = _to_torch_layout(str(path[-1]), np.zeros(var.get_value().shape, np.int8)).shape
+      out[_torch_name(path)] = jax.ShapeDtypeStruct(shape, var.get_value().dtype)
       continue
-    x = np.asarray(jax.device_get(var.value))
+    x = np.asarray(jax.device_get(var.get_value()))
     if path[-1] == 'num_batches_tracked':
       x = x.astype(np.int64)
     out[_torch_name(path)] = _to_torch_layout(str(path[-1]), x)
   return out
+
+
+def abstract_model(cfg) -> nnx.Module:
+  """A CvT of `cfg` with shapes only (no parameter initialisation), to be filled by a loader and
+  finished with `finish_abstract_model`; this skips the random init of weights about to be replaced
+  (seconds for CvT-13, and W24's 1.1 GB), and lets a bad file fail before any allocation."""
+  from cvt_flax.models import CvT  # pylint: disable=g-import-not-at-top
+  return nnx.eval_shape(lambda: CvT(cfg, rngs=nnx.Rngs(0)))
+
+
+def finish_abstract_model(model: nnx.Module, seed: int = 0) -> nnx.Module:
+  """Gives the filled `abstract_model` concrete dropout RNG state (fresh keys from `seed`, counts 0).
+
+  Raises if anything else is still abstract (a variable no loader filled).
+  """
+  rng_vars = [var for _, var in nnx.to_flat_state(nnx.state(model, nnx.RngState))]
+  keys = jax.random.split(jax.random.key(seed), max(len(rng_vars), 1))
+  for i, var in enumerate(rng_vars):
+    if isinstance(var, nnx.RngKey):
+      var.set_value(keys[i])
+    else:
+      shape = var.get_value()
+      var.set_value(jnp.zeros(shape.shape, shape.dtype))
+  left = [path for path, var in nnx.to_flat_state(nnx.state(model))
+          if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+  if left:
+    raise ValueError(f'abstract model variables left unfilled: {left[:5]}')
+  return model
 
 
 def _check_values(name: str, x: np.ndarray, target_dtype) -> list[str]:
@@ -99,12 +127,12 @@ def load_official_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndar
       continue
     x = np.asarray(state_dict[name])
     leaf = str(path[-1])
-    want = tuple(_to_torch_layout(leaf, np.zeros(var.value.shape, np.int8)).shape)
+    want = tuple(_to_torch_layout(leaf, np.zeros(var.get_value().shape, np.int8)).shape)
     if tuple(x.shape) != want:
       problems.append(f'{name}: shape {tuple(x.shape)}, model expects {want}')
       continue
-    problems += _check_values(name, x, np.dtype(var.value.dtype))
-    new_values[path] = _from_torch_layout(leaf, x).astype(var.value.dtype)
+    problems += _check_values(name, x, np.dtype(var.get_value().dtype))
+    new_values[path] = _from_torch_layout(leaf, x).astype(var.get_value().dtype)
   if missing or unexpected or problems:
     lines = [f'{source} does not fit the model:']
     if missing:
@@ -115,5 +143,5 @@ def load_official_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndar
       lines.append(f'  bad tensors ({len(problems)}):\n    ' + '\n    '.join(problems))
     raise ConversionError('\n'.join(lines))
   for path, var in variables:
-    var.value = jnp.asarray(new_values[path])
+    var.set_value(jnp.asarray(new_values[path]))
   return model

@@ -12,8 +12,8 @@ import yaml
 from flax import nnx
 
 from cvt_flax.convert import hf, infer, sources
-from cvt_flax.convert.official import (ConversionError, load_official_state_dict,
-                                       to_official_state_dict)
+from cvt_flax.convert.official import (ConversionError, abstract_model, finish_abstract_model,
+                                       load_official_state_dict, to_official_state_dict)
 from cvt_flax.models import CvT, CvTConfig, configs_from_official_yaml, make_config
 
 DEFAULT_ACTIVATION = {'official': 'quick_gelu', 'hf': 'gelu'}
@@ -111,8 +111,9 @@ def load_pytorch(path, *, spec=None, num_classes: int | None = None,
   cfg = _config_for(src, state, spec, num_classes, activation)
   if cfg.num_classes == 0:
     state = {k: v for k, v in state.items() if not k.startswith('head.')}
-  model = CvT(cfg, rngs=nnx.Rngs(0))
+  model = abstract_model(cfg)
   load_official_state_dict(model, state, source=src.path)
+  finish_abstract_model(model)
   model.eval()
   return model
 

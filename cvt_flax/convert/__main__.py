@@ -1,0 +1,123 @@
+"""Convert official / HF PyTorch CvT weights to a cvt-flax model checkpoint (or another layout).
+
+  python -m cvt_flax.convert SRC OUT [--spec FILE] [--num-classes N]
+      [--activation quick_gelu|gelu] [--format flax|official|hf] [--check]
+
+SRC: an official `.pth` (state dict or training checkpoint), an HF checkpoint directory, or an HF
+weights file with config.json beside it. OUT: a directory (`flax`, the default: the Orbax model
+checkpoint that `cvt_flax.load_checkpoint` reads; `hf`: config.json + model.safetensors) or a `.pth`
+file (`official`).
+
+--check runs the PyTorch model on the source weights (transformers' CvT for HF sources, the
+from-scratch official reference for official ones) and the converted Flax model on the same random
+batch, prints the largest absolute logit difference, and exits with status 1 if it exceeds 1e-4.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from cvt_flax.convert import hf, pytorch, sources
+from cvt_flax.convert.official import ConversionError
+
+CHECK_TOLERANCE = 1e-4
+
+
+def _parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m cvt_flax.convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('src', help='official .pth, HF directory, or HF weights file')
+  p.add_argument('out', help='output directory (flax, hf) or .pth file (official)')
+  p.add_argument('--spec', help='model spec: official YAML, JSON, or a variant name (cvt-13...); '
+                                'default: HF config.json or inferred from the weights')
+  p.add_argument('--num-classes', type=int, help='default: the weights\' head; 0 drops the head')
+  p.add_argument('--activation', choices=('quick_gelu', 'gelu'),
+                 help='default: quick_gelu for official weights, gelu for HF')
+  p.add_argument('--format', choices=('flax', 'official', 'hf'), default='flax')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
+  p.add_argument('--check', action='store_true', help='compare logits with PyTorch')
+  p.add_argument('--check-size', type=int, default=224, help='image size of the --check batch')
+  return p.parse_args(argv)
+
+
+def _transformers_cannot_run(cfg) -> str | None:
+  """Why transformers' CvT cannot run this architecture (see cvt_flax.convert.hf), or None."""
+  if any(m != 'dw_bn' for m in cfg.qkv_proj_method):
+    return f'qkv projection methods {list(cfg.qkv_proj_method)}'
+  if any(d <= i for i, d in enumerate(cfg.depth)):  # it indexes per-stage rates by stage index
+    return f'depths {list(cfg.depth)} (transformers needs depth[i] > i)'
+  return None
+
+
+def _torch_reference(src: sources.Source, cfg):
+  """(PyTorch model on the source's own tensors, its name), in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  state = dict(src.state_dict)
+  reason = _transformers_cannot_run(cfg) if src.layout == 'hf' else None
+  if reason:
+    print(f'check: transformers cannot run {reason}; using the PyTorch reference instead')
+  if src.layout == 'hf' and not reason:
+    from transformers import CvtConfig, CvtForImageClassification  # pylint: disable=g-import-not-at-top
+    model = CvtForImageClassification(CvtConfig.from_dict(src.hf_config))
+    name = 'transformers CvtForImageClassification'
+  else:
+    from cvt_flax.convert.torch_reference import build_reference_model  # pylint: disable=g-import-not-at-top
+    if src.layout == 'hf':
+      state = hf.hf_to_official_state_dict(state, source=src.path)
+    model = build_reference_model(cfg)
+    name = 'official CvT (PyTorch reference)'
+  if cfg.num_classes == 0:
+    state = {k: v for k, v in state.items() if not k.startswith(('head.', 'classifier.'))}
+  missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                                              strict=False)
+  if unexpected or any(not k.endswith('num_batches_tracked') for k in missing):
+    raise ConversionError(f'--check: {name} does not take these weights: missing {missing}, '
+                          f'unexpected {unexpected}.')
+  return model.eval(), name
+
+
+def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
+  """Max |logits(Flax) - logits(PyTorch)| on a random batch of two `size`x`size` images."""
+  import torch  # pylint: disable=g-import-not-at-top
+  src = sources.read_source(src_path)
+  reference, name = _torch_reference(src, model.config)
+  images = np.random.default_rng(seed).normal(size=(2, model.config.in_chans, size, size))
+  images = images.astype(np.float32)
+  with torch.no_grad():
+    out = reference(torch.from_numpy(images))
+  want = (out.logits if hasattr(out, 'logits') else out).numpy()
+  got = np.asarray(model(images.transpose(0, 2, 3, 1)))
+  diff = float(np.max(np.abs(got - want)))
+  print(f'check: max |logit difference| = {diff:.3e} (Flax vs {name}, batch 2x{size}x{size}, '
+        f'tolerance {CHECK_TOLERANCE:g})')
+  return diff
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  from cvt_flax import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    model = pytorch.load_pytorch(args.src, spec=args.spec, num_classes=args.num_classes,
+                                 activation=args.activation)
+    if args.format == 'flax':
+      checkpoint.save_model(model, args.out, overwrite=args.overwrite)
+    elif args.format == 'official':
+      pytorch.save_official(model, args.out)
+    else:
+      pytorch.save_hf(model, args.out)
+    cfg = model.config
+    print(f'wrote {args.out} ({args.format}): {cfg.num_stages} stages, widths {list(cfg.dim_embed)}, '
+          f'depths {list(cfg.depth)}, {cfg.num_classes} classes, activation {cfg.activation}')
+    if args.check and check_logits(args.src, model, args.check_size) > CHECK_TOLERANCE:
+      print('check FAILED: the converted model does not reproduce PyTorch', file=sys.stderr)
+      return 1
+  except (ConversionError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
