@@ -142,11 +142,17 @@ class BatchNorm(nnx.Module):
 # ----------------------------------------------------------------------------------------------------
 # Average pooling as torch.nn.AvgPool2d(ceil_mode=True, count_include_pad=True).
 
-def _ceil_pool_divisors(n, k, s, p):
-  """Output length and per-output window sizes of torch's ceil-mode pooling along one axis."""
+def ceil_pool_output_size(n, k, s, p):
+  """Output length of torch's ceil-mode pooling along an axis of length n."""
   out = -(-(n + 2 * p - k) // s) + 1
   if (out - 1) * s >= n + p:  # torch drops a last window that starts inside the right padding
     out -= 1
+  return out
+
+
+def _ceil_pool_divisors(n, k, s, p):
+  """Output length and per-output window sizes of torch's ceil-mode pooling along one axis."""
+  out = ceil_pool_output_size(n, k, s, p)
   starts = np.arange(out) * s - p
   # Windows count the zero padding but not the ceil-mode overhang past it.
   sizes = np.minimum(starts + k, n + p) - starts
@@ -160,8 +166,10 @@ def avg_pool_ceil(x, kernel_size, stride, padding):
   wo, dw = _ceil_pool_divisors(w, k, s, p)
   extra_h = max((ho - 1) * s + k - (h + 2 * p), 0)
   extra_w = max((wo - 1) * s + k - (w + 2 * p), 0)
+  # A concrete numpy zero, not jnp.array: under jit the latter is traced, so JAX no longer sees a
+  # sum (reduce_window_sum) and the generic reduce_window has no gradient.
   summed = jax.lax.reduce_window(
-      x, jnp.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, s, s, 1),
+      x, np.array(0, x.dtype), jax.lax.add, (1, k, k, 1), (1, s, s, 1),
       ((0, 0), (p, p + extra_h), (p, p + extra_w), (0, 0)))
   summed = summed[:, :ho, :wo]
   return summed / jnp.asarray(np.outer(dh, dw)[None, :, :, None], x.dtype)

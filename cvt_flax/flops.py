@@ -1,0 +1,130 @@
+"""Parameters and compute of CvT models: an analytic multiply-add count and XLA's cost analysis.
+
+  python -m cvt_flax.flops                       # the paper's table (Wu et al. 2021, Table 2)
+  python -m cvt_flax.flops --variants cvt-13 --sizes 224,384 --no-xla
+
+The paper counts multiply-adds (MACs) of convolutions, linear layers and the two attention matmuls;
+normalisation, activations, softmax and residual additions are not counted. `analytic_macs` follows
+the same convention. XLA's cost analysis counts 2 FLOPs per multiply-add and also every elementwise
+operation, so its FLOPs / 2 lands a little above the analytic count.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cvt_flax.models import CvTConfig, count_params, create_model, layers, make_config
+
+# (variant, image size) -> (parameters in millions, GMACs) as printed in the paper's Table 2.
+PAPER = {
+    ('cvt-13', 224): (20, 4.5), ('cvt-13', 384): (20, 16.3),
+    ('cvt-21', 224): (32, 7.1), ('cvt-21', 384): (32, 24.9),
+    ('cvt-w24', 384): (277, 193.2),
+}
+
+
+def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
+  return (n + 2 * padding - kernel) // stride + 1
+
+
+def analytic_macs(cfg: CvTConfig, image_size: int | tuple[int, int]) -> dict[str, int]:
+  """Multiply-adds for one image, by kind of layer, plus their 'total'.
+
+  Depthwise projections count k*k MACs per output element; 'avg' pooling and BatchNorm count none
+  (BatchNorm folds into the conv at inference). The cls token takes part in the linear layers, the
+  MLP and attention (as a query and as a key) but not in the spatial projections.
+  """
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  macs = dict.fromkeys(('conv_embed', 'conv_proj', 'qkv_linear', 'attention', 'attn_out', 'mlp',
+                        'head'), 0)
+  channels = cfg.in_chans
+  for i in range(cfg.num_stages):
+    k, s, p = cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i]
+    h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
+    dim = cfg.dim_embed[i]
+    macs['conv_embed'] += h * w * dim * channels * k * k
+    channels = dim
+    extra = 1 if cfg.cls_token[i] else 0
+    kq = cfg.kernel_qkv[i]
+    method = cfg.qkv_proj_method[i]
+    kv_args = (kq, cfg.stride_kv[i], cfg.padding_kv[i])
+    if method == 'linear':
+      q_hw = kv_hw = h * w
+    elif method == 'avg':  # q unprojected; k, v average-pooled in ceil mode
+      q_hw = h * w
+      kv_hw = layers.ceil_pool_output_size(h, *kv_args) * layers.ceil_pool_output_size(w, *kv_args)
+    else:
+      q_args = (kq, cfg.stride_q[i], cfg.padding_q[i])
+      q_hw = _conv_out(h, *q_args) * _conv_out(w, *q_args)
+      kv_hw = _conv_out(h, *kv_args) * _conv_out(w, *kv_args)
+    n_tokens, n_q, n_kv = h * w + extra, q_hw + extra, kv_hw + extra
+    hidden = int(dim * cfg.mlp_ratio[i])
+    per_block = {
+        'conv_proj': (q_hw + 2 * kv_hw) * dim * kq * kq if method == 'dw_bn' else 0,
+        'qkv_linear': (n_q + 2 * n_kv) * dim * dim,
+        'attention': 2 * n_q * n_kv * dim,  # q k^T and attn v over all heads
+        'attn_out': n_q * dim * dim,
+        'mlp': 2 * n_tokens * dim * hidden,
+    }
+    for key, value in per_block.items():
+      macs[key] += cfg.depth[i] * value
+  if cfg.num_classes > 0:
+    macs['head'] = channels * cfg.num_classes
+  macs['total'] = sum(macs.values())
+  return macs
+
+
+def _abstract_model(cfg: CvTConfig):
+  return nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0)))
+
+
+def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float]:
+  """XLA's cost analysis of the compiled eval-mode forward pass, per image ('flops', ...).
+
+  Works on abstract shapes: no weights are materialised, so even CvT-W24 costs only a compile.
+  """
+  model = _abstract_model(cfg)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, cfg.in_chans), jnp.float32)
+  cost = forward.lower(state, images).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax versions return one dict per device
+    cost = cost[0]
+  return {key: float(cost[key]) / batch for key in ('flops', 'transcendentals') if key in cost}
+
+
+def report(variants_and_sizes, with_xla: bool = True) -> str:
+  """A Markdown table: parameters and compute next to the paper's numbers."""
+  rows = ['| model | size | params (M) | paper params (M) | paper GMACs | analytic GMACs |'
+          ' XLA GFLOP | XLA GFLOP / 2 |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+  for variant, size in variants_and_sizes:
+    cfg = make_config(variant)
+    params = count_params(_abstract_model(cfg)) / 1e6
+    paper_params, paper_gmacs = PAPER.get((variant, size), ('-', '-'))
+    macs = analytic_macs(cfg, size)['total'] / 1e9
+    xla = f"{xla_cost(cfg, size)['flops'] / 1e9:.2f}" if with_xla else '-'
+    half = f'{float(xla) / 2:.2f}' if with_xla else '-'
+    rows.append(f'| {variant} | {size} | {params:.2f} | {paper_params} | {paper_gmacs} | '
+                f'{macs:.2f} | {xla} | {half} |')
+  return '\n'.join(rows)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description='CvT parameters and GMACs vs the paper.')
+  parser.add_argument('--variants', help='comma-separated, e.g. cvt-13,cvt-21 (default: paper table)')
+  parser.add_argument('--sizes', default='224,384', help='image sizes used with --variants')
+  parser.add_argument('--no-xla', action='store_true', help="skip XLA's cost analysis (compiles)")
+  args = parser.parse_args(argv)
+  if args.variants:
+    rows = [(v, int(s)) for v in args.variants.split(',') for s in args.sizes.split(',')]
+  else:
+    rows = list(PAPER)
+  print(report(rows, with_xla=not args.no_xla))
+
+
+if __name__ == '__main__':
+  main()
