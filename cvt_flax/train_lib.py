@@ -86,12 +86,16 @@ def _model_fn(model_config: CvTConfig, seed: int):
   return lambda: CvT(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
-def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | None = None) -> Run:
-  """Resolves steps, model, optimizer, mesh and shardings (nothing is allocated yet)."""
+def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | None = None,
+              devices=None) -> Run:
+  """Resolves steps, model, optimizer, mesh and shardings (nothing is allocated yet).
+
+  `devices`: the mesh's devices (default: all devices of all processes).
+  """
   info = data.get_dataset_info(config.input)
   total_steps, steps_per_epoch = resolve_num_steps(config, info.num_train_examples)
   model_config = resolve_model_config(config, info.num_classes, base_model_config)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(devices)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   schedule = optim.make_lr_schedule(config.optimizer, batch_size=config.batch_size,
                                     total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -237,35 +241,39 @@ def _compile_train_step(run: Run):
   return jitted.lower(run.abstract_state, abstract_batch).compile()
 
 
-def _initial_or_restored_state(config: ConfigDict, workdir: str, ckpt) -> tuple[Run, TrainState, int]:
+def _initial_or_restored_state(config: ConfigDict, workdir: str, ckpt,
+                               devices) -> tuple[Run, TrainState, int]:
   latest = ckpt.latest_step()
   if latest is not None:
     saved = checkpointing.read_model_config(workdir)
-    run = build_run(config, workdir, base_model_config=saved)
+    run = build_run(config, workdir, saved, devices)
     if run.model_config != saved:
       raise ValueError(f'{workdir} holds checkpoints of another model ({saved}); the config asks '
                        f'for {run.model_config}. Use a new workdir.')
     return run, ckpt.restore(latest, run.abstract_state), latest
   if not config.init_from:
-    run = build_run(config, workdir)
+    run = build_run(config, workdir, None, devices)
     return run, create_initial_state(run), 0
   source = init_from.load_source_model(config.init_from)
-  run = build_run(config, workdir, base_model_config=source.config)
+  run = build_run(config, workdir, source.config, devices)
   weights = init_weights_from(config, run.model_config, source)
   del source
   return run, create_initial_state(run, weights), 0
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains and evaluates; returns the final eval metrics (plus `step`, and `preempted` if so)."""
+def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
+  """Trains and evaluates; returns the final eval metrics (plus `step`, and `preempted` if so).
+
+  `devices`: the devices to train on (default: all devices of all processes).
+  """
   config_lib.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.keep_checkpoints, async_save=config.checkpoint_async)
-  run, state, start = _initial_or_restored_state(config, workdir, ckpt)
+  run, state, start = _initial_or_restored_state(config, workdir, ckpt, devices)
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, run.model_config)
-    checkpointing.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+    checkpointing.write_json(os.path.join(workdir, 'train_config.json'), config.to_dict())
   writer = metrics_lib.MetricWriter(workdir, total_steps=run.total_steps, start_step=start)
   writer.log(f'CvT {run.model_config.dim_embed}x{run.model_config.depth}: '
              f'{run.total_steps} steps ({run.steps_per_epoch}/epoch) on {run.mesh.size} devices, '
@@ -320,7 +328,8 @@ def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> 
       return {'step': step, 'preempted': True}
   writer.log(f'Final evaluation at step {max(start, total)}: top-1 {record["eval/top1"]:.2%}, '
              f'top-5 {record["eval/top5"]:.2%} on {int(record["eval/num_examples"])} images.')
-  return {'step': max(start, total), **{k: v for k, v in record.items() if k.startswith('eval/')}}
+  return {'step': max(start, total),
+          **{k: float(v) for k, v in record.items() if k.startswith('eval/')}}
 
 
 def _save(ckpt, step: int, state: TrainState, step_metrics: _StepMetrics) -> None:

@@ -155,30 +155,31 @@ def write_json(path: str, obj: Any) -> None:
 # A training workdir as a model: WORKDIR/model_config.json + the newest checkpoint's weights.
 
 MODEL_CONFIG_FILE = 'model_config.json'
-MODEL_CONFIG_FORMAT = 'cvt_flax.model_config'
-MODEL_CONFIG_VERSION = 1
 
 
 def write_model_config(workdir: str, model_config) -> None:
+  """WORKDIR/model_config.json, the same document as a saved model's config.json."""
+  from cvt_flax import checkpoint  # pylint: disable=g-import-not-at-top
   write_json(os.path.join(workdir, MODEL_CONFIG_FILE),
-             {'format': MODEL_CONFIG_FORMAT, 'version': MODEL_CONFIG_VERSION,
+             {'format': checkpoint.FORMAT, 'version': checkpoint.VERSION,
               'config': model_config.to_dict()})
 
 
 def read_model_config(workdir: str):
   """The CvTConfig saved in a training workdir."""
-  from cvt_flax.models import make_config  # pylint: disable=g-import-not-at-top
+  from cvt_flax import checkpoint  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, MODEL_CONFIG_FILE)
   try:
     with open(path) as f:
       doc = json.load(f)
-    if doc.get('format') != MODEL_CONFIG_FORMAT:
-      raise ValueError(f'format {doc.get("format")!r}, expected {MODEL_CONFIG_FORMAT!r}')
-    if doc.get('version', 0) > MODEL_CONFIG_VERSION:
-      raise ValueError(f'version {doc["version"]} is newer than this code '
-                       f'({MODEL_CONFIG_VERSION}); update cvt_flax')
+    if doc.get('format') != checkpoint.FORMAT:
+      raise ValueError(f'format {doc.get("format")!r}, expected {checkpoint.FORMAT!r}')
+    if doc.get('version', 0) > checkpoint.VERSION:
+      raise ValueError(f'version {doc["version"]} was written by a newer cvt-flax '
+                       f'(this one reads up to {checkpoint.VERSION})')
+    from cvt_flax.models import make_config  # pylint: disable=g-import-not-at-top
     return make_config(doc['config'])
-  except (OSError, ValueError, KeyError, TypeError) as e:
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise ValueError(f'{path}: not a readable model config: {e}') from e
 
 

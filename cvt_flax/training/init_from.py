@@ -15,7 +15,6 @@ from flax import nnx
 
 from cvt_flax.models import CvT
 
-_PYTORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
 _HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 HEAD_PREFIX = 'head.'
 
@@ -24,22 +23,16 @@ class InitFromError(ValueError):
   """The init_from weights do not fit the model being trained. The message lists the keys."""
 
 
-def is_training_workdir(path: str) -> bool:
-  return (os.path.isdir(os.path.join(path, 'checkpoints'))
-          and os.path.isfile(os.path.join(path, 'model_config.json')))
-
-
 def load_source_model(path: str) -> CvT:
   """Loads the model to initialise from; the loaders raise clear errors for bad files."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'init_from: {path} does not exist.')
-  if os.path.isfile(path) and path.endswith(_PYTORCH_SUFFIXES) or (
-      os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in _HF_WEIGHT_FILES)):
+  is_hf_dir = os.path.isdir(path) and any(
+      os.path.isfile(os.path.join(path, f)) for f in _HF_WEIGHT_FILES)
+  if is_hf_dir or os.path.isfile(path):
     from cvt_flax.convert import load_pytorch  # pylint: disable=g-import-not-at-top
     return load_pytorch(path)
-  if os.path.isdir(path) and is_training_workdir(path):
-    from cvt_flax.training.checkpointing import load_model_from_workdir  # pylint: disable=g-import-not-at-top
-    return load_model_from_workdir(path)
+  # A converted model directory, or a training workdir (load_checkpoint reads both).
   from cvt_flax.checkpoint import load_checkpoint  # pylint: disable=g-import-not-at-top
   return load_checkpoint(path)
 

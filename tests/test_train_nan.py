@@ -1,0 +1,48 @@
+"""A NaN/Inf loss stops training with a clear message; the last good checkpoint stays the newest."""
+import os
+
+import numpy as np
+import pytest
+
+from cvt_flax import train_lib
+from cvt_flax.training.checkpointing import Checkpointer
+from train_testlib import digits_dir, tiny_config, train_losses  # pylint: disable=unused-import
+
+
+def _nan_images_at_step(monkeypatch, step):
+  real = train_lib.data.make_train_iterator
+
+  def wrapped(*args, start_step=0, **kwargs):
+    for i, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
+      if i + 1 == step:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+
+  monkeypatch.setattr(train_lib.data, 'make_train_iterator', wrapped)
+
+
+def test_nan_stops_before_the_next_checkpoint(digits_dir, tmp_path, monkeypatch):
+  # Logged only at the end, so the NaN (step 5) is caught by the check before the step-6 save.
+  cfg = tiny_config(digits_dir, num_train_steps=8, log_every_steps=100, checkpoint_every_steps=2)
+  _nan_images_at_step(monkeypatch, 5)
+  with pytest.raises(train_lib.TrainingDivergedError) as err:
+    train_lib.train_and_evaluate(cfg, str(tmp_path))
+  message = str(err.value)
+  assert 'train/loss is nan at step 5 of 8' in message
+  assert 'newest checkpoint (step 4)' in message
+  assert 'base_lr' in message and 'float32' in message and 'input data' in message
+  ckpts = Checkpointer(os.path.join(tmp_path, 'checkpoints'), keep=10)
+  assert ckpts.all_steps() == [2, 4]
+  ckpts.close()
+  assert train_losses(str(tmp_path)) == {}  # nothing was logged before the failure
+
+
+def test_nan_at_a_logged_step(digits_dir, tmp_path, monkeypatch):
+  cfg = tiny_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2)
+  _nan_images_at_step(monkeypatch, 3)
+  with pytest.raises(train_lib.TrainingDivergedError, match='at step 3 of 4'):
+    train_lib.train_and_evaluate(cfg, str(tmp_path))
+  assert sorted(train_losses(str(tmp_path))) == [1, 2]
+  ckpts = Checkpointer(os.path.join(tmp_path, 'checkpoints'), keep=10)
+  assert ckpts.latest_step() == 2
+  ckpts.close()
