@@ -4,8 +4,13 @@ JAX owns the GPUs/TPUs. A TensorFlow runtime that saw them would reserve their m
 the device (TPU), so both device types are hidden before TF creates any op.
 """
 import logging
+import os
 
-import tensorflow as tf
+# TF's C++ INFO lines (oneDNN, CPU features) are noise in a JAX program; warnings still show. Only a
+# default: a value the user set wins, and it has no effect if TF was imported before us.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 for _device_type in ('GPU', 'TPU'):
   try:

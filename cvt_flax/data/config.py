@@ -35,7 +35,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.std = IMAGENET_STD
   # Encoded records held in the shuffle buffer (~110 KB each for ImageNet, ~1.1 GB per process).
   cfg.shuffle_buffer = 10_000
-  cfg.cache = False  # Keep the encoded records in memory after the first pass (small datasets).
+  cfg.cache = False  # Keep the encoded train records in memory after epoch 0 (small datasets).
   cfg.num_parallel_calls = config_dict.placeholder(int)  # None: tf.data AUTOTUNE.
   return cfg
 

@@ -8,8 +8,9 @@ endless stream, epoch after epoch; epoch e is that part of the split shuffled wi
 records in file order), and example i of epoch e is augmented with stateless random ops seeded by
 (seed, process_index, e, i). Step t's batch is stream positions [t * B, (t + 1) * B) with
 B = global_batch_size // process_count; batches run across epoch boundaries. Resuming at `start_step`
-starts the stream at the right epoch and skips the remaining records of that epoch *before* decoding
-(reads bytes, decodes nothing), so the resumed iterator yields exactly the same batches.
+starts the stream at the right epoch and skips the records before the start position in that epoch
+*before* decoding (it reads up to one epoch of encoded bytes, decodes nothing), so the resumed
+iterator yields exactly the same batches.
 
 Not deterministic: anything across different `process_count`s (the data is split differently), and
 across TFDS/TF versions or a re-prepared dataset (record order, op numerics may change).
@@ -205,7 +206,7 @@ def make_eval_dataset(input_cfg, *, global_batch_size, process_index=0,
   total = _num_records(_read(builder, cfg.eval_split, False), f'eval split {cfg.eval_split!r}')
   split = tfds.split_for_jax_process(cfg.eval_split, process_index=process_index,
                                      process_count=process_count, drop_remainder=False)
-  records = _read(builder, split, cfg.cache)
+  records = _read(builder, split, cache=False)  # One pass per iterator: nothing to reuse.
   size = cfg.image_size
   ds = records.map(
       lambda ex: {'image': eval_transform(cfg, ex['image']), 'label': ex['label'],
