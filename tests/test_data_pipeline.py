@@ -81,7 +81,7 @@ def test_digits_builder(digits_dir):
   assert builder.info.features['image'].shape == (8, 8, 1)
   splits = {name: tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
             for name in ('train', 'test')}
-  sk_images, sk_labels = digits._load_sklearn_digits()
+  sk_images, sk_labels = digits.load_sklearn_digits()
   assert sk_images.max() == 255 and sk_images.min() == 0
   # Together the splits are exactly scikit-learn's 1,797 images (as a multiset, with labels).
   key = lambda images, labels: collections.Counter(

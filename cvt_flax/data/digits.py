@@ -21,7 +21,8 @@ NUM_TEST = 360
 SPLIT_SEED = 0
 
 
-def _load_sklearn_digits():
+def load_sklearn_digits():
+  """All 1,797 images as uint8 (N, 8, 8, 1) in 0-255, and their int64 labels."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -61,7 +62,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the data ships with scikit-learn.
-    images, labels = _load_sklearn_digits()
+    images, labels = load_sklearn_digits()
     is_test = np.zeros(len(labels), bool)
     is_test[stratified_test_indices(labels)] = True
     return {

@@ -37,6 +37,7 @@ _SHUFFLE_TAG = 0x5EED  # Keeps the shuffle seeds apart from the augmentation see
 
 
 class DatasetInfo(NamedTuple):
+  """Classes and split sizes, as the pipelines read them (a mocked TFDS reports its mock sizes)."""
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
