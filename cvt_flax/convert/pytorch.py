@@ -9,7 +9,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import yaml
-from flax import nnx
 
 from cvt_flax.convert import hf, infer, sources
 from cvt_flax.convert.official import (ConversionError, abstract_model, finish_abstract_model,
@@ -132,11 +131,18 @@ def _atomic_write(path: str, write_fn) -> None:
     raise
 
 
-def save_official(model: nnx.Module, path) -> None:
-  """Writes the official layout `.pth`: `torch.save` of a state dict of tensors (needs torch)."""
+def save_official(model: CvT, path) -> None:
+  """Writes the official layout `.pth`: `torch.save` of a state dict of tensors (needs torch), in
+  the official module order, like the released files."""
   import torch  # pylint: disable=g-import-not-at-top
-  state = {k: torch.from_numpy(np.array(v, order='C'))
-           for k, v in to_official_state_dict(model).items()}
+  from cvt_flax.convert.torch_reference import build_reference_model  # pylint: disable=g-import-not-at-top
+  with torch.device('meta'):  # key order only, no memory
+    order = list(build_reference_model(model.config).state_dict())
+  arrays = to_official_state_dict(model)
+  if sorted(order) != sorted(arrays):
+    raise ConversionError('internal: the Flax model and the official layout disagree on keys: '
+                          f'{sorted(set(order) ^ set(arrays))}')
+  state = {k: torch.from_numpy(np.array(arrays[k], order='C')) for k in order}
   _atomic_write(os.fspath(path), lambda tmp: torch.save(state, tmp))
 
 

@@ -47,6 +47,9 @@ def read_source(path: str | os.PathLike) -> Source:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such file or directory.')
   weights_path, config_path = _locate(path)
+  # A directory is an HF checkpoint: its config comes first. Beside a file, a config.json only
+  # matters once the keys say HF (an official .pth may sit next to an unrelated one).
+  hf_config = read_hf_config(config_path) if os.path.isdir(path) else None
   state_dict = _read_weights(weights_path)
   layout = detect_layout(state_dict, weights_path)
   if layout == 'official':
@@ -55,7 +58,7 @@ def read_source(path: str | os.PathLike) -> Source:
     raise ConversionError(
         f'{weights_path}: HF-layout weights (keys `cvt.encoder.stages...`) need the HF '
         f'`{HF_CONFIG_FILE}` beside them, and there is none in {os.path.dirname(weights_path) or "."}.')
-  return Source(weights_path, 'hf', state_dict, read_hf_config(config_path))
+  return Source(weights_path, 'hf', state_dict, hf_config or read_hf_config(config_path))
 
 
 def _locate(path: str) -> tuple[str, str | None]:

@@ -1,0 +1,152 @@
+"""`save_model` / `load_checkpoint`: exact round trip, atomic writes, clear errors."""
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import cvt_flax
+from cvt_flax import checkpoint
+from cvt_flax.checkpoint import CheckpointError, load_checkpoint, save_model
+from cvt_flax.convert import load_pytorch, to_official_state_dict
+from conftest import FIXTURES, load_fixture
+from test_convert_reference import logits_and_features
+
+
+@pytest.fixture(scope='module')
+def model():
+  return load_pytorch(FIXTURES / 'official_tiny.pth', spec=FIXTURES / 'official_tiny.json')
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+  path = tmp_path / 'ckpt'
+  save_model(model, path)
+  return path
+
+
+def _assert_same_weights(a, b):
+  wa, wb = to_official_state_dict(a), to_official_state_dict(b)
+  assert sorted(wa) == sorted(wb)
+  for key in wa:
+    assert wa[key].dtype == wb[key].dtype and np.array_equal(wa[key], wb[key]), key
+
+
+def test_round_trip_is_exact(model, saved):
+  assert sorted(os.listdir(saved)) == ['config.json', 'state']
+  doc = json.loads((saved / 'config.json').read_text())
+  assert (doc['format'], doc['version']) == ('cvt_flax.model', 1)
+  loaded = load_checkpoint(saved)
+  assert loaded.config == model.config
+  assert loaded.stage2.blocks[1].attn.conv_proj_k.bn.use_running_average  # eval mode
+  _assert_same_weights(model, loaded)
+  _, io = load_fixture('official_tiny')
+  images = io['input_1'].transpose(0, 2, 3, 1)
+  np.testing.assert_array_equal(logits_and_features(loaded, images)[0],
+                                logits_and_features(model, images)[0])
+
+
+def test_training_mode_model_and_nondefault_config(tmp_path):
+  cfg = cvt_flax.make_config(dict(dim_embed=(8, 16), num_heads=(1, 2), depth=(1, 1),
+                                  patch_size=(3, 3), patch_stride=(2, 2), patch_padding=(1, 1),
+                                  cls_token=(False, False), qkv_proj_method=('avg', 'dw_bn'),
+                                  kernel_qkv=(3, 3), stride_kv=(2, 2), stride_q=(1, 1),
+                                  padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(False, True),
+                                  mlp_ratio=(2.0, 2.0), drop_rate=(0.1, 0.1),
+                                  attn_drop_rate=(0.0, 0.0), drop_path_rate=(0.0, 0.2),
+                                  num_classes=3, dtype='bfloat16', activation='gelu'))
+  trained = cvt_flax.create_model(cfg, rngs=nnx.Rngs(1))  # training mode
+  nnx.jit(lambda m, x: m(x))(trained, np.ones((2, 16, 16, 3), np.float32))  # moves BatchNorm stats
+  save_model(trained, tmp_path / 'm')
+  loaded = load_checkpoint(tmp_path / 'm')
+  assert loaded.config == cfg and loaded.stage1.blocks[0].drop_path.deterministic
+  _assert_same_weights(trained, loaded)
+  assert int(loaded.stage1.blocks[0].attn.conv_proj_q.bn.num_batches_tracked.get_value()) == 1
+
+
+def test_existing_path_needs_overwrite(model, saved):
+  with pytest.raises(FileExistsError, match='overwrite=True'):
+    save_model(model, saved)
+  save_model(model, saved, overwrite=True)
+  _assert_same_weights(model, load_checkpoint(saved))
+  assert sorted(os.listdir(saved.parent)) == ['ckpt']  # no temporary or old copies left
+
+
+def test_interrupted_save_leaves_nothing_loadable(model, saved, monkeypatch):
+  def crash(*args, **kwargs):
+    raise KeyboardInterrupt('simulated kill during the save')
+  monkeypatch.setattr(checkpoint.json, 'dump', crash)
+  with pytest.raises(KeyboardInterrupt):
+    save_model(model, saved.parent / 'new')
+  with pytest.raises(KeyboardInterrupt):
+    save_model(model, saved, overwrite=True)
+  assert sorted(os.listdir(saved.parent)) == ['ckpt']  # no 'new', no temporary directories
+  monkeypatch.undo()
+  _assert_same_weights(model, load_checkpoint(saved))  # the old checkpoint is intact
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+  with pytest.raises(CheckpointError, match='does not exist'):
+    load_checkpoint(tmp_path / 'nope')
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(CheckpointError, match='is not a directory'):
+    load_checkpoint(tmp_path / 'file')
+  with pytest.raises(CheckpointError, match='no config.json; not a cvt-flax model checkpoint'):
+    load_checkpoint(tmp_path)
+
+
+def _edit_config(path, **changes):
+  doc = json.loads((path / 'config.json').read_text())
+  doc.update(changes)
+  (path / 'config.json').write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize('content,message', [
+    ('{"format": "cvt_flax.model", ', 'corrupt, not valid JSON'),
+    ('[1, 2]', "format 'list', expected 'cvt_flax.model'"),
+    ('{"format": "orbax", "version": 1}', "format 'orbax', expected 'cvt_flax.model'"),
+    ('{"format": "cvt_flax.model", "version": "one"}', "corrupt format version 'one'"),
+    ('{"format": "cvt_flax.model", "version": 2, "config": {}}',
+     'format version 2 was written by a newer cvt-flax; this one reads up to version 1'),
+    ('{"format": "cvt_flax.model", "version": 1, "config": {"dim_embed": [8], "x": 1}}',
+     r"invalid model config.*unknown fields \['x'\]"),
+])
+def test_bad_config_json(saved, content, message):
+  (saved / 'config.json').write_text(content)
+  with pytest.raises(CheckpointError, match=message):
+    load_checkpoint(saved)
+
+
+# Orbax's async machinery reports an 'Event loop is closed' from a finaliser after a failed restore.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_missing_or_truncated_state(saved):
+  data_dir = saved / 'state' / 'd'
+  for name in os.listdir(data_dir):
+    blob = (data_dir / name).read_bytes()
+    (data_dir / name).write_bytes(blob[:len(blob) // 3])
+  with pytest.raises(CheckpointError, match=r'state: truncated or corrupt Orbax state'):
+    load_checkpoint(saved)
+  for name in os.listdir(saved / 'state'):
+    if name != 'd':
+      path = saved / 'state' / name
+      if path.is_file():
+        path.unlink()
+  with pytest.raises(CheckpointError, match=r'state: truncated or corrupt Orbax state'):
+    load_checkpoint(saved)
+  shutil.rmtree(saved / 'state')
+  with pytest.raises(CheckpointError, match='state: missing; the checkpoint has a config but no'):
+    load_checkpoint(saved)
+
+
+def test_state_that_does_not_match_the_config(model, saved):
+  cfg = dataclasses.replace(model.config, num_classes=4, depth=(1, 1, 3))
+  _edit_config(saved, config=cfg.to_dict())
+  with pytest.raises(CheckpointError) as info:
+    load_checkpoint(saved)
+  msg = str(info.value)
+  assert 'the stored weights do not match the model in config.json' in msg
+  assert 'missing keys (' in msg and 'stage2.blocks.2.attn.proj_q.kernel' in msg
+  assert 'head.kernel: stored (48, 10), config needs (48, 4)' in msg
