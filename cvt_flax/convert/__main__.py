@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
 import numpy as np
+from flax import nnx
 
 from cvt_flax.convert import hf, pytorch, sources
 from cvt_flax.convert.official import ConversionError
@@ -88,7 +90,9 @@ def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
   with torch.no_grad():
     out = reference(torch.from_numpy(images))
   want = (out.logits if hasattr(out, 'logits') else out).numpy()
-  got = np.asarray(model(images.transpose(0, 2, 3, 1)))
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))  # one compile, not per op
+  got = np.asarray(forward(state, images.transpose(0, 2, 3, 1)))
   diff = float(np.max(np.abs(got - want)))
   print(f'check: max |logit difference| = {diff:.3e} (Flax vs {name}, batch 2x{size}x{size}, '
         f'tolerance {CHECK_TOLERANCE:g})')
