@@ -130,7 +130,8 @@ def _torch_load(path: str) -> Any:
     raise ConversionError(
         f'{path}: refused to load: the file contains pickled code or objects beyond tensors and '
         f'plain containers;{what} which a weights-only load does not allow. A released checkpoint '
-        'never needs that; the file may be malicious. Nothing in it was executed.') from e
+        'never needs that (a whole pickled model? save its state_dict() instead); the file may '
+        'be malicious. Nothing in it was executed.') from e
   except (RuntimeError, EOFError) as e:
     raise ConversionError(f'{path}: truncated or corrupted PyTorch checkpoint ({e}).') from e
   except Exception as e:  # pylint: disable=broad-except  # torch raises anything on junk bytes
