@@ -1,10 +1,13 @@
 """Shared test fixtures. The golden data lives in ../shared/fixtures (see its README)."""
+import functools
 import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get('CVT_FLAX_FIXTURES', ROOT.parent / 'shared' / 'fixtures'))
@@ -22,3 +25,15 @@ def load_fixture(name):
   meta = json.loads((FIXTURES / f'{name}.json').read_text())
   io = dict(np.load(FIXTURES / f'{name}_io.npz'))
   return meta, io
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_and_features(graphdef, state, images):
+  model = nnx.merge(graphdef, state)
+  return model(images), model.features(images)
+
+
+def logits_and_features(model, images_nhwc):
+  """One jitted forward, compiled once per architecture and input shape (dispatching every op
+  eagerly is much slower on CPU)."""
+  return jax.tree.map(np.asarray, _logits_and_features(*nnx.split(model), images_nhwc))

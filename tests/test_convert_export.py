@@ -9,8 +9,7 @@ import torch
 
 import cvt_flax
 from cvt_flax.convert import load_pytorch, save_official
-from conftest import FIXTURES, ROOT, load_fixture
-from test_convert_reference import logits_and_features
+from conftest import FIXTURES, ROOT, load_fixture, logits_and_features
 
 
 @pytest.mark.parametrize('name', ['official_tiny', 'official_tiny_avg'])

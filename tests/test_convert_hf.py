@@ -15,7 +15,8 @@ from cvt_flax.convert import (ConversionError, config_from_hf, config_to_hf,
                               hf_to_official_state_dict, load_pytorch, official_to_hf_state_dict,
                               save_hf)
 from conftest import FIXTURES, load_fixture
-from test_convert_reference import logits_and_features, perturb_
+from conftest import logits_and_features
+from test_convert_reference import perturb_
 
 # Not the defaults: other widths/heads, mixed qkv_bias, a stride-1 kv projection, cls token last.
 # transformers needs depth[i] > i (it indexes per-stage drop-path rates by the stage index).

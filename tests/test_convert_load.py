@@ -12,7 +12,8 @@ import cvt_flax
 from cvt_flax.convert import ConversionError, infer_config, load_pytorch
 from cvt_flax.convert.torch_reference import build_reference_model
 from conftest import FIXTURES, load_fixture
-from test_convert_reference import logits_and_features, perturb_
+from conftest import logits_and_features
+from test_convert_reference import perturb_
 
 
 def _nhwc(x):

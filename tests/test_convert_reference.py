@@ -1,18 +1,15 @@
 """The from-scratch PyTorch reference against the official fixtures and the Flax model."""
-import functools
 import json
 
-import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import cvt_flax
 from cvt_flax.convert.official import (abstract_model, finish_abstract_model,
                                        load_official_state_dict)
 from cvt_flax.convert.torch_reference import build_reference_model
-from conftest import FIXTURES, load_fixture
+from conftest import FIXTURES, load_fixture, logits_and_features
 
 
 def _fixture_reference(name):
@@ -53,18 +50,6 @@ def test_reference_state_dict_matches_official_manifests():
     assert shapes == manifests[key]['state_dict'], key
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == manifests[key]['num_params'], key
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits_and_features(graphdef, state, images):
-  model = nnx.merge(graphdef, state)
-  return model(images), model.features(images)
-
-
-def logits_and_features(model, images_nhwc):
-  """One jitted forward, compiled once per architecture and input shape (dispatching every op
-  eagerly is much slower on CPU)."""
-  return jax.tree.map(np.asarray, _logits_and_features(*nnx.split(model), images_nhwc))
 
 
 def perturb_(model, seed):

@@ -11,7 +11,7 @@ from flax import nnx
 import cvt_flax
 from cvt_flax.convert.official import load_official_state_dict, to_official_state_dict
 from cvt_flax.models import layers
-from conftest import FIXTURES, load_fixture
+from conftest import FIXTURES, load_fixture, logits_and_features
 
 
 def _fixture_model(name, **overrides):
@@ -31,8 +31,8 @@ def test_fixture_logits_and_stages_match_official(name, impl):
   model, meta, io = _fixture_model(name, dwconv_impl=impl)
   for i in range(len(meta['input_shapes'])):
     images = io[f'input_{i}'].transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    feats = model.features(images)
-    np.testing.assert_allclose(model(images), io[f'logits_{i}'], atol=1e-5, rtol=0)
+    logits, feats = logits_and_features(model, images)
+    np.testing.assert_allclose(logits, io[f'logits_{i}'], atol=1e-5, rtol=0)
     for s in range(3):
       np.testing.assert_allclose(np.asarray(feats[f'stage{s}']).transpose(0, 3, 1, 2),
                                  io[f'stage{s}_{i}'], atol=1e-5, rtol=0)
