@@ -208,8 +208,7 @@ class _StepMetrics:
     out = {f'train/{k}': float(v) for k, v in last.items()}
     out['train/epoch'] = step / self.run.steps_per_epoch
     out['train/images_per_sec'] = steps_per_sec * self.run.config.batch_size
-    mfu = metrics_lib.mfu(self.flops, steps_per_sec, self.run.config.peak_flops_per_device,
-                          self.run.mesh.size)
+    mfu = metrics_lib.mfu(self.flops, steps_per_sec, self.run.config.peak_flops_per_device)
     if mfu is not None:
       out['train/mfu'] = mfu
     self.reset_timer()
@@ -254,7 +253,7 @@ def _initial_or_restored_state(config: ConfigDict, workdir: str, ckpt,
   if not config.init_from:
     run = build_run(config, workdir, None, devices)
     return run, create_initial_state(run), 0
-  source = init_from.load_source_model(config.init_from)
+  source = init_from.load_source_model(config.init_from, config.init_from_spec)
   run = build_run(config, workdir, source.config, devices)
   weights = init_weights_from(config, run.model_config, source)
   del source
@@ -290,23 +289,34 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
 
 
 def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> dict[str, Any]:
-  cfg = run.config
+  eval_step = jax.jit(make_eval_step(run.eval_graphdef),
+                      in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh)),
+                      out_shardings=sharding.replicated(run.mesh))
+  if start >= run.total_steps:  # nothing left to train: evaluate what the workdir holds
+    record = _evaluate(run, state, eval_step, start, writer)
+  else:
+    record = _run_steps(run, state, start, ckpt, writer, stop, eval_step)
+    if record.get('preempted'):
+      return record
+  step = max(start, run.total_steps)
+  writer.log(f'Final evaluation at step {step}: top-1 {record["eval/top1"]:.2%}, '
+             f'top-5 {record["eval/top5"]:.2%} on {int(record["eval/num_examples"])} images.')
+  return {'step': step, **{k: float(v) for k, v in record.items() if k.startswith('eval/')}}
+
+
+def _run_steps(run: Run, state: TrainState, start: int, ckpt, writer, stop, eval_step) -> dict:
+  """Steps start+1..total; returns the last step's metrics record, or {'preempted': True, ...}."""
+  cfg, total = run.config, run.total_steps
   t_compile = time.perf_counter()
   train_step = _compile_train_step(run)
   flops = metrics_lib.compiled_flops(train_step)
   writer.log(f'train step compiled in {time.perf_counter() - t_compile:.1f}s'
-             + (f', {flops / 1e9:.2f} GFLOP/step' if flops else ''))
-  eval_step = jax.jit(make_eval_step(run.eval_graphdef),
-                      in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh)),
-                      out_shardings=sharding.replicated(run.mesh))
+             + (f', {flops / 1e9:.3g} GFLOP per step and device' if flops else ''))
   batch_sh = sharding.batch_sharding(run.mesh)
   batches: Iterator = data.make_train_iterator(
       cfg.input, global_batch_size=cfg.batch_size, seed=cfg.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count())
   step_metrics = _StepMetrics(run, flops, ckpt.latest_step())
-  total = run.total_steps
-  if start >= total:
-    record = _evaluate(run, state, eval_step, start, writer)
   for step in range(start + 1, total + 1):  # `step` = optimizer steps completed after this one
     state, m = train_step(state, sharding.global_batch(next(batches), batch_sh))
     step_metrics.add(step, m)
@@ -326,10 +336,7 @@ def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> 
       ckpt.wait()
       writer.log(f'Preempted: saved a checkpoint at step {step}; rerun the same command to resume.')
       return {'step': step, 'preempted': True}
-  writer.log(f'Final evaluation at step {max(start, total)}: top-1 {record["eval/top1"]:.2%}, '
-             f'top-5 {record["eval/top5"]:.2%} on {int(record["eval/num_examples"])} images.')
-  return {'step': max(start, total),
-          **{k: float(v) for k, v in record.items() if k.startswith('eval/')}}
+  return record
 
 
 def _save(ckpt, step: int, state: TrainState, step_metrics: _StepMetrics) -> None:

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cvt_flax.training.sharding import fsdp_partition_spec
-from train_testlib import digits_dir, run_python  # pylint: disable=unused-import
+from train_testlib import compile_cache, digits_dir, run_python  # pylint: disable=unused-import
 
 
 @pytest.mark.parametrize('shape,spec', [
@@ -59,21 +59,22 @@ _EIGHT_DEVICES = textwrap.dedent('''
 ''')
 
 
-def test_eight_devices_match_one_device(digits_dir, tmp_path):
+def test_eight_devices_match_one_device(digits_dir, compile_cache, tmp_path):
   stdout = run_python(_EIGHT_DEVICES, args=(digits_dir, str(tmp_path)),
                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-                           'JAX_PLATFORMS': 'cpu'})
+                           'JAX_PLATFORMS': 'cpu', **compile_cache})
   out = json.loads(stdout.split('RESULT', 1)[1])
   one = out['one']['losses']
   assert sorted(one, key=int) == [str(i) for i in range(1, 7)]
-  # Same global batch, same data, same RNG draws (threefry is partitionable), same math: the only
-  # difference is the order of float32 reductions that XLA splits across devices (batch means,
-  # BatchNorm statistics, gradient all-reduce, FSDP gathers), i.e. rounding at ~1e-7 relative per
-  # operation, which six steps of training amplify to well below 1e-4.
+  # Same global batch, same data, same RNG draws (threefry is partitionable), same math. What
+  # differs is the order of float32 reductions XLA splits across devices (batch means, BatchNorm
+  # statistics, the gradient all-reduce), so results agree to rounding, not bitwise: measured
+  # <= 1.1e-7 relative over these 6 steps (often exactly equal); 1e-5 leaves room for other CPUs.
   for name in ('dp', 'fsdp'):
     for step, loss in one.items():
-      assert out[name]['losses'][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (name, step)
+      assert out[name]['losses'][step] == pytest.approx(loss, rel=1e-5), (name, step)
     assert out[name]['top1'] == pytest.approx(out['one']['top1'], abs=1 / 360 + 1e-9)
   assert out['fsdp_sharded'] > out['fsdp_total'] // 2
+  # Restored from the FSDP checkpoint onto one device: the same training, to rounding.
   for step, loss in out['fsdp']['losses'].items():
-    assert out['moved']['losses'][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+    assert out['moved']['losses'][step] == pytest.approx(loss, rel=1e-5), step

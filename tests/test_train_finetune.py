@@ -9,7 +9,10 @@ from cvt_flax.checkpoint import load_checkpoint, save_model
 from cvt_flax.convert import load_pytorch
 from cvt_flax.models import create_model
 from cvt_flax.training.init_from import InitFromError, flat_weights, host_weights
-from train_testlib import TINY_MODEL, digits_dir, tiny_config  # pylint: disable=unused-import
+from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
+    TINY_MODEL, compile_cache, digits_dir, tiny_config)
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 def _initial_weights(cfg, workdir, source):
@@ -29,10 +32,12 @@ def _saved_tiny_model(path, num_classes):
 
 def test_official_pth_at_a_new_resolution(digits_dir, tmp_path):
   pth = str(FIXTURES / 'official_tiny.pth')  # 3 stages, 10 classes, made for 64 px images
-  cfg = tiny_config(digits_dir, init_from=pth, num_train_steps=2, checkpoint_every_steps=2)
+  spec = str(FIXTURES / 'official_tiny.json')  # widths of 16/32/48 do not reveal the head count
+  cfg = tiny_config(digits_dir, init_from=pth, init_from_spec=spec, num_train_steps=2,
+                    checkpoint_every_steps=2)
   cfg.model = {'variant': 'init_from', 'drop_path_rate': (0.0, 0.0, 0.1)}
   cfg.input.image_size = 32  # no position embeddings: the weights work at any resolution
-  source = load_pytorch(pth)
+  source = load_pytorch(pth, spec=spec)
   start = _initial_weights(cfg, tmp_path / 'check', source)
   want = host_weights(source)
   assert sorted(start) == sorted(want)
@@ -47,7 +52,7 @@ def test_official_pth_at_a_new_resolution(digits_dir, tmp_path):
 def test_new_head_must_be_explicit(digits_dir, tmp_path):
   source_dir = str(tmp_path / 'seven_classes')
   source = _saved_tiny_model(source_dir, num_classes=7)
-  cfg = tiny_config(digits_dir, init_from=source_dir, num_train_steps=1, checkpoint_every_steps=1)
+  cfg = tiny_config(digits_dir, init_from=source_dir)
   with pytest.raises(InitFromError) as err:
     train_lib.train_and_evaluate(cfg, str(tmp_path / 'refused'))
   message = str(err.value)
@@ -64,7 +69,7 @@ def test_new_head_must_be_explicit(digits_dir, tmp_path):
       np.testing.assert_array_equal(start[key], value, err_msg=key)
   assert start['head.kernel'].shape == (32, 10) and start['head.bias'].shape == (10,)
   result = train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
-  assert result['step'] == 1
+  assert result['step'] == 6
 
 
 def test_other_architecture_lists_keys(digits_dir, tmp_path):
@@ -84,7 +89,7 @@ def test_other_architecture_lists_keys(digits_dir, tmp_path):
 
 def test_init_from_a_training_workdir(digits_dir, tmp_path):
   first = str(tmp_path / 'first')
-  train_lib.train_and_evaluate(tiny_config(digits_dir, num_train_steps=2), first)
+  train_lib.train_and_evaluate(tiny_config(digits_dir), first)
   trained = load_checkpoint(first)
   cfg = tiny_config(digits_dir, init_from=first)
   start = _initial_weights(cfg, tmp_path / 'check', trained)

@@ -8,7 +8,7 @@ import textwrap
 
 from cvt_flax.training.checkpointing import Checkpointer
 from cvt_flax.training.metrics import read_metrics
-from train_testlib import ROOT, digits_dir  # pylint: disable=unused-import
+from train_testlib import ROOT, compile_cache, digits_dir  # pylint: disable=unused-import
 
 _WORKER = textwrap.dedent('''
     import json, sys
@@ -31,9 +31,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _train_two_processes(data_dir, workdir, steps):
+def _train_two_processes(data_dir, workdir, steps, cache_env):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
+  env = dict(os.environ, **cache_env, JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([str(ROOT / 'tests'), str(ROOT)]))
   env.pop('XLA_FLAGS', None)
   procs = [subprocess.Popen([sys.executable, '-c', _WORKER, str(port), str(i), data_dir, workdir,
@@ -52,9 +52,9 @@ def _train_two_processes(data_dir, workdir, steps):
   return results
 
 
-def test_two_processes_train_checkpoint_and_resume(digits_dir, tmp_path):
+def test_two_processes_train_checkpoint_and_resume(digits_dir, compile_cache, tmp_path):
   workdir = str(tmp_path / 'run')
-  first = _train_two_processes(digits_dir, workdir, steps=4)
+  first = _train_two_processes(digits_dir, workdir, 4, compile_cache)
   assert sorted(r['process'] for r in first) == [0, 1]
   assert all(r['processes'] == 2 and r['devices'] == 2 for r in first)
   # Both processes computed the same global evaluation, each test image counted exactly once.
@@ -65,7 +65,7 @@ def test_two_processes_train_checkpoint_and_resume(digits_dir, tmp_path):
   ckpts.close()
 
   # Both processes restore step 4 and continue to step 6 (a longer run of the same model).
-  second = _train_two_processes(digits_dir, workdir, steps=6)
+  second = _train_two_processes(digits_dir, workdir, 6, compile_cache)
   assert all(r['step'] == 6 for r in second)
   records = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   # Only process 0 writes: one record per step, no duplicates from process 1.

@@ -6,7 +6,10 @@ import pytest
 
 from cvt_flax import train_lib
 from cvt_flax.training.checkpointing import Checkpointer
-from train_testlib import digits_dir, tiny_config, train_losses  # pylint: disable=unused-import
+from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
+    compile_cache, digits_dir, tiny_config, train_losses)
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 def _nan_images_at_step(monkeypatch, step):
@@ -22,27 +25,27 @@ def _nan_images_at_step(monkeypatch, step):
 
 
 def test_nan_stops_before_the_next_checkpoint(digits_dir, tmp_path, monkeypatch):
-  # Logged only at the end, so the NaN (step 5) is caught by the check before the step-6 save.
-  cfg = tiny_config(digits_dir, num_train_steps=8, log_every_steps=100, checkpoint_every_steps=2)
-  _nan_images_at_step(monkeypatch, 5)
+  # Not a logged step, so the NaN (step 3) is caught by the check that precedes the step-4 save.
+  cfg = tiny_config(digits_dir, log_every_steps=100, checkpoint_every_steps=2)
+  _nan_images_at_step(monkeypatch, 3)
   with pytest.raises(train_lib.TrainingDivergedError) as err:
     train_lib.train_and_evaluate(cfg, str(tmp_path))
   message = str(err.value)
-  assert 'train/loss is nan at step 5 of 8' in message
-  assert 'newest checkpoint (step 4)' in message
+  assert 'train/loss is nan at step 3 of 6' in message
+  assert 'newest checkpoint (step 2)' in message
   assert 'base_lr' in message and 'float32' in message and 'input data' in message
   ckpts = Checkpointer(os.path.join(tmp_path, 'checkpoints'), keep=10)
-  assert ckpts.all_steps() == [2, 4]
+  assert ckpts.all_steps() == [2]
   ckpts.close()
   assert train_losses(str(tmp_path)) == {}  # nothing was logged before the failure
 
 
 def test_nan_at_a_logged_step(digits_dir, tmp_path, monkeypatch):
-  cfg = tiny_config(digits_dir, num_train_steps=4, checkpoint_every_steps=2)
+  cfg = tiny_config(digits_dir, checkpoint_every_steps=2)  # logs every step
   _nan_images_at_step(monkeypatch, 3)
-  with pytest.raises(train_lib.TrainingDivergedError, match='at step 3 of 4'):
+  with pytest.raises(train_lib.TrainingDivergedError, match='at step 3 of 6'):
     train_lib.train_and_evaluate(cfg, str(tmp_path))
   assert sorted(train_losses(str(tmp_path))) == [1, 2]
   ckpts = Checkpointer(os.path.join(tmp_path, 'checkpoints'), keep=10)
-  assert ckpts.latest_step() == 2
+  assert ckpts.all_steps() == [2]
   ckpts.close()

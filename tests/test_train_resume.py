@@ -3,10 +3,15 @@ import os
 import shutil
 import signal
 
+import pytest
+
 from cvt_flax import train_lib
 from cvt_flax.training.checkpointing import Checkpointer
 from cvt_flax.training.metrics import read_metrics
-from train_testlib import digits_dir, tiny_config, train_losses  # pylint: disable=unused-import
+from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
+    compile_cache, digits_dir, tiny_config, train_losses)
+
+pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 def _sigterm_before_step(monkeypatch, step):
@@ -47,16 +52,28 @@ def test_preempted_and_crashed_runs_resume_bitwise_exact(digits_dir, tmp_path, m
   assert steps == [1, 2, 3, 4, 5, 6]  # appended on resume; records of redone steps not duplicated
 
 
-def test_finished_run_only_evaluates(digits_dir, tmp_path):
-  cfg = tiny_config(digits_dir, num_train_steps=2, checkpoint_every_steps=2)
+def test_metrics_records_and_finished_run(digits_dir, tmp_path):
+  cfg = tiny_config(digits_dir, peak_flops_per_device=1e9, log_every_steps=2)
   first = train_lib.train_and_evaluate(cfg, str(tmp_path))
+  records = read_metrics(os.path.join(tmp_path, 'metrics.jsonl'))
+  assert [r['step'] for r in records] == [2, 4, 6]
+  for r in records:
+    assert {'train/loss', 'train/lr', 'train/images_per_sec', 'train/mfu', 'train/grad_norm',
+            'train/epoch'} <= set(r)
+    assert r['train/images_per_sec'] > 0 and 0 < r['train/mfu'] < 10
+  # Step 2 uses schedule(1): half-way through the 2-step warmup from 1e-6 to 1e-3.
+  assert records[0]['train/lr'] == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-5)
+  assert set(records[-1]) >= {'eval/top1', 'eval/top5', 'eval/loss'}
+  assert records[-1]['eval/num_examples'] == 360
+  assert os.listdir(os.path.join(tmp_path, 'tensorboard'))
+  # Rerunning a finished run restores it and evaluates, without training or logging again.
   again = train_lib.train_and_evaluate(cfg, str(tmp_path))
   assert again == first
-  assert sorted(train_losses(str(tmp_path))) == [1, 2]
+  assert read_metrics(os.path.join(tmp_path, 'metrics.jsonl')) == records
 
 
 def test_resume_with_another_model_is_refused(digits_dir, tmp_path):
-  cfg = tiny_config(digits_dir, num_train_steps=1, checkpoint_every_steps=1)
+  cfg = tiny_config(digits_dir)
   train_lib.train_and_evaluate(cfg, str(tmp_path))
   cfg.model.dim_embed = (16, 48)
   cfg.model.num_heads = (1, 3)

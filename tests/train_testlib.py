@@ -74,6 +74,28 @@ def digits_dir(tmp_path_factory):
   return build_digits(str(tmp_path_factory.mktemp('tfds')))
 
 
+_CACHE_SETTINGS = {'jax_persistent_cache_min_compile_time_secs': 0,
+                   'jax_persistent_cache_min_entry_size_bytes': 0}
+
+
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+  """A persistent XLA compilation cache for this test session (and its subprocesses).
+
+  The training tests run the same tiny config many times; on 2 CPU cores compiling its train step
+  takes ~20 s and loading it from the cache ~2 s. A cached executable is the same program a fresh
+  compile of the same HLO produces, so results do not change. Returns env vars for subprocesses.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  for key, value in _CACHE_SETTINGS.items():
+    jax.config.update(key, value)
+  env = {key.upper(): str(value) for key, value in _CACHE_SETTINGS.items()}
+  env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  return env
+
+
 def run_python(code: str, *, args=(), env: dict | None = None, timeout: float = 600) -> str:
   """Runs `code` in a fresh interpreter (so XLA/JAX flags apply from the start); returns stdout."""
   full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / 'tests'), str(ROOT)]))

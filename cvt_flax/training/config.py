@@ -34,6 +34,9 @@ def default_config() -> ConfigDict:
   # Start from existing weights ('' = from scratch): a .pth/.bin/.safetensors file, a HF directory,
   # a converted model directory or a training workdir. Ignored when resuming.
   c.init_from = ''
+  # PyTorch init_from only: the architecture ('cvt-13' or an official YAML / JSON spec file) when
+  # it cannot be inferred from the weights ('' = infer, or the HF config.json).
+  c.init_from_spec = ''
   c.init_new_head = False  # must be True to replace a head of another shape (new classes)
   # Scale: one mesh over all devices, data parallel; fsdp also shards weights and optimizer state.
   c.fsdp = False

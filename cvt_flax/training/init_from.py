@@ -23,15 +23,19 @@ class InitFromError(ValueError):
   """The init_from weights do not fit the model being trained. The message lists the keys."""
 
 
-def load_source_model(path: str) -> CvT:
-  """Loads the model to initialise from; the loaders raise clear errors for bad files."""
+def load_source_model(path: str, spec: str = '') -> CvT:
+  """Loads the model to initialise from; the loaders raise clear errors for bad files.
+
+  `spec` (PyTorch sources only): the architecture as `cvt_flax.convert.read_spec` takes it (a
+  variant name or a spec/YAML file), for official weights whose spec cannot be inferred.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f'init_from: {path} does not exist.')
   is_hf_dir = os.path.isdir(path) and any(
       os.path.isfile(os.path.join(path, f)) for f in _HF_WEIGHT_FILES)
   if is_hf_dir or os.path.isfile(path):
     from cvt_flax.convert import load_pytorch  # pylint: disable=g-import-not-at-top
-    return load_pytorch(path)
+    return load_pytorch(path, spec=spec or None)
   # A converted model directory, or a training workdir (load_checkpoint reads both).
   from cvt_flax.checkpoint import load_checkpoint  # pylint: disable=g-import-not-at-top
   return load_checkpoint(path)
