@@ -21,8 +21,9 @@ def _grid(n: int, ncols: int, cell_w: float, cell_h: float):
   """A figure with n axes in rows of `ncols` (unused trailing axes hidden); returns (fig, axes)."""
   ncols = max(1, min(ncols, n))
   nrows = max(1, math.ceil(n / ncols))
+  # Constrained layout leaves room for titles and a suptitle (tight_layout ignores the latter).
   fig, axes = _pyplot().subplots(nrows, ncols, figsize=(cell_w * ncols, cell_h * nrows),
-                                 squeeze=False)
+                                 squeeze=False, layout='constrained')
   axes = axes.ravel()
   for ax in axes[n:]:
     ax.axis('off')
@@ -30,15 +31,15 @@ def _grid(n: int, ncols: int, cell_w: float, cell_h: float):
 
 
 def _short(label: str, width: int = 24) -> str:
-  """The first synonym of an ImageNet label ('tabby, tabby cat' -> 'tabby'), at most `width` chars."""
+  """The first synonym of an ImageNet label ('tabby, tabby cat' -> 'tabby'), cut to `width`."""
   label = label.split(',')[0]
   return label if len(label) <= width else label[:width - 1] + '…'
 
 
 def denormalize(images, mean, std) -> np.ndarray:
   """Normalised images (..., 3) -> displayable float images in [0, 1]."""
-  images = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-  return np.clip(images, 0.0, 1.0)
+  images = np.asarray(images, np.float32) * np.asarray(std, np.float32)
+  return np.clip(images + np.asarray(mean, np.float32), 0.0, 1.0)
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, *, ncols: int = 6,
@@ -53,7 +54,6 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
     ax.axis('off')
   if suptitle:
     fig.suptitle(suptitle)
-  fig.tight_layout()
   return fig
 
 
@@ -69,14 +69,13 @@ def plot_top_k(images: Sequence[np.ndarray], names: Sequence[Sequence[str]], pro
     ax_img.axis('off')
     k = len(names[i])
     bars = ax_bar.barh(np.arange(k)[::-1], probs[i], color='tab:blue')
-    ax_bar.bar_label(bars, [f'{p:.0%}' for p in probs[i]], fontsize=7, padding=2)
+    ax_bar.bar_label(bars, [f'{p:.1%}' for p in probs[i]], fontsize=7, padding=2)
     ax_bar.set_yticks(np.arange(k)[::-1], [_short(n) for n in names[i]], fontsize=8)
     ax_bar.set_xlim(0, 1)
     ax_bar.set_xlabel('probability', fontsize=8)
     ax_bar.tick_params(axis='x', labelsize=7)
   if suptitle:
     fig.suptitle(suptitle, color='red')
-  fig.tight_layout()
   return fig
 
 
@@ -94,10 +93,14 @@ def plot_training_curves(records: Sequence[Mapping]):
     ax_loss.plot(steps, eval_loss, 'o-', label='eval loss')
   ax_loss.set(xlabel='step', ylabel='loss', title='Loss')
   ax_loss.legend()
+  lowest = 100.0
   for key, style in (('eval/top1', 'o-'), ('eval/top5', 's--')):
     steps, acc = _series(records, key)
-    ax_acc.plot(steps, 100 * np.asarray(acc), style, label=key.split('/')[1])
-  ax_acc.set(xlabel='step', ylabel='accuracy (%)', title='Eval accuracy', ylim=(0, 101))
+    acc = 100 * np.asarray(acc)
+    ax_acc.plot(steps, acc, style, label=key.split('/')[1])
+    lowest = min([lowest, *acc])
+  ax_acc.set(xlabel='step', ylabel='accuracy (%)', title='Eval accuracy',
+             ylim=(max(0.0, lowest - 5), 100.5))
   ax_acc.legend()
   ax_lr.plot(*_series(records, 'train/lr'))
   ax_lr.set(xlabel='step', ylabel='learning rate', title='Learning rate')
@@ -117,7 +120,7 @@ def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
 
 def plot_confusion_matrix(counts: np.ndarray, class_names: Sequence[str] | None = None, *,
                           max_annotated: int = 20):
-  """Row-normalised colours with the raw counts written in the cells (up to `max_annotated` classes)."""
+  """Row-normalised colours, raw counts written in the cells (up to `max_annotated` classes)."""
   n = len(counts)
   rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
   side = min(1.5 + 0.45 * n, 12)
@@ -182,7 +185,7 @@ def plot_activation_curves(curves: Mapping[str, Callable], reference: str, *,
   return fig
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Attention and feature maps.
 
 def kv_grid_shape(num_tokens: int, feature_hw: tuple[int, int]) -> tuple[int, int]:
@@ -231,7 +234,6 @@ def plot_attention_overlays(image: np.ndarray, maps: np.ndarray, titles: Sequenc
     ax.axis('off')
   if suptitle:
     fig.suptitle(suptitle)
-  fig.tight_layout()
   return fig
 
 

@@ -1,7 +1,7 @@
 """The Colab notebooks (colabs/*.ipynb) run top to bottom in their FAST offline mode.
 
 Each notebook is executed with nbclient in a fresh `python3` kernel (this venv's ipykernel) with
-CVT_FLAX_FAST=1, the Agg matplotlib backend, a scratch working directory and a scratch TFDS data dir;
+CVT_FLAX_FAST=1, the Agg matplotlib backend, a scratch working directory and TFDS data dir;
 then one result of each is checked against the library or against the notebook's own claims.
 """
 import json
@@ -81,8 +81,8 @@ def test_finetune_notebook_trains_and_evaluates(tmp_path, monkeypatch):
   from cvt_flax.training.metrics import read_metrics  # pylint: disable=g-import-not-at-top
   text = run_notebook('finetune', tmp_path, monkeypatch)
   assert_figures(tmp_path, 'finetune_curves', 'finetune_confusion', 'finetune_mistakes')
-  match = re.search(rf'final test top-1: {_NUMBER}% on (\d+) images \(train_lib reported {_NUMBER}%\)',
-                    text)
+  match = re.search(
+      rf'final test top-1: {_NUMBER}% on (\d+) images \(train_lib reported {_NUMBER}%\)', text)
   assert match, text[-2000:]
   ours, count, reported = float(match[1]), int(match[2]), float(match[3])
   assert count == 360  # the digits test split, each image once
@@ -102,8 +102,8 @@ def test_parity_notebook_matches_pytorch_within_1e5(tmp_path, monkeypatch):
   assert len(diffs) == 2 * 4, text  # official and HF: 3 stages + logits each
   assert max(diffs) < 1e-5
   # The activation table: each activation matches its own PyTorch reference only.
-  rows = {m[1]: (float(m[2]), float(m[3]))
-          for m in re.finditer(rf'^(QuickGELU|exact GELU|tanh GELU) +{_NUMBER} +{_NUMBER}$', text, re.M)}
+  row = re.compile(rf'^(QuickGELU|exact GELU|tanh GELU) +{_NUMBER} +{_NUMBER}$', re.M)
+  rows = {m[1]: (float(m[2]), float(m[3])) for m in row.finditer(text)}
   assert set(rows) == {'QuickGELU', 'exact GELU', 'tanh GELU'}, text
   assert rows['QuickGELU'][0] < 1e-5 and rows['exact GELU'][1] < 1e-5
   assert rows['QuickGELU'][1] > 1e-4 and rows['exact GELU'][0] > 1e-4
@@ -122,3 +122,41 @@ def test_attention_notebook_maps_cls_attention_onto_the_key_grid(tmp_path, monke
   shares = re.search(r'on the image tokens .*: \[([^\]]+)\]', text)[1].split()
   assert len(shares) == spec['NUM_HEADS'][-1]
   assert all(0 < float(s) <= 1 for s in shares)
+
+
+# --------------------------------------------------------------------------------------------------
+# The notebooks' plotting helpers (cvt_flax.viz): the parts that compute something.
+
+def test_cls_attention_grid_matches_the_models_key_tokens_on_a_non_square_image(fixtures_dir):
+  from cvt_flax import load_pytorch, viz  # pylint: disable=g-import-not-at-top
+  from cvt_flax.models import attention_maps  # pylint: disable=g-import-not-at-top
+  model = load_pytorch(fixtures_dir / 'official_tiny.pth', spec=fixtures_dir / 'official_tiny.json')
+  cfg = model.config
+  images = np.random.default_rng(0).standard_normal((1, 64, 160, 3)).astype(np.float32)
+  maps = attention_maps(model, images)
+  h, w = model.features(images)['stage2'].shape[1:3]
+  k, s, p = cfg.kernel_qkv[-1], cfg.stride_kv[-1], cfg.padding_kv[-1]
+  expected = ((h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)  # the dw conv's output size
+  cls = viz.cls_attention(maps[-1][-1], (h, w))
+  assert cls.shape == (1, cfg.num_heads[-1]) + expected
+  # Row-major: key token 1 + r * cols + c is grid cell (r, c).
+  flat = np.asarray(maps[-1][-1])[0, :, 0, 1:]
+  np.testing.assert_array_equal(cls[0, :, 1, 2], flat[:, expected[1] + 2])
+
+
+def test_confusion_matrix_counts_true_by_predicted():
+  from cvt_flax import viz  # pylint: disable=g-import-not-at-top
+  counts = viz.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
+  np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+
+
+def test_pca_rgb_orders_pixels_along_the_main_direction_of_variation():
+  from cvt_flax import viz  # pylint: disable=g-import-not-at-top
+  ramp = np.linspace(-1, 1, 16)
+  fmap = np.zeros((4, 4, 8))
+  fmap[..., 3] = 5 * ramp.reshape(4, 4)  # the dominant direction: channel 3
+  fmap += 0.01 * np.random.default_rng(0).standard_normal(fmap.shape)
+  rgb = viz.pca_rgb(fmap)
+  assert rgb.shape == (4, 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
+  first = rgb[..., 0].ravel()
+  assert abs(np.corrcoef(first, ramp)[0, 1]) > 0.99
