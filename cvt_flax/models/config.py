@@ -38,6 +38,7 @@ _IGNORED_SPEC_KEYS = {'NUM_STAGES', 'POS_EMBED', 'INIT'}
 PROJ_METHODS = ('dw_bn', 'avg', 'linear')
 ACTIVATIONS = ('quick_gelu', 'gelu')
 DWCONV_IMPLS = ('auto', 'xla', 'shifts')
+ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'blocked')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,11 @@ class CvTConfig:
   # Depthwise conv implementation: 'xla' (grouped conv), 'shifts' (k*k shifted multiply-adds, which
   # XLA:CPU fuses and runs much faster), 'auto' = 'shifts' on CPU, 'xla' elsewhere. Same numerics.
   dwconv_impl: str = 'auto'
+  # Attention core (see `layers.attention`): 'softmax' (probabilities, then their product with v, as
+  # the official code), 'deferred' (normalise the output rows instead of the probabilities),
+  # 'blocked' ('deferred' in cache-sized blocks of queries), 'auto' = 'blocked' on CPU, 'deferred'
+  # elsewhere. Same numerics up to rounding.
+  attention_impl: str = 'auto'
   # Computation dtype ('float32' or 'bfloat16'); parameters stay float32, LayerNorm and softmax run in
   # float32 either way.
   dtype: str = 'float32'
@@ -107,6 +113,9 @@ class CvTConfig:
       raise ValueError(f"CvT config: init {self.init!r} is not 'trunc_norm' or 'xavier'.")
     if self.dwconv_impl not in DWCONV_IMPLS:
       raise ValueError(f'CvT config: dwconv_impl {self.dwconv_impl!r} is not one of {DWCONV_IMPLS}.')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'CvT config: attention_impl {self.attention_impl!r} is not one of '
+                       f'{ATTENTION_IMPLS}.')
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(f"CvT config: dtype {self.dtype!r} is not 'float32' or 'bfloat16'.")
     return self

@@ -51,6 +51,7 @@ class Attention(nnx.Module):
 
   def __init__(self, dim, num_heads, stage: dict, cfg: CvTConfig, dtype, rngs):
     self.num_heads, self.dtype = num_heads, dtype
+    self.attention_impl = cfg.attention_impl
     self.record_attention = False
     self.scale = dim ** -0.5
     self.method = stage['qkv_proj_method']
@@ -96,12 +97,13 @@ class Attention(nnx.Module):
   def __call__(self, x, h, w):
     q, k, v = self._spatial_qkv(x, h, w)
     q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
-    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32) * self.scale
-    attn = jax.nn.softmax(scores, axis=-1)
+    record = None
     if self.record_attention:  # for visualisation; see `attention_maps`
-      self.sow(nnx.Intermediate, 'attention_weights', attn)
-    attn = self.attn_drop(attn).astype(self.dtype)
-    out = jnp.einsum('bhqk,bhkd->bhqd', attn, v)
+      record = lambda probs: self.sow(nnx.Intermediate, 'attention_weights', probs)
+    drop = self.attn_drop
+    dropout = drop if drop.rate > 0 and not drop.deterministic else None
+    out = layers.attention(q, k, v, self.scale, impl=self.attention_impl, dropout=dropout,
+                           record=record)
     b, nh, n, d = out.shape
     out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
     return self.proj_drop(self.proj(out))

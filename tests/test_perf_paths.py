@@ -1,0 +1,128 @@
+"""Every fast path against its reference implementation: depthwise conv and attention cores.
+
+The fixture tests in test_model.py run the default paths; here each alternative is compared with
+the reference one directly, forward and gradient, on shapes that reach its special cases.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import cvt_flax
+from cvt_flax.convert.official import load_official_state_dict
+from cvt_flax.models import layers
+from conftest import FIXTURES, load_fixture
+
+# float32 results that differ only in summation order agree to a few ulps of their magnitude.
+ATOL = 2e-5
+
+
+def _normal(key, shape):
+  return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+@pytest.mark.parametrize('hw,kernel,stride,padding', [
+    ((9, 7), 3, 1, 1),    # odd, non-square, the q projection
+    ((9, 7), 3, 2, 1),    # strided k/v projection on odd sizes
+    ((8, 8), 3, 2, 0),    # no padding
+    ((11, 6), 5, 2, 2),   # larger kernel
+    ((5, 5), 1, 1, 0),    # 1x1
+])
+def test_depthwise_conv_shifts_matches_xla_forward_and_gradient(hw, kernel, stride, padding):
+  x = _normal(0, (2, *hw, 6))
+  w = _normal(1, (kernel, kernel, 1, 6))
+  cotangent = None
+
+  def run(impl):
+    nonlocal cotangent
+    out, vjp = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, stride, padding, impl), x, w)
+    if cotangent is None:
+      cotangent = _normal(2, out.shape)
+    return out, vjp(cotangent)
+
+  ref_out, ref_grads = run('xla')
+  out, grads = run('shifts')
+  np.testing.assert_allclose(out, ref_out, atol=ATOL, rtol=0)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, atol=ATOL, rtol=0)
+
+
+# (b, heads, q tokens, kv tokens) with block sizes that make 'blocked' group several pairs per
+# step with a remainder (2*3 pairs, 4 per step), or split queries into padded blocks (37 -> 3 x 13).
+ATTENTION_CASES = [
+    ((2, 3, 17, 5), 4 * 5 * 17 * 4),
+    ((2, 1, 37, 11), 4 * 11 * 13),
+    ((1, 2, 50, 13), 4 * 13 * 50),  # exactly one pair per step
+]
+
+
+@pytest.mark.parametrize('shape,block_bytes', ATTENTION_CASES)
+@pytest.mark.parametrize('impl', ['deferred', 'blocked'])
+def test_attention_impls_match_softmax_forward_and_gradient(monkeypatch, shape, block_bytes, impl):
+  monkeypatch.setattr(layers, 'ATTENTION_BLOCK_BYTES', block_bytes)
+  monkeypatch.setattr(layers, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
+  b, h, nq, nk = shape
+  q, k, v = _normal(0, (b, h, nq, 8)), _normal(1, (b, h, nk, 8)), _normal(2, (b, h, nk, 8))
+  cotangent = _normal(3, (b, h, nq, 8))
+
+  def run(impl):
+    out, vjp = jax.vjp(lambda q, k, v: layers.attention(q, k, v, 0.35, impl=impl), q, k, v)
+    return out, vjp(cotangent)
+
+  ref_out, ref_grads = run('softmax')
+  out, grads = jax.jit(lambda: run(impl))()
+  np.testing.assert_allclose(out, ref_out, atol=ATOL, rtol=0)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, atol=ATOL, rtol=0)
+
+
+def test_blocked_attention_takes_the_loop_only_for_large_scores(monkeypatch):
+  calls = []
+  monkeypatch.setattr(layers, '_blocked_attention', lambda *a: calls.append(a) or a[0])
+  small = _normal(0, (1, 1, 16, 8))
+  layers.attention(small, small, small, 1.0, impl='blocked')
+  assert not calls
+  large = jax.ShapeDtypeStruct((32, 1, 3136, 64), jnp.float32)  # CvT-13's first stage
+  kv = jax.ShapeDtypeStruct((32, 1, 784, 64), jnp.float32)
+  jax.eval_shape(lambda q, k: layers.attention(q, k, k, 1.0, impl='blocked'), large, kv)
+  assert len(calls) == 1
+
+
+def test_attention_dropout_and_recording_use_the_probabilities():
+  q = _normal(0, (2, 1, 6, 4))
+  recorded = []
+  dropped = layers.attention(q, q, q, 0.5, impl='blocked', record=recorded.append,
+                             dropout=lambda p: p * 0)
+  np.testing.assert_allclose(recorded[0].sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(dropped, 0.0)
+
+
+def _fixture_model(name, **overrides):
+  meta, io = load_fixture(name)
+  state_dict = {k: v.numpy() for k, v in
+                torch.load(FIXTURES / f'{name}.pth', weights_only=True).items()}
+  model = cvt_flax.create_model(meta['spec'], num_classes=meta['num_classes'], rngs=nnx.Rngs(0),
+                                activation=meta['activation'], **overrides)
+  load_official_state_dict(model, state_dict)
+  model.eval()
+  return model, io
+
+
+@pytest.mark.parametrize('impl', ['softmax', 'deferred', 'blocked'])
+def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
+  # Small blocks so that 'blocked' really loops on the tiny fixture model.
+  monkeypatch.setattr(layers, 'ATTENTION_BLOCK_BYTES', 1024)
+  monkeypatch.setattr(layers, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
+  model, io = _fixture_model('official_tiny', attention_impl=impl)
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  for i in range(2):
+    logits = forward(state, io[f'input_{i}'].transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(logits, io[f'logits_{i}'], atol=1e-5, rtol=0)
+
+
+def test_unknown_attention_impl_is_a_clear_error():
+  with pytest.raises(ValueError, match="attention_impl 'flash'"):
+    cvt_flax.models.make_config('cvt-13', attention_impl='flash')
