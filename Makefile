@@ -19,8 +19,12 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-base
 
 install: $(VENV)/.stamp-test
 
+# Trains the small digits CvT from scratch (offline; ~5 min on 2 CPU cores) and prints the final
+# test top-1 (>= 97%). Rerunning resumes / re-evaluates runs/digits; `make clean` starts over.
+# TRAIN_ARGS adds flags, e.g. TRAIN_ARGS=--config.seed=1.
+TRAIN_ARGS ?=
 train: $(VENV)/.stamp-base
-	$(PY) train.py --config configs/digits.py --workdir runs/digits
+	$(PY) train.py --config configs/digits.py --workdir runs/digits $(TRAIN_ARGS)
 
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -7,11 +7,16 @@ r"""Trains CvT. All settings come from a config file; this script only parses fl
 `--config.<field>=<value>` overrides a config field (the config is locked: a misspelt field fails).
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
+import os
 import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+# TensorFlow only feeds the input pipeline; keep its C++ INFO chatter off the console.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                           lock_config=True)
@@ -30,6 +35,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Library INFO logs (Orbax reports every save) would drown the progress lines; -v 0 shows them.
+    logging.set_verbosity(logging.WARNING)
   # Imported here so that --helpfull stays fast and JAX starts after flag parsing.
   from cvt_flax import train_lib  # pylint: disable=g-import-not-at-top
   from cvt_flax.training import sharding  # pylint: disable=g-import-not-at-top

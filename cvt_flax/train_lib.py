@@ -7,10 +7,12 @@ Determinism. On the same devices and software, a run is a pure function of the c
 of step t is a function of (input config, seed, t, process layout) (see `cvt_flax.data`), mixup /
 cutmix use `fold_in(key(seed), t)`, and the dropout / stochastic-depth RNG streams, the optimizer
 state and the BatchNorm statistics are in the checkpoint. So a run stopped at step k and resumed
-reproduces the uninterrupted run's losses bit for bit. Not deterministic: across device counts or
-FSDP on/off (the same math, but XLA partitions reductions differently, so float sums round
-differently: agreement to ~1e-6 relative per step, drifting slowly over many steps), across process
-counts (each process reads a different share of the data) and across XLA versions/backends.
+reproduces the uninterrupted run's losses bit for bit (tests/test_train_resume.py). Not bitwise
+across device counts or FSDP on/off: the same math and the same random draws, but XLA splits float
+reductions differently, so results agree to rounding (<= 1.1e-7 relative over 6 steps on 8
+simulated CPU devices, tests/test_sharding.py) and may drift apart slowly over a long run. Not
+deterministic across process counts (each process reads a different share of the data) and across
+XLA versions or backends.
 """
 from __future__ import annotations
 
@@ -73,13 +75,16 @@ def resolve_model_config(config: ConfigDict, num_classes: int,
   the other fields. The class count comes from the dataset and the dtype from `config.dtype`.
   """
   fields = config.model.to_dict()
-  overrides = dict(num_classes=num_classes, dtype=config.dtype)
+  if fields.get('num_classes', num_classes) != num_classes:
+    raise ValueError(f'config.model.num_classes={fields["num_classes"]}, but dataset '
+                     f'{config.input.dataset!r} has {num_classes} classes; leave it unset.')
+  fields.update(num_classes=num_classes, dtype=config.dtype)
   if fields.get('variant') == 'init_from':
     if base is None:
       raise ValueError("config.model.variant='init_from' needs config.init_from.")
     fields.pop('variant')
-    return make_config(base, **fields, **overrides)
-  return make_config(fields, **overrides)
+    return make_config(base, **fields)
+  return make_config(fields)
 
 
 def _model_fn(model_config: CvTConfig, seed: int):
@@ -97,6 +102,7 @@ def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | N
   model_config = resolve_model_config(config, info.num_classes, base_model_config)
   mesh = sharding.make_mesh(devices)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
+  sharding.check_batch_size(_eval_batch_size(config), mesh)
   schedule = optim.make_lr_schedule(config.optimizer, batch_size=config.batch_size,
                                     total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   tx = optim.make_optimizer(config.optimizer, schedule)

@@ -124,8 +124,9 @@ class StopSignal:
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    self._installed = (jax.process_count() == 1
+                       and threading.current_thread() is threading.main_thread())
+    if self._installed:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
@@ -138,9 +139,10 @@ class StopSignal:
     return self._event.is_set()
 
   def restore_handler(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    if self._installed:
+      # None means a handler not installed from Python; the default action is the closest.
+      signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+      self._installed = False
 
 
 def write_json(path: str, obj: Any) -> None:

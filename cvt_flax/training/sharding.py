@@ -63,9 +63,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
   n = mesh.shape[DATA_AXIS]
   if global_batch_size % (n * grad_accum_steps) or global_batch_size % jax.process_count():
     raise ValueError(
-        f'batch_size {global_batch_size} must be divisible by the number of devices ({n}) times '
+        f'batch size {global_batch_size} must be divisible by the number of devices ({n}) times '
         f'grad_accum_steps ({grad_accum_steps}) and by the number of processes '
-        f'({jax.process_count()}).')
+        f'({jax.process_count()}) (config.batch_size / config.eval_batch_size).')
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
