@@ -41,6 +41,14 @@ def _key_data_like(x):
   return jax.random.key_data(x)
 
 
+def _path_names(path) -> list[str]:
+  """Pytree path -> key names, without the trailing `.value` of an nnx Variable."""
+  names = [_key_name(k) for k in path]
+  if len(names) > 1 and names[-1] == 'value' and isinstance(path[-1], jax.tree_util.GetAttrKey):
+    names = names[:-1]
+  return names
+
+
 def to_nested_dict(tree: Any) -> dict:
   """Any pytree (nnx.State, optax states, dataclasses) -> nested dict with string keys.
 
@@ -48,9 +56,7 @@ def to_nested_dict(tree: Any) -> dict:
   """
   out: dict = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [_key_name(k) for k in path]
-    if len(names) > 1 and names[-1] == 'value' and isinstance(path[-1], jax.tree_util.GetAttrKey):
-      names = names[:-1]
+    names = _path_names(path)
     node = out
     for name in names[:-1]:
       node = node.setdefault(name, {})
@@ -65,11 +71,8 @@ def from_nested_dict(nested: dict, like: Any) -> Any:
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)
   leaves = []
   for path, ref in flat:
-    names = [_key_name(k) for k in path]
-    if len(names) > 1 and names[-1] == 'value' and isinstance(path[-1], jax.tree_util.GetAttrKey):
-      names = names[:-1]
     node = nested
-    for name in names:
+    for name in _path_names(path):
       node = node[name]
     leaves.append(jax.random.wrap_key_data(node) if _is_prng_key(ref) else node)
   return jax.tree_util.tree_unflatten(treedef, leaves)
