@@ -59,6 +59,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # ~2.5 min on 2 cores: four trainings, three fresh compiles for 8 devices
 def test_eight_devices_match_one_device(digits_dir, compile_cache, tmp_path):
   stdout = run_python(_EIGHT_DEVICES, args=(digits_dir, str(tmp_path)),
                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from cvt_flax.training.checkpointing import Checkpointer
 from cvt_flax.training.metrics import read_metrics
 from train_testlib import ROOT, compile_cache, digits_dir  # pylint: disable=unused-import
@@ -52,6 +54,7 @@ def _train_two_processes(data_dir, workdir, steps, cache_env):
   return results
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: two processes start, compile and train, twice
 def test_two_processes_train_checkpoint_and_resume(digits_dir, compile_cache, tmp_path):
   workdir = str(tmp_path / 'run')
   first = _train_two_processes(digits_dir, workdir, 4, compile_cache)
