@@ -69,9 +69,16 @@ def build_digits(data_dir: str) -> str:
   return data_dir
 
 
+# Test modules import these fixtures by name, and pytest then registers one session fixture per
+# module; the memo makes them all share one dataset build and one compilation cache per process.
+_SESSION_MEMO = {}
+
+
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory):
-  return build_digits(str(tmp_path_factory.mktemp('tfds')))
+  if 'digits_dir' not in _SESSION_MEMO:
+    _SESSION_MEMO['digits_dir'] = build_digits(str(tmp_path_factory.mktemp('tfds')))
+  return _SESSION_MEMO['digits_dir']
 
 
 _CACHE_SETTINGS = {'jax_persistent_cache_min_compile_time_secs': 0,
@@ -87,7 +94,9 @@ def compile_cache(tmp_path_factory):
   compile of the same HLO produces, so results do not change. Returns env vars for subprocesses.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
+  if 'cache_dir' not in _SESSION_MEMO:
+    _SESSION_MEMO['cache_dir'] = str(tmp_path_factory.mktemp('jax_cache'))
+  cache_dir = _SESSION_MEMO['cache_dir']
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   for key, value in _CACHE_SETTINGS.items():
     jax.config.update(key, value)
