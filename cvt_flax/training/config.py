@@ -37,7 +37,7 @@ def default_config() -> ConfigDict:
   # PyTorch init_from only: the architecture ('cvt-13' or an official YAML / JSON spec file) when
   # it cannot be inferred from the weights ('' = infer, or the HF config.json).
   c.init_from_spec = ''
-  c.init_new_head = False  # must be True to replace a head of another shape (new classes)
+  c.init_new_head = False  # True: train a fresh head (needed when the checkpoint's classes differ)
   # Scale: one mesh over all devices, data parallel; fsdp also shards weights and optimizer state.
   c.fsdp = False
   c.fsdp_min_size = 2 ** 16  # arrays with fewer elements stay replicated under fsdp
