@@ -5,6 +5,7 @@ offline TFDS dataset `digits`.
 """
 from cvt_flax.data import _tf  # pylint: disable=unused-import  (must come before any TF use)
 from cvt_flax.data import digits  # pylint: disable=unused-import  (registers the TFDS builder)
+from cvt_flax.data.checks import DataError
 from cvt_flax.data.config import default_input_config, default_mixup_config
 from cvt_flax.data.mixup import mixup_cutmix
 from cvt_flax.data.pipeline import (DatasetInfo, get_dataset_info, make_eval_iterator,

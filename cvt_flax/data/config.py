@@ -15,7 +15,9 @@ EVAL_RESIZE_MODES = ('crop', 'warp')
 def default_input_config() -> ml_collections.ConfigDict:
   """The input pipeline config (see `validate_input_config` for the constraints)."""
   cfg = ml_collections.ConfigDict()
-  cfg.dataset = 'imagenet2012'  # Any TFDS name with 'image' and 'label' features, or 'digits'.
+  # Any TFDS name with 'image' and 'label' features, 'digits', or 'imagefolder:/root' (a directory
+  # root/<split>/<class>/<image>, see cvt_flax/data/folder.py).
+  cfg.dataset = 'imagenet2012'
   cfg.data_dir = config_dict.placeholder(str)  # None: TFDS's default data dir.
   cfg.train_split = 'train'
   cfg.eval_split = 'validation'

@@ -26,7 +26,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cvt_flax.data import augment
+from cvt_flax.data import checks
 from cvt_flax.data import digits
+from cvt_flax.data import folder
 from cvt_flax.data import randaugment
 from cvt_flax.data.config import validate_input_config
 
@@ -44,6 +46,8 @@ class DatasetInfo(NamedTuple):
 
 
 def _builder(cfg):
+  if folder.is_image_folder(cfg.dataset):
+    return folder.image_folder_builder(cfg.dataset)
   builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
   if cfg.dataset in LOCAL_DATASETS and not builder.is_prepared():
     builder.download_and_prepare()
@@ -51,11 +55,14 @@ def _builder(cfg):
 
 
 def _read(builder, split, cache):
-  """The encoded records of `split`: {'image': encoded bytes, 'label': int32}, in file order."""
+  """The encoded records of `split`, in file order: {'image': encoded bytes, 'label': int32,
+  checked to be a class id when read, 'id': the example's TFDS id or file path}."""
+  if isinstance(builder, tfds.folder_dataset.ImageFolder):
+    return _with_ids(builder, folder.read_image_folder(builder, split), cache)
   try:
     ds = builder.as_dataset(
         split=split, shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(try_autocache=False))
+        read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=True))
   except AssertionError as e:  # TFDS's way of saying the dataset was never prepared.
     raise FileNotFoundError(
         f'TFDS dataset {builder.name!r} is not prepared in {builder.data_dir_root}: build it first '
@@ -65,7 +72,14 @@ def _read(builder, split, cache):
     available = ', '.join(builder.info.splits) or 'unknown'
     raise ValueError(f'dataset {builder.name!r}: cannot read split {split!r} '
                      f'(available splits: {available}): {e}') from e
-  ds = ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
+  return _with_ids(builder, ds, cache)
+
+
+def _with_ids(builder, ds, cache):
+  num_classes = _num_classes(builder)
+  ds = ds.map(lambda ex: {
+      'image': ex['image'], 'id': ex['tfds_id'],
+      'label': checks.checked_label(ex['label'], ex['tfds_id'], num_classes, builder.name)})
   return ds.cache() if cache else ds
 
 
@@ -145,12 +159,9 @@ def _parallelism(cfg):
   return cfg.num_parallel_calls if cfg.num_parallel_calls is not None else tf.data.AUTOTUNE
 
 
-def make_train_dataset(input_cfg, *, global_batch_size, seed, start_step=0, process_index=0,
-                       process_count=1) -> tf.data.Dataset:
-  """The tf.data pipeline behind `make_train_iterator` (see the module docstring)."""
-  validate_input_config(input_cfg)
-  cfg = input_cfg
-  batch = _local_batch_size(global_batch_size, process_index, process_count)
+def _train_records(cfg, *, batch, seed, start_step, process_index, process_count):
+  """The encoded records of the endless train stream from batch `start_step` on, each with its
+  `epoch` and `index` in the epoch (which seed its augmentation)."""
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0')
   builder = _builder(cfg)
@@ -168,15 +179,28 @@ def make_train_dataset(input_cfg, *, global_batch_size, seed, start_step=0, proc
   def one_epoch(epoch):
     shuffled = records.shuffle(buffer_size, seed=_hash_seed(shuffle_key, epoch),
                                reshuffle_each_iteration=False)
-    return shuffled.enumerate().map(lambda i, ex: (epoch, i, ex))
-
-  def preprocess(epoch, index, ex):
-    ex_seed = example_seed(seed, process_index, epoch, index)
-    return {'image': train_transform(cfg, ex['image'], ex_seed), 'label': ex['label']}
+    return shuffled.enumerate().map(lambda i, ex: dict(ex, epoch=epoch, index=i))
 
   ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(one_epoch)
-  ds = ds.skip(skip)  # Encoded records only: the decode happens in `preprocess` below.
-  ds = ds.map(preprocess, num_parallel_calls=_parallelism(cfg), deterministic=True)
+  return ds.skip(skip)  # Encoded records only: nothing before the start position is decoded.
+
+
+def _train_example_fn(cfg, seed, process_index):
+  def preprocess(ex):
+    ex_seed = example_seed(seed, process_index, ex['epoch'], ex['index'])
+    return {'image': train_transform(cfg, ex['image'], ex_seed), 'label': ex['label']}
+  return preprocess
+
+
+def make_train_dataset(input_cfg, *, global_batch_size, seed, start_step=0, process_index=0,
+                       process_count=1) -> tf.data.Dataset:
+  """The tf.data pipeline behind `make_train_iterator` (see the module docstring)."""
+  validate_input_config(input_cfg)
+  batch = _local_batch_size(global_batch_size, process_index, process_count)
+  ds = _train_records(input_cfg, batch=batch, seed=seed, start_step=start_step,
+                      process_index=process_index, process_count=process_count)
+  ds = ds.map(_train_example_fn(input_cfg, seed, process_index),
+              num_parallel_calls=_parallelism(input_cfg), deterministic=True)
   ds = ds.batch(batch, drop_remainder=True)
   return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
@@ -184,11 +208,22 @@ def make_train_dataset(input_cfg, *, global_batch_size, seed, start_step=0, proc
 def make_train_iterator(input_cfg, *, global_batch_size, seed, start_step=0, process_index=0,
                         process_count=1):
   """Endless iterator of {'image': float32 (B, S, S, 3), 'label': int32 (B,)} numpy batches with
-  B = global_batch_size // process_count; the first one is batch `start_step` of the stream."""
-  ds = make_train_dataset(input_cfg, global_batch_size=global_batch_size, seed=seed,
-                          start_step=start_step, process_index=process_index,
-                          process_count=process_count)
-  return iter(tfds.as_numpy(ds))
+  B = global_batch_size // process_count; the first one is batch `start_step` of the stream.
+
+  Raises `DataError` naming the example(s) if an image does not decode or a label is out of range.
+  """
+  kwargs = dict(seed=seed, process_index=process_index, process_count=process_count)
+  ds = make_train_dataset(input_cfg, global_batch_size=global_batch_size, start_step=start_step,
+                          **kwargs)
+  batch = _local_batch_size(global_batch_size, process_index, process_count)
+
+  def diagnose(k):  # the records of batch `start_step + k`, re-run one by one
+    records = _train_records(input_cfg, batch=batch, start_step=start_step + k, **kwargs)
+    return checks.failing_examples(records.take(batch),
+                                   _train_example_fn(input_cfg, seed, process_index))
+
+  return checks.NamedErrors(iter(tfds.as_numpy(ds)), diagnose,
+                            f'{input_cfg.dataset!r} split {input_cfg.train_split!r}', start_step)
 
 
 def num_eval_batches(num_examples, global_batch_size, process_count):
@@ -197,17 +232,22 @@ def num_eval_batches(num_examples, global_batch_size, process_count):
   return math.ceil(per_process / (global_batch_size // process_count))
 
 
+def _eval_records(cfg, process_index, process_count):
+  """(this process's encoded eval records, the size of the whole eval split)."""
+  builder = _builder(cfg)
+  total = _num_records(_read(builder, cfg.eval_split, False), f'eval split {cfg.eval_split!r}')
+  split = tfds.split_for_jax_process(cfg.eval_split, process_index=process_index,
+                                     process_count=process_count, drop_remainder=False)
+  return _read(builder, split, cache=False), total  # One pass per iterator: nothing to reuse.
+
+
 def make_eval_dataset(input_cfg, *, global_batch_size, process_index=0,
                       process_count=1) -> tf.data.Dataset:
   """The tf.data pipeline behind `make_eval_iterator`."""
   validate_input_config(input_cfg)
   cfg = input_cfg
   batch = _local_batch_size(global_batch_size, process_index, process_count)
-  builder = _builder(cfg)
-  total = _num_records(_read(builder, cfg.eval_split, False), f'eval split {cfg.eval_split!r}')
-  split = tfds.split_for_jax_process(cfg.eval_split, process_index=process_index,
-                                     process_count=process_count, drop_remainder=False)
-  records = _read(builder, split, cache=False)  # One pass per iterator: nothing to reuse.
+  records, total = _eval_records(cfg, process_index, process_count)
   size = cfg.image_size
   ds = records.map(
       lambda ex: {'image': eval_transform(cfg, ex['image']), 'label': ex['label'],
@@ -223,7 +263,18 @@ def make_eval_dataset(input_cfg, *, global_batch_size, process_index=0,
 def make_eval_iterator(input_cfg, *, global_batch_size, process_index=0, process_count=1):
   """Finite iterator of {'image', 'label', 'mask'} numpy batches of global_batch_size //
   process_count examples; every process yields the same number of batches, and over all processes
-  each eval example appears once with mask 1 (padding has mask 0 and label 0)."""
+  each eval example appears once with mask 1 (padding has mask 0 and label 0).
+
+  Raises `DataError` naming the example(s) if an image does not decode or a label is out of range.
+  """
   ds = make_eval_dataset(input_cfg, global_batch_size=global_batch_size,
                          process_index=process_index, process_count=process_count)
-  return iter(tfds.as_numpy(ds))
+  batch = _local_batch_size(global_batch_size, process_index, process_count)
+
+  def diagnose(k):
+    records, _ = _eval_records(input_cfg, process_index, process_count)
+    return checks.failing_examples(records.skip(k * batch).take(batch),
+                                   lambda ex: eval_transform(input_cfg, ex['image']))
+
+  return checks.NamedErrors(iter(tfds.as_numpy(ds)), diagnose,
+                            f'{input_cfg.dataset!r} split {input_cfg.eval_split!r}')
