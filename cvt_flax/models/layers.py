@@ -4,6 +4,7 @@ All tensors are NHWC (images, feature maps) or (batch, tokens, channels).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -64,26 +65,71 @@ def depthwise_conv(x, kernel, stride: int, padding: int, impl: str):
 
   'xla' lowers to one grouped convolution; 'shifts' writes it as k*k strided slices times a
   per-channel weight, which XLA:CPU fuses into one loop and runs an order of magnitude faster than
-  its grouped-conv kernel. Both compute the same sum; they differ only in summation order.
+  its grouped-conv kernel (its gradient is written out the same way). Both compute the same sum;
+  they differ only in summation order.
   """
-  k = kernel.shape[0]
   if resolve_dwconv_impl(impl) == 'xla':
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
-  _, h, w, _ = x.shape
+  return _depthwise_conv_shifts(x, kernel, stride, padding)
+
+
+def _windows(x, k, stride, padding):
+  """((i, j), the strided window of padded `x` that kernel tap (i, j) multiplies), for every tap."""
+  b, h, w, c = x.shape
   ho = (h + 2 * padding - k) // stride + 1
   wo = (w + 2 * padding - k) // stride + 1
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  out = None
+  xp = jax.lax.pad(x, jnp.array(0, x.dtype), ((0, 0, 0), (padding, padding, 0),
+                                               (padding, padding, 0), (0, 0, 0)))
   for i in range(k):
     for j in range(k):
-      patch = jax.lax.slice(xp, (0, i, j, 0),
-                            (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
-                             xp.shape[3]), (1, stride, stride, 1))
-      term = patch * kernel[i, j, 0]
-      out = term if out is None else out + term
+      yield (i, j), jax.lax.slice(xp, (0, i, j, 0),
+                                  (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                                  (1, stride, stride, 1))
+
+
+def _shifted_sum(x, kernel, stride, padding):
+  out = None
+  for (i, j), window in _windows(x, kernel.shape[0], stride, padding):
+    term = window * kernel[i, j, 0]
+    out = term if out is None else out + term
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_conv_shifts(x, kernel, stride, padding):
+  return _shifted_sum(x, kernel, stride, padding)
+
+
+def _depthwise_conv_shifts_fwd(x, kernel, stride, padding):
+  return _shifted_sum(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_conv_shifts_bwd(stride, padding, residuals, grad):
+  """Autodiff of the slices would sum k*k zero-padded full-size copies of the gradient; written
+  out, the input gradient is one more fused shifted sum and the kernel gradient k*k reductions
+  (2-4x faster in training on CPU)."""
+  x, kernel = residuals
+  k = kernel.shape[0]
+  _, h, w, _ = x.shape
+  _, ho, wo, _ = grad.shape
+  # Input gradient = the transposed conv: the gradient dilated by the stride and padded so that a
+  # stride-1 conv with the flipped kernel gives back (h, w); rows and columns that no window
+  # reached (the output size rounds down) get zeros.
+  lo = k - 1 - padding
+  dilated = jax.lax.pad(grad, jnp.array(0, grad.dtype), (
+      (0, 0, 0), (lo, h - 1 - (ho - 1) * stride + padding, stride - 1),
+      (lo, w - 1 - (wo - 1) * stride + padding, stride - 1), (0, 0, 0)))
+  dx = _shifted_sum(dilated, kernel[::-1, ::-1], 1, 0)
+  # Kernel gradient, accumulated in float32 whatever the compute dtype (sums over B*H*W terms).
+  dk = jnp.zeros(kernel.shape, jnp.float32)
+  for (i, j), window in _windows(x, k, stride, padding):
+    dk = dk.at[i, j, 0].set(jnp.sum(window * grad, axis=(0, 1, 2), dtype=jnp.float32))
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_depthwise_conv_shifts.defvjp(_depthwise_conv_shifts_fwd, _depthwise_conv_shifts_bwd)
 
 
 class DepthwiseConv(nnx.Module):
