@@ -1,11 +1,17 @@
 r"""Trains CvT. All settings come from a config file; this script only parses flags.
 
     python train.py --config configs/digits.py --workdir runs/digits
-    python train.py --config configs/imagenet.py:cvt-13,224 --workdir gs://bucket/cvt13 \
+    python train.py --config configs/imagenet.py:cvt-13,224 --workdir /mnt/bucket/cvt13 \
         --config.input.data_dir=gs://bucket/tfds --jax_distributed
 
 `--config.<field>=<value>` overrides a config field (the config is locked: a misspelt field fails).
 Rerunning the same command resumes from the newest checkpoint in the workdir.
+
+Exit status: 0 when training finished, and also after SIGTERM (preemption): the current step is
+checkpointed first and a rerun resumes there. 1 with a one-line `ERROR:` for bad input or a failed
+run (unreadable or unwritable checkpoints, bad data, NaN/Inf loss, ...). 134 (SIGABRT) when the JAX
+distributed runtime ends a multi-process run because a process did not start within
+--distributed_init_timeout or stopped heartbeating for --distributed_heartbeat_timeout.
 """
 import os
 import sys
@@ -29,6 +35,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 _CPU_COLLECTIVES = flags.DEFINE_string('cpu_collectives', None,
                                        "Cross-process collectives for CPU devices ('gloo').")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'distributed_init_timeout', 300,
+    'Seconds to wait for all processes to join; then the processes that did start exit.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'distributed_heartbeat_timeout', 100,
+    'Seconds without a heartbeat after which a process counts as dead and all others exit.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -43,10 +55,11 @@ def main(argv):
   from cvt_flax.training import sharding  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                    _CPU_COLLECTIVES.value)
+                                    _CPU_COLLECTIVES.value, init_timeout=_INIT_TIMEOUT.value,
+                                    heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
   try:
     result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train_lib.TrainingDivergedError as e:
+  except train_lib.EXPECTED_ERRORS as e:  # bad input or a failed run: the message says it all
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(1)
   if result.get('preempted'):

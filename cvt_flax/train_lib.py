@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -29,6 +30,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from cvt_flax import data
+from cvt_flax.checkpoint import CheckpointError
+from cvt_flax.convert.official import ConversionError
 from cvt_flax.models import CvT, CvTConfig, make_config
 from cvt_flax.training import checkpointing, init_from, metrics as metrics_lib, optim, sharding
 from cvt_flax.training import config as config_lib
@@ -37,6 +40,13 @@ from cvt_flax.training.steps import TrainState, init_train_state, make_eval_step
 
 class TrainingDivergedError(RuntimeError):
   """The loss or the gradients became NaN/Inf. The message names the step and the metric."""
+
+
+# Failures caused by the input (config, files, data, disk) rather than by a bug: each message names
+# the file / key / step and what to do, so `train.py` prints it without a traceback.
+EXPECTED_ERRORS = (TrainingDivergedError, checkpointing.CheckpointSaveError,
+                   checkpointing.CheckpointRestoreError, checkpointing.WorkdirError,
+                   init_from.InitFromError, data.DataError, CheckpointError, ConversionError)
 
 
 @dataclasses.dataclass
@@ -253,8 +263,9 @@ def _initial_or_restored_state(config: ConfigDict, workdir: str, ckpt,
     saved = checkpointing.read_model_config(workdir)
     run = build_run(config, workdir, saved, devices)
     if run.model_config != saved:
-      raise ValueError(f'{workdir} holds checkpoints of another model ({saved}); the config asks '
-                       f'for {run.model_config}. Use a new workdir.')
+      raise checkpointing.CheckpointRestoreError(
+          f'{workdir} holds checkpoints of another model ({saved}); the config asks for '
+          f'{run.model_config}. Use a new workdir.')
     return run, ckpt.restore(latest, run.abstract_state), latest
   if not config.init_from:
     run = build_run(config, workdir, None, devices)
@@ -272,10 +283,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
   `devices`: the devices to train on (default: all devices of all processes).
   """
   config_lib.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  checkpointing.prepare_workdir(workdir)  # an unwritable workdir fails here, before any work
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.keep_checkpoints, async_save=config.checkpoint_async)
   run, state, start = _initial_or_restored_state(config, workdir, ckpt, devices)
+  checkpointing.check_free_space(ckpt.directory, checkpointing.state_nbytes(run.abstract_state))
   if jax.process_index() == 0:
     checkpointing.write_model_config(workdir, run.model_config)
     checkpointing.write_json(os.path.join(workdir, 'train_config.json'), config.to_dict())
@@ -287,11 +299,26 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
   stop = checkpointing.StopSignal()
   try:
     return _train_loop(run, state, start, ckpt, writer, stop)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and not isinstance(e, EXPECTED_ERRORS):
+      # Printed now: the cleanup below may wait on the dead peer until JAX ends this process.
+      print(_peer_failure_hint(e, ckpt.latest_step()), file=sys.stderr, flush=True)
+    raise
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
     stop.restore_handler()
+
+
+def _peer_failure_hint(error: Exception, newest: int | None) -> str:
+  saved = f'step {newest}' if newest is not None else 'none yet'
+  return (f'ERROR: process {jax.process_index()} of {jax.process_count()}: '
+          f'{type(error).__name__}: {str(error)[:500]}\nIf this is a failed cross-process step, '
+          'another process has probably died or been preempted: see its log. The JAX distributed '
+          'runtime ends the remaining processes within the heartbeat timeout '
+          '(--distributed_heartbeat_timeout). Restart all processes with the same command; they '
+          f'resume from the newest checkpoint ({saved}).')
 
 
 def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> dict[str, Any]:

@@ -6,20 +6,42 @@ without our classes. Saves are asynchronous and atomic (Orbax writes into a temp
 renames it when complete), so `latest_step()` only ever sees complete checkpoints. Restores take the
 target shardings, so a run can resume on a different mesh (another device count, FSDP on or off).
 Every process must call `save`, `restore` and `wait` (Orbax synchronises them).
+
+Failures: a save that fails (disk full, permissions) raises `CheckpointSaveError` naming the step
+and the newest complete checkpoint, which is left untouched (old checkpoints are only deleted after
+a newer one is complete). A checkpoint that cannot be restored (truncated, corrupt, another
+model's) raises `CheckpointRestoreError` naming it, with the keys/shapes that differ if the layout
+does not match. A save killed mid-way leaves only `<step>.orbax-checkpoint-tmp`, which is never
+read and which the next run deletes (in the background, before its first save).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 _ITEM = 'state'
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a training checkpoint failed; the message names the step and the newest good one."""
+
+
+class CheckpointRestoreError(ValueError):
+  """A training checkpoint cannot be restored; the message names it and what is wrong."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be written, or has too little free space for a checkpoint."""
 
 
 def _key_name(key) -> str:
@@ -83,9 +105,16 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # cleanup_tmp_directories: a save killed mid-way leaves `<step>.orbax-checkpoint-tmp` (never
+    # read as a checkpoint); without the cleanup such directories would pile up on disk.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_ITEM,))
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    # The handler is named up front so that a checkpoint's metadata is readable before restoring.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_handlers={_ITEM: ocp.StandardCheckpointHandler()})
+    self._pending_step = None  # the newest save started; complete once `wait` returns
+    self._failure_reported = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -94,28 +123,114 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any) -> bool:
-    """Starts an asynchronous save (device->host copy happens before returning)."""
+    """Starts an asynchronous save (device->host copy happens before returning).
+
+    Raises CheckpointSaveError if this save, or the previous asynchronous one, failed.
+    """
     if step in self._manager.all_steps():
       return False
+    self.wait()  # a failed earlier save is reported here, under its own step
+    self._pending_step = step
     args = ocp.args.Composite(**{_ITEM: ocp.args.StandardSave(to_nested_dict(state))})
-    return self._manager.save(step, args=args, force=True)
+    try:
+      return self._manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except  # OSError, tensorstore errors, ...
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int, error: Exception) -> CheckpointSaveError:
+    self._failure_reported = True
+    self._manager.reload()  # the step list as on disk, not as this manager last saw it
+    complete = [s for s in self._manager.all_steps() if s != step]
+    newest = f'step {complete[-1]}' if complete else 'none (no checkpoint was completed)'
+    return CheckpointSaveError(
+        f'Saving the training checkpoint of step {step} in {self.directory} failed: '
+        f'{type(error).__name__}: {error}. Training stopped. The newest complete checkpoint is '
+        f'{newest}; it was not modified. Free disk space or fix the directory\'s permissions, '
+        'then rerun the same command to resume from it.')
 
   def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding).
+
+    The stored layout is compared with `abstract_state` first, so a checkpoint of another model or
+    train-state layout fails with the differing keys; unreadable data fails naming the checkpoint.
+    """
     target = to_nested_dict(abstract_state)
+    try:
+      stored = self._manager.item_metadata(step)[_ITEM]
+    except Exception as e:  # pylint: disable=broad-except  # JSON, tensorstore, OS errors
+      raise self._restore_error(step, f'its metadata is unreadable, the checkpoint is truncated or '
+                                      f'corrupt ({_short(e)})') from e
+    differences = _layout_differences(stored, target) if stored is not None else ['no train state']
+    if differences:
+      raise self._restore_error(step, 'it does not hold the train state this config needs:\n  '
+                                + '\n  '.join(differences))
     args = ocp.args.Composite(**{_ITEM: ocp.args.StandardRestore(target)})
-    restored = self._manager.restore(step, args=args)[_ITEM]
+    try:
+      restored = self._manager.restore(step, args=args)[_ITEM]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._restore_error(step, f'its data is truncated or corrupt ({_short(e)})') from e
     return from_nested_dict(restored, abstract_state)
+
+  def _restore_error(self, step: int, why: str) -> CheckpointRestoreError:
+    path = os.path.join(self.directory, str(step))
+    older = [s for s in self._manager.all_steps() if s < step]
+    action = (f'Move it out of the way (mv {path} {path}.bad) to resume from step {older[-1]}, or '
+              if older else '') + 'use a new workdir.'
+    return CheckpointRestoreError(f'{path}: cannot restore the training checkpoint of step {step}: '
+                                  f'{why}\n{action}')
 
   def reached_preemption(self, step: int) -> bool:
     """Multi-process: JAX's preemption sync point (all processes agree on the step to stop at)."""
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the pending save is complete; raises CheckpointSaveError (once) if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not self._failure_reported:
+        raise self._save_error(self._pending_step, e) from e
 
   def close(self) -> None:
-    self._manager.close()
+    self.wait()
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failure_reported:  # a failure already reported is raised again by Orbax
+        raise
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+  text = f'{type(error).__name__}: {error}'
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+  return {'/'.join(_path_names(path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _layout_differences(stored: Any, target: Any) -> list[str]:
+  """Missing / unexpected keys and shape mismatches between stored metadata and a target tree."""
+  have, want = _flat_shapes(stored), _flat_shapes(target)
+  shapes = [f'{k}: checkpoint {have[k]}, expected {want[k]}'
+            for k in have.keys() & want.keys() if have[k] != want[k]]
+  out = []
+  for title, items in (('missing keys', want.keys() - have.keys()),
+                       ('unexpected keys', have.keys() - want.keys()),
+                       ('shape mismatches', shapes)):
+    if items:
+      out.append(f'{title} ({len(items)}): {_sample(items)}')
+  return out
+
+
+def _sample(items, per_group: int = 4) -> str:
+  """A few items of each top-level group (params first), so that long lists stay readable."""
+  groups: dict[str, list[str]] = {}
+  for item in sorted(items, key=lambda k: (not k.startswith('params/'), k)):
+    groups.setdefault(item.split('/')[0], []).append(item)
+  shown = [item for group in groups.values() for item in group[:per_group]]
+  return '; '.join(shown) + (f'; ... ({len(items)} in all)' if len(shown) < len(items) else '')
 
 
 class StopSignal:
@@ -156,6 +271,48 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and writes (then removes) a probe file in it, so that an unwritable
+  directory fails before any data is read or anything is compiled."""
+  if '://' in workdir:
+    # os.makedirs would silently create a *local* directory named like the URL, and everything
+    # (checkpoints too) would be written to the machine's disk, lost with it.
+    raise WorkdirError(f'workdir {workdir}: remote URLs are not supported; metrics, configs and '
+                       'checkpoints are written with local file APIs. Use a local or mounted path '
+                       '(e.g. a gcsfuse mount).')
+  probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}.{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      with open(probe, 'wb') as f:
+        f.write(b'cvt-flax write probe\n')
+        f.flush()
+        os.fsync(f.fileno())  # a full disk may only fail here
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir} is not writable: {e.strerror or e} '
+                       f'({type(e).__name__}); checkpoints and metrics could not be saved. Use '
+                       'another --workdir or fix its permissions / free space.') from e
+
+
+def state_nbytes(abstract_state: Any) -> int:
+  """Bytes of the arrays in a train state (about the size of one checkpoint on disk)."""
+  leaves = jax.tree.leaves(to_nested_dict(abstract_state))
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+
+
+def check_free_space(directory: str, needed_bytes: int) -> None:
+  """Fails before training if the disk holding `directory` cannot take one more checkpoint."""
+  free = shutil.disk_usage(directory).free
+  if free < needed_bytes:
+    mib = 2 ** 20
+    raise WorkdirError(f'{directory}: only {free / mib:.1f} MiB free on its disk, but a '
+                       f'checkpoint of this run takes about {needed_bytes / mib:.1f} MiB. Free '
+                       'disk space or use another --workdir.')
+
+
 # ----------------------------------------------------------------------------------------------------
 # A training workdir as a model: WORKDIR/model_config.json + the newest checkpoint's weights.
 
@@ -185,7 +342,7 @@ def read_model_config(workdir: str):
     from cvt_flax.models import make_config  # pylint: disable=g-import-not-at-top
     return make_config(doc['config'])
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise ValueError(f'{path}: not a readable model config: {e}') from e
+    raise CheckpointRestoreError(f'{path}: not a readable model config: {e}') from e
 
 
 def load_model_from_workdir(workdir: str, step: int | None = None):
@@ -210,8 +367,14 @@ def load_model_from_workdir(workdir: str, step: int | None = None):
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
   args = ocp.args.Composite(**{_ITEM: ocp.args.PyTreeRestore(
       item=target, restore_args=restore_args, partial_restore=True)})
-  restored = manager.restore(step, args=args)[_ITEM]
-  manager.close()
+  try:
+    restored = manager.restore(step, args=args)[_ITEM]
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore, JSON, OS, shape errors
+    raise CheckpointRestoreError(f'{os.path.join(directory, str(step))}: cannot restore the model '
+                                 f'weights of step {step}: truncated, corrupt or another model\'s '
+                                 f'checkpoint ({_short(e)}).') from e
+  finally:
+    manager.close()
   nnx.update(model, from_nested_dict(restored['params'], params),
              from_nested_dict(restored['batch_stats'], stats))
   model.eval()

@@ -26,9 +26,24 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All records of a metrics.jsonl file (helper for tests and notebooks)."""
+  """All records of a metrics.jsonl file (helper for tests and notebooks).
+
+  A last line without its newline that does not parse is a record whose write was cut short (the
+  process was killed mid-write, or is writing it now); it is skipped. Any other bad line raises.
+  """
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1 and not line.endswith('\n'):
+        break
+      raise ValueError(f'{path}, line {i + 1}: not a JSON record ({e}).') from e
+  return records
 
 
 def _truncate_after(path: str, step: int) -> None:

@@ -9,6 +9,7 @@ the optimizer state is sharded exactly like the weights. Batches are split along
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -75,13 +76,27 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, cpu_collectives: str | None = None) -> None:
+                           process_id: int | None = None, cpu_collectives: str | None = None, *,
+                           init_timeout: int = 300, heartbeat_timeout: int = 100) -> None:
   """`jax.distributed.initialize`; arguments left None are auto-detected (TPU pods, SLURM, ...).
 
   `cpu_collectives='gloo'` enables cross-process collectives between CPU devices (tests, CPU
   clusters); it must be set before the backend starts.
+
+  Failure bounds (seconds): if not every process connects within `init_timeout`, the processes
+  that did start exit with an error; once running, a process that stops heartbeating (killed,
+  crashed, its machine lost) makes every other process exit within about `heartbeat_timeout`.
+  JAX's runtime ends them with "Terminating process because the JAX distributed service detected
+  fatal errors" (SIGABRT, exit code 134); no process hangs.
   """
   if cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  where = coordinator_address or 'auto-detected coordinator'
+  who = (f'process {process_id} of {num_processes}' if process_id is not None and num_processes
+         else 'this process')
+  # Printed first so that a start-up failure (an abort inside JAX) comes with what was attempted.
+  print(f'jax.distributed: {who} connecting to {where}; waiting up to {init_timeout}s for all '
+        f'processes (heartbeat timeout {heartbeat_timeout}s).', file=sys.stderr, flush=True)
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, initialization_timeout=init_timeout,
+                             heartbeat_timeout_seconds=heartbeat_timeout)
