@@ -36,6 +36,7 @@ IMAGES = {
     'b_grey_jpeg': (_encode(_solid('L'), 'JPEG', quality=95), (_GREY,) * 3, 3),
     'c_cmyk_jpeg': (_encode(_solid('CMYK'), 'JPEG', quality=95), COLOUR, 3),
     'd_rgba_png': (_encode(_solid('RGBA'), 'PNG'), COLOUR, 0),
+    'd_grey_alpha_png': (_encode(_solid('LA'), 'PNG'), (_GREY,) * 3, 0),
     'e_palette_png': (_encode(_solid('RGB').convert('P', palette=Image.Palette.ADAPTIVE), 'PNG'),
                       COLOUR, 0),
     'f_grey16_png': (_encode(Image.fromarray(np.full((10, 12), 257 * 123, np.uint16)), 'PNG'),
@@ -74,7 +75,7 @@ def _to_rgb(images, cfg):
 
 
 def test_image_modes_and_sizes_become_the_right_rgb(tmp_path):
-  """Grey, CMYK, RGBA, palette, 16-bit, 1x1 and 300x2 images: each yields its true colour."""
+  """Grey, CMYK, RGBA, grey+alpha, palette, 16-bit, 1x1 and 300x2 images: each its true colour."""
   files = {name: {f'{name}.{"png" if "png" in name else "jpg"}': blob}
            for name, (blob, _, _) in IMAGES.items()}
   cfg = _config(_image_folder(tmp_path, {'train': files, 'test': files}))
@@ -104,7 +105,8 @@ def folder_with_bad_files(tmp_path):
   good = _encode(_solid('RGB'), 'JPEG')
   files = {'cat': {f'{i}.jpg': good for i in range(6)}, 'dog': {f'{i}.png': good for i in range(5)}}
   files['dog']['truncated.jpg'] = good[:len(good) // 2]
-  test_files = {'cat': {'0.jpg': good, 'notes.jpg': b'not an image at all\n'}, 'dog': {'1.jpg': good}}
+  test_files = {'cat': {'0.jpg': good, 'notes.jpg': b'not an image at all\n'},
+                'dog': {'1.jpg': good}}
   dataset = _image_folder(tmp_path, {'train': files, 'test': test_files})
   return dataset, str(tmp_path)
 
@@ -164,7 +166,8 @@ def test_label_out_of_range_names_the_example(bad_label):
         f"'cifar10' split 'test': dataset cifar10: example custom.tfrecord__5 has label "
         f'{bad_label} but the classes are 0 to 9 (an unlabelled split, or a class id the dataset '
         'info does not declare?).')
-    with pytest.raises(data.DataError, match=f"split 'train': .* custom.tfrecord__5 has label {bad_label}"):
+    with pytest.raises(data.DataError,
+                       match=f"split 'train': .* custom.tfrecord__5 has label {bad_label}"):
       next(data.make_train_iterator(cfg, global_batch_size=8, seed=0))
     good = [0 if label == bad_label else label for label in labels]
   with tfds.testing.mock_data(as_dataset_fn=_records_with_labels(good)):

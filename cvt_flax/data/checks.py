@@ -15,7 +15,7 @@ _LABEL_TAG = 'cvt_flax label check:'
 
 
 class DataError(ValueError):
-  """Bad input data; the message names the dataset, the example (file or TFDS id) and the problem."""
+  """Bad input data; the message names the dataset, the example (file or TFDS id), the problem."""
 
 
 def checked_label(label, example_id, num_classes: int, dataset: str):

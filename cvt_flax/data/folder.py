@@ -5,9 +5,9 @@ sub-directory per class, image files (.jpg, .jpeg, .png) inside:
 
     root/train/cat/0001.jpg  root/train/dog/0002.png  ...  root/test/cat/0100.jpg  ...
 
-Class ids are the class directory names, sorted, over all splits (so a class seen only in `test` still
-gets an id). Images go through the same decode/augment path as any TFDS dataset; the example id of
-an image, used in error messages, is its file path.
+Class ids are the class directory names, sorted, over all splits (so a class seen only in `test`
+still gets an id). Images go through the same decode/augment path as any TFDS dataset; the example
+id of an image, used in error messages, is its file path.
 """
 import os
 
