@@ -37,3 +37,19 @@ def logits_and_features(model, images_nhwc):
   """One jitted forward, compiled once per architecture and input shape (dispatching every op
   eagerly is much slower on CPU)."""
   return jax.tree.map(np.asarray, _logits_and_features(*nnx.split(model), images_nhwc))
+
+
+def fixture_model(name, **overrides):
+  """(model in eval mode, meta, io) of an official fixture, loaded through the strict low-level
+  state-dict table (model overrides, e.g. an implementation switch, are passed to create_model)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import cvt_flax  # pylint: disable=g-import-not-at-top
+  from cvt_flax.convert.official import load_official_state_dict  # pylint: disable=g-import-not-at-top
+  meta, io = load_fixture(name)
+  state_dict = {k: v.numpy() for k, v in
+                torch.load(FIXTURES / f'{name}.pth', weights_only=True).items()}
+  model = cvt_flax.create_model(meta['spec'], num_classes=meta['num_classes'], rngs=nnx.Rngs(0),
+                                activation=meta['activation'], **overrides)
+  load_official_state_dict(model, state_dict)
+  model.eval()
+  return model, meta, io

@@ -9,26 +9,17 @@ import torch
 from flax import nnx
 
 import cvt_flax
-from cvt_flax.convert.official import load_official_state_dict, to_official_state_dict
+from cvt_flax.convert.official import to_official_state_dict
 from cvt_flax.models import layers
-from conftest import FIXTURES, load_fixture, logits_and_features
+from conftest import FIXTURES, fixture_model, load_fixture, logits_and_features
 
 
-def _fixture_model(name, **overrides):
-  meta, io = load_fixture(name)
-  state_dict = {k: v.numpy() for k, v in
-                torch.load(FIXTURES / f'{name}.pth', weights_only=True).items()}
-  model = cvt_flax.create_model(meta['spec'], num_classes=meta['num_classes'], rngs=nnx.Rngs(0),
-                                activation=meta['activation'], **overrides)
-  load_official_state_dict(model, state_dict)
-  model.eval()
-  return model, meta, io
 
 
 @pytest.mark.parametrize('name', ['official_tiny', 'official_tiny_avg'])
 @pytest.mark.parametrize('impl', ['shifts', 'xla'])
 def test_fixture_logits_and_stages_match_official(name, impl):
-  model, meta, io = _fixture_model(name, dwconv_impl=impl)
+  model, meta, io = fixture_model(name, dwconv_impl=impl)
   for i in range(len(meta['input_shapes'])):
     images = io[f'input_{i}'].transpose(0, 2, 3, 1)  # NCHW -> NHWC
     logits, feats = logits_and_features(model, images)
@@ -39,7 +30,7 @@ def test_fixture_logits_and_stages_match_official(name, impl):
 
 
 def test_batch_of_one_matches_batch():
-  model, _, io = _fixture_model('official_tiny')
+  model, _, io = fixture_model('official_tiny')
   images = io['input_1'].transpose(0, 2, 3, 1)
   one = model(images[:1])
   assert one.shape == (1, 10)

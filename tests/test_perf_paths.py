@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import cvt_flax
-from cvt_flax.convert.official import load_official_state_dict
 from cvt_flax.models import layers
-from conftest import FIXTURES, load_fixture
+from conftest import fixture_model
 
 # float32 results that differ only in summation order agree to a few ulps of their magnitude.
 ATOL = 2e-5
@@ -99,15 +97,6 @@ def test_attention_dropout_and_recording_use_the_probabilities():
   np.testing.assert_array_equal(dropped, 0.0)
 
 
-def _fixture_model(name, **overrides):
-  meta, io = load_fixture(name)
-  state_dict = {k: v.numpy() for k, v in
-                torch.load(FIXTURES / f'{name}.pth', weights_only=True).items()}
-  model = cvt_flax.create_model(meta['spec'], num_classes=meta['num_classes'], rngs=nnx.Rngs(0),
-                                activation=meta['activation'], **overrides)
-  load_official_state_dict(model, state_dict)
-  model.eval()
-  return model, io
 
 
 @pytest.mark.parametrize('impl', ['softmax', 'deferred', 'blocked'])
@@ -115,7 +104,7 @@ def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
   # Small blocks so that 'blocked' really loops on the tiny fixture model.
   monkeypatch.setattr(layers, 'ATTENTION_BLOCK_BYTES', 1024)
   monkeypatch.setattr(layers, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
-  model, io = _fixture_model('official_tiny', attention_impl=impl)
+  model, _, io = fixture_model('official_tiny', attention_impl=impl)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   for i in range(2):
