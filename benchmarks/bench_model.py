@@ -204,6 +204,8 @@ def _environment(args):
       'XLA_FLAGS': os.environ.get('XLA_FLAGS', '(unset)'),
       'torch': f'{torch.__version__}, torch.get_num_threads() = {args.threads}',
       'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '(unset)'),
+      # Other processes on the machine slow both frameworks down, PyTorch's OpenMP threads more.
+      'load average (1, 5, 15 min) at the end': ', '.join(f'{x:.1f}' for x in os.getloadavg()),
   }
 
 

@@ -3,6 +3,8 @@
 The fixture tests in test_model.py run the default paths; here each alternative is compared with
 the reference one directly, forward and gradient, on shapes that reach its special cases.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,3 +117,35 @@ def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
 def test_unknown_attention_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="attention_impl 'flash'"):
     cvt_flax.models.make_config('cvt-13', attention_impl='flash')
+
+
+def _largest_backward_fusion(depth):
+  """Most operands of any fusion XLA builds for the gradient of a one-stage CvT `depth` blocks deep."""
+  fields = dict(dim_embed=(32,), num_heads=(1,), depth=(depth,), patch_size=(3,),
+                patch_stride=(2,), patch_padding=(1,), cls_token=(True,),
+                qkv_proj_method=('dw_bn',), kernel_qkv=(3,), stride_kv=(2,), stride_q=(1,),
+                padding_kv=(1,), padding_q=(1,), qkv_bias=(True,), mlp_ratio=(2.0,),
+                drop_rate=(0.0,), attn_drop_rate=(0.0,), drop_path_rate=(0.0,), num_classes=3)
+  model = cvt_flax.create_model(fields, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x))
+  hlo = jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 16, 16, 3))).compile().as_text()
+  entry = hlo[hlo.index('ENTRY'):]
+  return max(m.group(1).count('%') for m in re.finditer(r'fusion\((.*?)\), kind', entry))
+
+
+def test_backward_fusions_do_not_grow_with_depth(monkeypatch):
+  # Without the barrier XLA:CPU fuses the residual gradient across all blocks into every block's
+  # weight-gradient fusion (operands grow ~14 per block: quadratic work); see
+  # layers.gradient_fusion_barrier.
+  assert _largest_backward_fusion(12) == _largest_backward_fusion(3)
+  monkeypatch.setattr(layers, 'gradient_fusion_barrier', lambda x: x)
+  assert _largest_backward_fusion(12) > _largest_backward_fusion(3)
+
+
+def test_gradient_fusion_barrier_is_the_identity_both_ways():
+  x = jnp.array([1.0, -2.0, 3.0])
+  np.testing.assert_array_equal(layers.gradient_fusion_barrier(x), x)
+  for cotangent in ([4.0, 5.0, 6.0], [np.nan, 5.0, 6.0]):  # the NaN case takes the other branch
+    _, vjp = jax.vjp(layers.gradient_fusion_barrier, x)
+    np.testing.assert_array_equal(vjp(jnp.array(cotangent))[0], cotangent)

@@ -176,7 +176,7 @@ class Stage(nnx.Module):
       x = jnp.concatenate([cls_tok, x], axis=1)
     x = self.pos_drop(x)
     for block in self.blocks:
-      x = block(x, h, w)
+      x = block(layers.gradient_fusion_barrier(x), h, w)
     cls_out = None
     if self.cls_token is not None:
       cls_out, x = x[:, 0], x[:, 1:]
