@@ -19,7 +19,7 @@ from cvt_flax import train_lib
 from cvt_flax.convert import ConversionError
 from cvt_flax.models import CvT
 from cvt_flax.training import checkpointing
-from cvt_flax.training.checkpointing import (Checkpointer, CheckpointRestoreError,
+from cvt_flax.training.checkpointing import (Checkpointer, CheckpointRestoreError, complete_steps,
                                              CheckpointSaveError, WorkdirError)
 from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
     compile_cache, digits_dir, tiny_config, train_losses)
@@ -31,11 +31,7 @@ pytestmark = [pytest.mark.usefixtures('compile_cache'),
 
 
 def _steps(workdir) -> list[int]:
-  ckpts = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=10)
-  try:
-    return ckpts.all_steps()
-  finally:
-    ckpts.close()
+  return complete_steps(os.path.join(workdir, 'checkpoints'))
 
 
 # ----------------------------------------------------------------------------------------------------

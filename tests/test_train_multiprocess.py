@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from cvt_flax.training.checkpointing import Checkpointer
+from cvt_flax.training.checkpointing import complete_steps
 from cvt_flax.training.metrics import read_metrics
 from train_testlib import ROOT, compile_cache, digits_dir  # pylint: disable=unused-import
 
@@ -63,9 +63,7 @@ def test_two_processes_train_checkpoint_and_resume(digits_dir, compile_cache, tm
   # Both processes computed the same global evaluation, each test image counted exactly once.
   assert first[0]['eval/top1'] == first[1]['eval/top1']
   assert all(r['eval/num_examples'] == 360 for r in first)
-  ckpts = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=10)
-  assert ckpts.all_steps() == [2, 4]
-  ckpts.close()
+  assert complete_steps(os.path.join(workdir, 'checkpoints')) == [2, 4]
 
   # Both processes restore step 4 and continue to step 6 (a longer run of the same model).
   second = _train_two_processes(digits_dir, workdir, 6, compile_cache)

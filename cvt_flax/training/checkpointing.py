@@ -12,7 +12,9 @@ and the newest complete checkpoint, which is left untouched (old checkpoints are
 a newer one is complete). A checkpoint that cannot be restored (truncated, corrupt, another
 model's) raises `CheckpointRestoreError` naming it, with the keys/shapes that differ if the layout
 does not match. A save killed mid-way leaves only `<step>.orbax-checkpoint-tmp`, which is never
-read and which the next run deletes (in the background, before its first save).
+read and which the next run deletes when it opens the directory (synchronously: Orbax's own
+background cleanup raced with other readers of the directory). `complete_steps` lists the
+checkpoints without deleting anything.
 """
 from __future__ import annotations
 
@@ -100,16 +102,41 @@ def from_nested_dict(nested: dict, like: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+_INCOMPLETE_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax's name for a save not yet renamed
+
+
+def _remove_incomplete_saves(directory: str) -> None:
+  """Deletes `<step>.orbax-checkpoint-tmp` directories: saves that were killed, never checkpoints.
+
+  Without this they would pile up on disk. Run before the manager exists, so nothing else in this
+  process is reading the directory.
+  """
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if _INCOMPLETE_SUFFIX in name:
+      shutil.rmtree(os.path.join(directory, name))
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory`, oldest first; deletes nothing."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return list(manager.all_steps())
+  finally:
+    manager.close()
+
+
 class Checkpointer:
   """Keeps the newest `keep` checkpoints of the train state in `directory`."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    # cleanup_tmp_directories: a save killed mid-way leaves `<step>.orbax-checkpoint-tmp` (never
-    # read as a checkpoint); without the cleanup such directories would pile up on disk.
+    if jax.process_index() == 0:
+      _remove_incomplete_saves(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+                                           enable_async_checkpointing=async_save)
     # The handler is named up front so that a checkpoint's metadata is readable before restoring.
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_handlers={_ITEM: ocp.StandardCheckpointHandler()})
