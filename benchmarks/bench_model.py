@@ -85,13 +85,15 @@ def _worker_flax(args, mode):
   import jax
   import optax
   from flax import nnx
+  from cvt_flax.models import compiler_options
   model = _flax_model(args)
   images, labels = _inputs(args)
   images, labels = jax.device_put(images), jax.device_put(labels)
   if mode == 'infer':
     model.eval()
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
+                      compiler_options=compiler_options())
     start = time.perf_counter()
     compiled = forward.lower(state, images).compile()
     compile_s = time.perf_counter() - start
@@ -113,7 +115,7 @@ def _worker_flax(args, mode):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), rest, opt_state, loss
 
-  step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+  step = jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=compiler_options())
   start = time.perf_counter()
   compiled = step.lower(params, rest, opt_state, images, labels).compile()
   compile_s = time.perf_counter() - start

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvt_flax.models import CvTConfig, count_params, create_model, layers, make_config
+from cvt_flax.models import (CvTConfig, compiler_options, count_params, create_model, layers,
+                             make_config)
 
 # (variant, image size) -> (parameters in millions, GMACs) as printed in the paper's Table 2.
 PAPER = {
@@ -89,7 +90,8 @@ def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float
   model = _abstract_model(cfg)
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
+                    compiler_options=compiler_options())
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, cfg.in_chans), jnp.float32)
   cost = forward.lower(state, images).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax versions return one dict per device

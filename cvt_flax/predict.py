@@ -13,6 +13,7 @@ size/0.875 and center crop; above that (the 384 models) warp to size x size. Bic
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -94,9 +95,10 @@ def predict(model, images: np.ndarray, top_k: int = 5):
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
+  from cvt_flax.models import compiler_options  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(model)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options())
   def probs_fn(state, x):
     return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
 

@@ -32,7 +32,7 @@ from ml_collections import ConfigDict
 from cvt_flax import data
 from cvt_flax.checkpoint import CheckpointError
 from cvt_flax.convert.official import ConversionError
-from cvt_flax.models import CvT, CvTConfig, make_config
+from cvt_flax.models import CvT, CvTConfig, compiler_options, make_config
 from cvt_flax.training import checkpointing, init_from, metrics as metrics_lib, optim, sharding
 from cvt_flax.training import config as config_lib
 from cvt_flax.training.steps import TrainState, init_train_state, make_eval_step, make_train_step
@@ -248,7 +248,7 @@ def _compile_train_step(run: Run):
                             grad_accum_steps=cfg.grad_accum_steps, microbatch_sharding=micro_sh)
   jitted = jax.jit(step_fn, in_shardings=(run.state_shardings, batch_sh),
                    out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=compiler_options())
   size = cfg.input.image_size
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((cfg.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
@@ -324,7 +324,8 @@ def _peer_failure_hint(error: Exception, newest: int | None) -> str:
 def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> dict[str, Any]:
   eval_step = jax.jit(make_eval_step(run.eval_graphdef),
                       in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh)),
-                      out_shardings=sharding.replicated(run.mesh))
+                      out_shardings=sharding.replicated(run.mesh),
+                      compiler_options=compiler_options())
   if start >= run.total_steps:  # nothing left to train: evaluate what the workdir holds
     record = _evaluate(run, state, eval_step, start, writer)
   else:
