@@ -236,7 +236,7 @@ def _format_table(args, results):
     ratio = (f'{r["seconds"] / flax["seconds"]:.2f}x' if framework != 'flax' and 'seconds' in flax
              else '')
     compile_s = f'{r["compile_s"]:.1f}' if r['compile_s'] is not None else '-'
-    rows.append(f'| {framework} | {mode} | {args.batch / r["seconds"]:.1f} | '
+    rows.append(f'| {framework} | {mode} | {args.batch / r["seconds"]:.3g} | '
                 f'{1e3 * r["seconds"]:.0f} | {r["peak_rss_mib"]:.0f} | {compile_s} | {ratio} |')
   return '\n'.join(rows)
 
