@@ -167,4 +167,3 @@ def test_cpu_compiler_options_shrink_the_training_temporaries():
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp_bytes(cvt_flax.models.compiler_options('cpu')) < 0.8 * temp_bytes(None)
-
