@@ -85,7 +85,7 @@ def _worker_flax(args, mode):
   import jax
   import optax
   from flax import nnx
-  from cvt_flax.models import compiler_options
+  from cvt_flax.models import compiler_options, release_freed_memory
   model = _flax_model(args)
   images, labels = _inputs(args)
   images, labels = jax.device_put(images), jax.device_put(labels)
@@ -119,6 +119,7 @@ def _worker_flax(args, mode):
   start = time.perf_counter()
   compiled = step.lower(params, rest, opt_state, images, labels).compile()
   compile_s = time.perf_counter() - start
+  release_freed_memory()  # as train_lib does after compiling the train step
   carry = [params, rest, opt_state]
 
   def run():

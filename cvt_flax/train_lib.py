@@ -32,7 +32,7 @@ from ml_collections import ConfigDict
 from cvt_flax import data
 from cvt_flax.checkpoint import CheckpointError
 from cvt_flax.convert.official import ConversionError
-from cvt_flax.models import CvT, CvTConfig, compiler_options, make_config
+from cvt_flax.models import CvT, CvTConfig, compiler_options, make_config, release_freed_memory
 from cvt_flax.training import checkpointing, init_from, metrics as metrics_lib, optim, sharding
 from cvt_flax.training import config as config_lib
 from cvt_flax.training.steps import TrainState, init_train_state, make_eval_step, make_train_step
@@ -253,7 +253,9 @@ def _compile_train_step(run: Run):
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((cfg.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
       'label': jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)}
-  return jitted.lower(run.abstract_state, abstract_batch).compile()
+  compiled = jitted.lower(run.abstract_state, abstract_batch).compile()
+  release_freed_memory()  # the compiler's, before the step's buffers come on top of it
+  return compiled
 
 
 def _initial_or_restored_state(config: ConfigDict, workdir: str, ckpt,
