@@ -214,18 +214,21 @@ def _blocked_attention(q, k, v, scale):
 
 
 def _query_block(q, k, v, scale):
-  """(rows, d) queries against (nk, d) keys and values: the output and each row's log-sum-exp."""
-  scores = jnp.einsum('qd,kd->qk', q, k).astype(jnp.float32) * scale
+  """(..., rows, d) queries against (..., nk, d) keys and values: the output and each row's
+  log-sum-exp."""
+  scores = jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32) * scale
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   unnormalised = jnp.exp(scores - row_max)
   row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
-  out = jnp.einsum('qk,kd->qd', unnormalised.astype(v.dtype), v)
+  out = jnp.einsum('...qk,...kd->...qd', unnormalised.astype(v.dtype), v)
   return (out.astype(jnp.float32) / row_sum).astype(v.dtype), row_max + jnp.log(row_sum)
 
 
 def _blocked_pairs_fwd(q, k, v, scale, pairs_per_step):
   def pair(args):
     q_blocks, k, v = args
+    if q_blocks.shape[0] == 1:  # no inner loop of one trip (it measured 5-10% slower on XLA:CPU)
+      return _query_block(q_blocks, k[None], v[None], scale)
     return jax.lax.map(lambda q_block: _query_block(q_block, k, v, scale), q_blocks)
   out, logsumexp = jax.lax.map(pair, (q, k, v), batch_size=pairs_per_step)
   return out, (q, k, v, out, logsumexp)
