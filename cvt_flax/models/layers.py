@@ -191,11 +191,15 @@ def resolve_attention_impl(impl: str) -> str:
 
 
 def _deferred_attention(q, k, v, scale):
-  # The max only keeps exp in range; softmax does not depend on it, so no gradient flows into it.
+  """(..., q, d) queries against (..., k, d) keys and values: the output, and each query row's
+  log-sum-exp of the scores (float32; the blocked backward pass recomputes probabilities from it)."""
   scores = jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32) * scale
-  unnormalised = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+  # The max only keeps exp in range; softmax does not depend on it, so no gradient flows into it.
+  row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  unnormalised = jnp.exp(scores - row_max)
+  row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
   out = jnp.einsum('...qk,...kd->...qd', unnormalised.astype(v.dtype), v)
-  return (out.astype(jnp.float32) / jnp.sum(unnormalised, axis=-1, keepdims=True)).astype(v.dtype)
+  return (out.astype(jnp.float32) / row_sum).astype(v.dtype), row_max + jnp.log(row_sum)
 
 
 def _blocked_attention(q, k, v, scale):
@@ -213,23 +217,12 @@ def _blocked_attention(q, k, v, scale):
   return out.reshape(b, h, q_blocks * rows, d)[:, :, :nq]
 
 
-def _query_block(q, k, v, scale):
-  """(..., rows, d) queries against (..., nk, d) keys and values: the output and each row's
-  log-sum-exp."""
-  scores = jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32) * scale
-  row_max = jnp.max(scores, axis=-1, keepdims=True)
-  unnormalised = jnp.exp(scores - row_max)
-  row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
-  out = jnp.einsum('...qk,...kd->...qd', unnormalised.astype(v.dtype), v)
-  return (out.astype(jnp.float32) / row_sum).astype(v.dtype), row_max + jnp.log(row_sum)
-
-
 def _blocked_pairs_fwd(q, k, v, scale, pairs_per_step):
   def pair(args):
     q_blocks, k, v = args
     if q_blocks.shape[0] == 1:  # no inner loop of one trip (it measured 5-10% slower on XLA:CPU)
-      return _query_block(q_blocks, k[None], v[None], scale)
-    return jax.lax.map(lambda q_block: _query_block(q_block, k, v, scale), q_blocks)
+      return _deferred_attention(q_blocks, k[None], v[None], scale)
+    return jax.lax.map(lambda q_block: _deferred_attention(q_block, k, v, scale), q_blocks)
   out, logsumexp = jax.lax.map(pair, (q, k, v), batch_size=pairs_per_step)
   return out, (q, k, v, out, logsumexp)
 
@@ -298,7 +291,7 @@ def attention(q, k, v, scale, *, impl='softmax', dropout=None, record=None):
     return jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
   if impl == 'blocked' and 4 * q.size // q.shape[-1] * k.shape[2] > ATTENTION_BLOCKING_MIN_BYTES:
     return _blocked_attention(q, k, v, scale)
-  return _deferred_attention(q, k, v, scale)
+  return _deferred_attention(q, k, v, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
