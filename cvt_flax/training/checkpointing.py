@@ -146,9 +146,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, state: Any) -> bool:
     """Starts an asynchronous save (device->host copy happens before returning).
 
