@@ -23,6 +23,7 @@ from flax import nnx
 
 import cvt_flax
 from cvt_flax.convert.official import load_official_state_dict
+from cvt_flax.training.steps import init_train_state, make_train_step
 
 FIXTURES = os.environ.get('CVT_FLAX_FIXTURES', os.path.join(
     os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'fixtures'))
@@ -70,27 +71,19 @@ def train_curve(dtype: str, steps: int, batch: int = 64, lr: float = 2e-3, seed:
   """Loss per step and final test accuracy of SMALL trained in `dtype` compute."""
   (x_train, y_train), (x_test, y_test) = digits()
   model = cvt_flax.create_model(SMALL, rngs=nnx.Rngs(seed), dtype=dtype)
-  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=0.05)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, rest, opt_state, x, y):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, rest, copy=True)
-      loss = optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-      return loss, nnx.state(model, nnx.Not(nnx.Param))
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
-
+  schedule = optax.cosine_decay_schedule(lr, steps)
+  tx = optax.adamw(schedule, weight_decay=0.05)
+  # The trainer's own step, without mixup and label smoothing.
+  step = jax.jit(make_train_step(nnx.graphdef(model), tx, schedule, num_classes=10,
+                                 mixup=dict(prob=0.0, label_smoothing=0.0), seed=seed))
+  state = init_train_state(model, tx)
   rng = np.random.default_rng(seed)
   losses = []
   for _ in range(steps):
     idx = rng.choice(len(x_train), batch, replace=False)
-    params, rest, opt_state, loss = step(params, rest, opt_state, x_train[idx], y_train[idx])
-    losses.append(float(loss))
-  model = nnx.merge(graphdef, params, rest)
+    state, metrics = step(state, {'image': x_train[idx], 'label': y_train[idx].astype(np.int32)})
+    losses.append(float(metrics['loss']))
+  model = nnx.merge(nnx.graphdef(model), state.params, state.batch_stats, state.rngs)
   model.eval()
   accuracy = float(np.mean(np.argmax(model(x_test), -1) == y_test))
   return np.array(losses), accuracy

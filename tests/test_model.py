@@ -14,8 +14,6 @@ from cvt_flax.models import layers
 from conftest import FIXTURES, fixture_model, load_fixture, logits_and_features
 
 
-
-
 @pytest.mark.parametrize('name', ['official_tiny', 'official_tiny_avg'])
 @pytest.mark.parametrize('impl', ['shifts', 'xla'])
 def test_fixture_logits_and_stages_match_official(name, impl):

@@ -99,8 +99,6 @@ def test_attention_dropout_and_recording_use_the_probabilities():
   np.testing.assert_array_equal(dropped, 0.0)
 
 
-
-
 @pytest.mark.parametrize('impl', ['softmax', 'deferred', 'blocked'])
 def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
   # Small blocks so that 'blocked' really loops on the tiny fixture model.

@@ -4,33 +4,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 from flax import nnx
 
 import cvt_flax
-from cvt_flax.convert.official import load_official_state_dict
-from conftest import FIXTURES, load_fixture
+from cvt_flax.training import steps
+from conftest import fixture_model
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); through 4 blocks the fixture
 # logits move by up to 1% of their largest magnitude (measured: 0.6-1.1%, benchmarks/RESULTS.md).
 BF16_RELATIVE_LOGIT_BOUND = 0.03
 
 
-def _fixture_model(name, dtype):
-  meta, io = load_fixture(name)
-  state_dict = {k: v.numpy() for k, v in
-                torch.load(FIXTURES / f'{name}.pth', weights_only=True).items()}
-  model = cvt_flax.create_model(meta['spec'], num_classes=meta['num_classes'], rngs=nnx.Rngs(0),
-                                activation=meta['activation'], dtype=dtype)
-  load_official_state_dict(model, state_dict)
-  model.eval()
-  return model, meta, io
-
-
 @pytest.mark.parametrize('name', ['official_tiny', 'official_tiny_avg'])
 def test_bf16_logits_within_bound_of_fp32(name):
-  fp32, meta, io = _fixture_model(name, 'float32')
-  bf16, _, _ = _fixture_model(name, 'bfloat16')
+  fp32, meta, io = fixture_model(name, dtype='float32')
+  bf16, _, _ = fixture_model(name, dtype='bfloat16')
   for i in range(len(meta['input_shapes'])):
     images = io[f'input_{i}'].transpose(0, 2, 3, 1)
     reference, low = np.asarray(fp32(images)), bf16(images)
@@ -58,25 +46,18 @@ def test_bf16_training_steps_run_and_reduce_loss():
     r, c = divmod(int(label), 2)
     images[n, 8 * r:8 * r + 8, 8 * c:8 * c + 8] += 1.5
 
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # The trainer's own step, without mixup and label smoothing.
   tx = optax.adamw(3e-3)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, rest, opt_state):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, rest, copy=True)
-      loss = optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
-      return loss, nnx.state(model, nnx.Not(nnx.Param))
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
-
+  step = jax.jit(steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(3e-3),
+                                       num_classes=4, mixup=dict(prob=0.0, label_smoothing=0.0),
+                                       seed=0))
+  state = steps.init_train_state(model, tx)
+  batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels, jnp.int32)}
   losses = []
   for _ in range(30):
-    params, rest, opt_state, loss = step(params, rest, opt_state)
-    losses.append(float(loss))
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
   assert all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
   # Master weights stay float32; only the computation is bf16.
-  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
