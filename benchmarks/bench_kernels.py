@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cvt_flax.models import layers
+from cvt_flax.models import Compute, compute
 
 
 def _best_ms(fn, repeats):
@@ -56,7 +56,8 @@ def depthwise(batch, repeats):
       w = jax.random.normal(jax.random.key(1), (3, 3, 1, shape[-1]))
       cells = []
       for impl in ('xla', 'shifts'):
-        conv = lambda x, w, impl=impl: layers.depthwise_conv(x, w, stride, 1, impl)
+        settings = Compute(dwconv_impl=impl, platform='cpu').resolved()
+        conv = lambda x, w, settings=settings: compute.depthwise_conv(settings, x, w, stride, 1)
         grad = jax.grad(lambda x, w, conv=conv: jnp.sum(conv(x, w)), argnums=(0, 1))
         cells.append(f'{_jax_ms(conv, (x, w), repeats):.1f} / {_jax_ms(grad, (x, w), repeats):.1f}')
       tconv = torch.nn.Conv2d(shape[-1], shape[-1], 3, stride, 1, groups=shape[-1], bias=False)
@@ -77,7 +78,8 @@ def attention(batch, repeats):
                for i, n in enumerate((nq, nk, nk)))
     cells = []
     for impl in ('softmax', 'deferred', 'blocked'):
-      core = lambda q, k, v, impl=impl: layers.attention(q, k, v, 0.125, impl=impl)
+      settings = Compute(attention_impl=impl, platform='cpu').resolved()
+      core = lambda q, k, v, settings=settings: compute.attention(settings, q, k, v, 0.125)
       grad = jax.grad(lambda q, k, v, core=core: jnp.sum(core(q, k, v)), argnums=(0, 1, 2))
       cells.append(f'{_jax_ms(core, (q, k, v), repeats):.1f} / '
                    f'{_jax_ms(grad, (q, k, v), repeats):.1f}')

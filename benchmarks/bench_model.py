@@ -85,7 +85,8 @@ def _worker_flax(args, mode):
   import jax
   import optax
   from flax import nnx
-  from cvt_flax.models import compiler_options, release_freed_memory
+  from cvt_flax.models import compiler_options
+  from cvt_flax.models.cpu import release_freed_memory
   model = _flax_model(args)
   images, labels = _inputs(args)
   images, labels = jax.device_put(images), jax.device_put(labels)

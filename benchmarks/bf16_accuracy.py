@@ -2,7 +2,7 @@
 
   .venv/bin/python benchmarks/bf16_accuracy.py [--steps 300]
 
-1. The official fixtures (`../shared/fixtures`, PyTorch fp32 logits) through cvt-flax in float32 and
+1. The official fixtures (`tests/data`, PyTorch fp32 logits) through cvt-flax in float32 and
    in bfloat16 compute (parameters stay float32; LayerNorm, BatchNorm statistics and softmax run in
    float32): the largest logit difference, absolute and relative to the largest logit.
 2. A small CvT trained from the same initialisation on the same batches in float32 and in bfloat16:
@@ -25,8 +25,7 @@ import cvt_flax
 from cvt_flax.convert.official import load_official_state_dict
 from cvt_flax.training.steps import init_train_state, make_train_step
 
-FIXTURES = os.environ.get('CVT_FLAX_FIXTURES', os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'fixtures'))
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'data')
 DTYPES = ('float32', 'bfloat16')
 # A 2-stage CvT small enough to train on 2 CPU cores in a minute.
 SMALL = dict(dim_embed=(32, 64), num_heads=(1, 2), depth=(1, 2), patch_size=(3, 3),

@@ -11,13 +11,13 @@ operation, so its FLOPs / 2 lands a little above the analytic count.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cvt_flax.models import (CvTConfig, compiler_options, count_params, create_model, layers,
+from cvt_flax.models import layers
+from cvt_flax.models import (Compute, CvTConfig, abstract_model, compiler_options, count_params,
                              make_config)
 
 # (variant, image size) -> (parameters in millions, GMACs) as printed in the paper's Table 2.
@@ -79,10 +79,6 @@ def analytic_macs(cfg: CvTConfig, image_size: int | tuple[int, int]) -> dict[str
   return macs
 
 
-def _abstract_model(cfg: CvTConfig):
-  return nnx.eval_shape(lambda: create_model(cfg, rngs=nnx.Rngs(0)))
-
-
 def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float]:
   """XLA's cost analysis of the compiled eval-mode forward pass, per image ('flops', ...).
 
@@ -90,7 +86,7 @@ def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float
   Attention is compiled without the 'blocked' loop: XLA counts a loop's body once, not once per
   iteration (the same arithmetic, so the count is that of every implementation).
   """
-  model = _abstract_model(dataclasses.replace(cfg, attention_impl='deferred'))
+  model = abstract_model(cfg, Compute(attention_impl='deferred'))
   model.eval()
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
@@ -108,7 +104,7 @@ def report(variants_and_sizes, with_xla: bool = True) -> str:
           ' XLA GFLOP | XLA GFLOP / 2 |', '|---|---:|---:|---:|---:|---:|---:|---:|']
   for variant, size in variants_and_sizes:
     cfg = make_config(variant)
-    params = count_params(_abstract_model(cfg)) / 1e6
+    params = count_params(abstract_model(cfg)) / 1e6
     paper_params, paper_gmacs = PAPER.get((variant, size), ('-', '-'))
     macs = analytic_macs(cfg, size)['total'] / 1e9
     xla = f"{xla_cost(cfg, size)['flops'] / 1e9:.2f}" if with_xla else '-'

@@ -16,8 +16,6 @@ XLA versions or backends.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import sys
 import time
@@ -26,16 +24,16 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from ml_collections import ConfigDict
 
-from cvt_flax import data
-from cvt_flax.checkpoint import CheckpointError
-from cvt_flax.convert.official import ConversionError
-from cvt_flax.models import CvT, CvTConfig, compiler_options, make_config, release_freed_memory
-from cvt_flax.training import checkpointing, init_from, metrics as metrics_lib, optim, sharding
+from cvt_flax import data, io
+from cvt_flax.convert import ConversionError
+from cvt_flax.models import compiler_options
+from cvt_flax.models.cpu import release_freed_memory
+from cvt_flax.training import checkpointing, evaluation, init_from, metrics as metrics_lib, sharding
 from cvt_flax.training import config as config_lib
-from cvt_flax.training.steps import TrainState, init_train_state, make_eval_step, make_train_step
+from cvt_flax.training.run import Run, eval_batch_size, initial_or_restored_state, write_run_files
+from cvt_flax.training.steps import TrainState, make_train_step, model_variables
 
 
 class TrainingDivergedError(RuntimeError):
@@ -46,122 +44,8 @@ class TrainingDivergedError(RuntimeError):
 # the file / key / step and what to do, so `train.py` prints it without a traceback.
 EXPECTED_ERRORS = (TrainingDivergedError, checkpointing.CheckpointSaveError,
                    checkpointing.CheckpointRestoreError, checkpointing.WorkdirError,
-                   init_from.InitFromError, data.DataError, CheckpointError, ConversionError)
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything derived from the config once, before the loop."""
-  config: ConfigDict
-  workdir: str
-  model_config: CvTConfig
-  mesh: jax.sharding.Mesh
-  total_steps: int
-  steps_per_epoch: int
-  num_classes: int
-  state_shardings: Any
-  abstract_state: Any
-  graphdef: Any
-  eval_graphdef: Any
-  tx: Any
-  schedule: Any
-
-
-def resolve_num_steps(config: ConfigDict, num_train_examples: int) -> tuple[int, int]:
-  """(total optimizer steps, steps per epoch) from `num_train_steps` or `num_epochs`."""
-  steps_per_epoch = max(1, num_train_examples // config.batch_size)
-  if config.num_train_steps > 0:
-    return config.num_train_steps, steps_per_epoch
-  if config.num_epochs > 0:
-    return int(math.ceil(config.num_epochs * steps_per_epoch)), steps_per_epoch
-  raise ValueError('config: set num_train_steps > 0 or num_epochs > 0.')
-
-
-def resolve_model_config(config: ConfigDict, num_classes: int,
-                         base: CvTConfig | None = None) -> CvTConfig:
-  """config.model (a variant + overrides, or explicit fields) -> CvTConfig for this run.
-
-  `variant='init_from'` takes the architecture of the init_from checkpoint (`base`), overridden by
-  the other fields. The class count comes from the dataset and the dtype from `config.dtype`.
-  """
-  fields = config.model.to_dict()
-  if fields.get('num_classes', num_classes) != num_classes:
-    raise ValueError(f'config.model.num_classes={fields["num_classes"]}, but dataset '
-                     f'{config.input.dataset!r} has {num_classes} classes; leave it unset.')
-  fields.update(num_classes=num_classes, dtype=config.dtype)
-  if fields.get('variant') == 'init_from':
-    if base is None:
-      raise ValueError("config.model.variant='init_from' needs config.init_from.")
-    fields.pop('variant')
-    return make_config(base, **fields)
-  return make_config(fields)
-
-
-def _model_fn(model_config: CvTConfig, seed: int):
-  return lambda: CvT(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-
-
-def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | None = None,
-              devices=None) -> Run:
-  """Resolves steps, model, optimizer, mesh and shardings (nothing is allocated yet).
-
-  `devices`: the mesh's devices (default: all devices of all processes).
-  """
-  info = data.get_dataset_info(config.input)
-  total_steps, steps_per_epoch = resolve_num_steps(config, info.num_train_examples)
-  model_config = resolve_model_config(config, info.num_classes, base_model_config)
-  mesh = sharding.make_mesh(devices)
-  sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
-  sharding.check_batch_size(_eval_batch_size(config), mesh)
-  schedule = optim.make_lr_schedule(config.optimizer, batch_size=config.batch_size,
-                                    total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  tx = optim.make_optimizer(config.optimizer, schedule)
-  abstract_model = nnx.eval_shape(_model_fn(model_config, config.seed))
-  graphdef = nnx.graphdef(abstract_model)
-  abstract_model.eval()
-  eval_graphdef = nnx.graphdef(abstract_model)
-  abstract_model.train()
-  abstract_state = jax.eval_shape(lambda: init_train_state(_model_fn(model_config, 0)(), tx))
-  shardings = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp,
-                                       fsdp_min_size=config.fsdp_min_size)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  return Run(config=config, workdir=workdir, model_config=model_config, mesh=mesh,
-             total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-             num_classes=info.num_classes, state_shardings=shardings,
-             abstract_state=abstract_state, graphdef=graphdef, eval_graphdef=eval_graphdef,
-             tx=tx, schedule=schedule)
-
-
-def create_initial_state(run: Run, init_weights: dict[str, np.ndarray] | None = None) -> TrainState:
-  """A fresh train state built directly with its shardings (never whole on one device).
-
-  `init_weights` ('stage0.patch_embed.proj.kernel' -> array) replace the fresh values they name.
-  """
-  model_fn = _model_fn(run.model_config, run.config.seed)
-
-  def init(weights):
-    model = model_fn()
-    if weights:
-      state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-      for path, var in nnx.to_flat_state(state):
-        key = '.'.join(str(p) for p in path)
-        if key in weights:
-          var.value = jnp.asarray(weights[key], var.value.dtype)
-      nnx.update(model, state)
-    return init_train_state(model, run.tx)
-
-  weights = init_weights or {}
-  return jax.jit(init, in_shardings=(sharding.replicated(run.mesh),),
-                 out_shardings=run.state_shardings)(weights)
-
-
-def init_weights_from(config: ConfigDict, model_config: CvTConfig, source) -> dict[str, np.ndarray]:
-  """Checks the init_from model against the one being trained; returns the weights to copy."""
-  target = nnx.eval_shape(_model_fn(model_config, 0))
-  target_shapes = {k: v.shape for k, v in init_from.flat_weights(target).items()}
-  return init_from.select_init_weights(init_from.host_weights(source), target_shapes,
-                                       new_head=config.init_new_head, source_name=config.init_from)
+                   init_from.InitFromError, data.DataError, io.CheckpointError, ConversionError,
+                   FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,25 +53,8 @@ def init_weights_from(config: ConfigDict, model_config: CvTConfig, source) -> di
 
 def evaluate(run: Run, state: TrainState, eval_step) -> dict[str, float]:
   """Top-1/top-5/loss over the whole eval split; padded examples (mask 0) do not count."""
-  cfg = run.config
-  batch_sh = sharding.batch_sharding(run.mesh)
-  batches = data.make_eval_iterator(cfg.input, global_batch_size=_eval_batch_size(cfg),
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-  totals = None
-  for local in batches:
-    sums = eval_step(state, sharding.global_batch(local, batch_sh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise ValueError(f'eval split {cfg.input.eval_split!r} of {cfg.input.dataset!r} is empty.')
-  totals = jax.device_get(totals)
-  count = float(totals['count'])
-  return {'eval/top1': totals['top1'] / count, 'eval/top5': totals['top5'] / count,
-          'eval/loss': totals['loss'] / count, 'eval/num_examples': count}
-
-
-def _eval_batch_size(cfg: ConfigDict) -> int:
-  return cfg.eval_batch_size if cfg.eval_batch_size > 0 else cfg.batch_size
+  return evaluation.evaluate_dataset(eval_step, model_variables(state), run.config.input,
+                                     batch_size=eval_batch_size(run.config), mesh=run.mesh)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,35 +115,15 @@ def _compile_train_step(run: Run):
                             grad_accum_steps=cfg.grad_accum_steps, microbatch_sharding=micro_sh)
   jitted = jax.jit(step_fn, in_shardings=(run.state_shardings, batch_sh),
                    out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                   donate_argnums=(0,), compiler_options=compiler_options())
+                   donate_argnums=(0,), compiler_options=compiler_options(run.platform))
   size = cfg.input.image_size
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((cfg.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
       'label': jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)}
   compiled = jitted.lower(run.abstract_state, abstract_batch).compile()
-  release_freed_memory()  # the compiler's, before the step's buffers come on top of it
+  if run.platform == 'cpu':
+    release_freed_memory()  # the compiler's, before the step's buffers come on top of it
   return compiled
-
-
-def _initial_or_restored_state(config: ConfigDict, workdir: str, ckpt,
-                               devices) -> tuple[Run, TrainState, int]:
-  latest = ckpt.latest_step()
-  if latest is not None:
-    saved = checkpointing.read_model_config(workdir)
-    run = build_run(config, workdir, saved, devices)
-    if run.model_config != saved:
-      raise checkpointing.CheckpointRestoreError(
-          f'{workdir} holds checkpoints of another model ({saved}); the config asks for '
-          f'{run.model_config}. Use a new workdir.')
-    return run, ckpt.restore(latest, run.abstract_state), latest
-  if not config.init_from:
-    run = build_run(config, workdir, None, devices)
-    return run, create_initial_state(run), 0
-  source = init_from.load_source_model(config.init_from, config.init_from_spec)
-  run = build_run(config, workdir, source.config, devices)
-  weights = init_weights_from(config, run.model_config, source)
-  del source
-  return run, create_initial_state(run, weights), 0
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
@@ -288,11 +135,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
   checkpointing.prepare_workdir(workdir)  # an unwritable workdir fails here, before any work
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.keep_checkpoints, async_save=config.checkpoint_async)
-  run, state, start = _initial_or_restored_state(config, workdir, ckpt, devices)
+  run, state, start = initial_or_restored_state(config, workdir, ckpt, devices)
   checkpointing.check_free_space(ckpt.directory, checkpointing.state_nbytes(run.abstract_state))
-  if jax.process_index() == 0:
-    checkpointing.write_model_config(workdir, run.model_config)
-    checkpointing.write_json(os.path.join(workdir, 'train_config.json'), config.to_dict())
+  write_run_files(run, workdir)
   writer = metrics_lib.MetricWriter(workdir, total_steps=run.total_steps, start_step=start)
   writer.log(f'CvT {run.model_config.dim_embed}x{run.model_config.depth}: '
              f'{run.total_steps} steps ({run.steps_per_epoch}/epoch) on {run.mesh.size} devices, '
@@ -324,10 +169,8 @@ def _peer_failure_hint(error: Exception, newest: int | None) -> str:
 
 
 def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> dict[str, Any]:
-  eval_step = jax.jit(make_eval_step(run.eval_graphdef),
-                      in_shardings=(run.state_shardings, sharding.batch_sharding(run.mesh)),
-                      out_shardings=sharding.replicated(run.mesh),
-                      compiler_options=compiler_options())
+  eval_step = evaluation.jit_eval_step(run.eval_graphdef, model_variables(run.state_shardings),
+                                       run.mesh)
   if start >= run.total_steps:  # nothing left to train: evaluate what the workdir holds
     record = _evaluate(run, state, eval_step, start, writer)
   else:
@@ -337,7 +180,9 @@ def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> 
   step = max(start, run.total_steps)
   writer.log(f'Final evaluation at step {step}: top-1 {record["eval/top1"]:.2%}, '
              f'top-5 {record["eval/top5"]:.2%} on {int(record["eval/num_examples"])} images.')
-  return {'step': step, **{k: float(v) for k, v in record.items() if k.startswith('eval/')}}
+  # Timings go to metrics.jsonl; the result holds only what the run computed.
+  return {'step': step, **{k: float(v) for k, v in record.items()
+                           if k.startswith('eval/') and k != 'eval/images_per_sec'}}
 
 
 def _run_steps(run: Run, state: TrainState, start: int, ckpt, writer, stop, eval_step) -> dict:

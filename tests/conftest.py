@@ -1,55 +1,65 @@
-"""Shared test fixtures. The golden data lives in ../shared/fixtures (see its README)."""
-import functools
-import json
+"""Every pytest fixture shared between test modules. Plain helpers live in helpers.py.
+
+Session fixtures are built once per test process (pytest-xdist runs two).
+"""
 import os
-import pathlib
 
-import jax
-import numpy as np
 import pytest
-from flax import nnx
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = pathlib.Path(os.environ.get('CVT_FLAX_FIXTURES', ROOT.parent / 'shared' / 'fixtures'))
+import helpers
 
 
 @pytest.fixture(scope='session')
 def fixtures_dir():
-  if not FIXTURES.is_dir():
-    pytest.fail(f'golden fixtures not found at {FIXTURES} (set CVT_FLAX_FIXTURES)')
-  return FIXTURES
+  """tests/data: the golden fixtures from the official PyTorch CvT (see its README)."""
+  assert (helpers.DATA / 'official_tiny.pth').is_file(), f'golden fixtures missing in {helpers.DATA}'
+  return helpers.DATA
 
 
-def load_fixture(name):
-  """(meta json, io npz) of an official fixture, e.g. 'official_tiny'."""
-  meta = json.loads((FIXTURES / f'{name}.json').read_text())
-  io = dict(np.load(FIXTURES / f'{name}_io.npz'))
-  return meta, io
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  """A TFDS data dir with the offline `digits` dataset built in it."""
+  return helpers.build_digits(str(tmp_path_factory.mktemp('tfds')))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits_and_features(graphdef, state, images):
-  model = nnx.merge(graphdef, state)
-  return model(images), model.features(images)
+_CACHE_SETTINGS = {'jax_persistent_cache_min_compile_time_secs': 0,
+                   'jax_persistent_cache_min_entry_size_bytes': 0}
 
 
-def logits_and_features(model, images_nhwc):
-  """One jitted forward, compiled once per architecture and input shape (dispatching every op
-  eagerly is much slower on CPU)."""
-  return jax.tree.map(np.asarray, _logits_and_features(*nnx.split(model), images_nhwc))
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+  """A persistent XLA compilation cache for this test process (and its subprocesses).
+
+  The training tests run the same tiny config many times; on 2 CPU cores compiling its train step
+  takes ~20 s and loading it from the cache ~2 s. A cached executable is the same program a fresh
+  compile of the same HLO produces, so results do not change. Returns env vars for subprocesses.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  # One cache for both pytest-xdist workers (their base temp dirs share a parent): what one
+  # worker compiled, the other loads.
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+  cache_dir = str(shared / 'jax_cache')
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  for key, value in _CACHE_SETTINGS.items():
+    jax.config.update(key, value)
+  env = {key.upper(): str(value) for key, value in _CACHE_SETTINGS.items()}
+  env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  return env
 
 
-def fixture_model(name, **overrides):
-  """(model in eval mode, meta, io) of an official fixture, loaded through the strict low-level
-  state-dict table (model overrides, e.g. an implementation switch, are passed to create_model)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import cvt_flax  # pylint: disable=g-import-not-at-top
-  from cvt_flax.convert.official import load_official_state_dict  # pylint: disable=g-import-not-at-top
-  meta, io = load_fixture(name)
-  state_dict = {k: v.numpy() for k, v in
-                torch.load(FIXTURES / f'{name}.pth', weights_only=True).items()}
-  model = cvt_flax.create_model(meta['spec'], num_classes=meta['num_classes'], rngs=nnx.Rngs(0),
-                                activation=meta['activation'], **overrides)
-  load_official_state_dict(model, state_dict)
-  model.eval()
-  return model, meta, io
+@pytest.fixture(scope='session')
+def hub_cache(tmp_path_factory):
+  """A Hugging Face hub cache holding `microsoft/cvt-13` as huggingface_hub lays it out: a small
+  random HF CvT with named labels and a 224 px ConvNext preprocessor config (no network).
+
+  Returns {'cache_dir', 'snapshot', 'commit', 'model', 'processor'}.
+  """
+  files = tmp_path_factory.mktemp('hub_files')
+  model, processor = helpers.save_random_hf_cvt(files)
+  cache_dir = tmp_path_factory.mktemp('hub_cache')
+  commit = 'c' * 40
+  snapshot = helpers.lay_out_hub_cache(cache_dir, 'microsoft/cvt-13', files, commit)
+  return {'cache_dir': str(cache_dir), 'snapshot': snapshot, 'commit': commit, 'model': model,
+          'processor': processor}

@@ -1,4 +1,5 @@
-"""`save_model` / `load_checkpoint`: exact round trip, atomic writes, clear errors."""
+"""The model directory (`save_model` / `load_checkpoint`): exact round trip, format 2 with the
+preprocessing and class names, format 1 still loading, atomic writes, clear errors."""
 import dataclasses
 import json
 import os
@@ -9,16 +10,15 @@ import pytest
 from flax import nnx
 
 import cvt_flax
-from cvt_flax import checkpoint
-from cvt_flax.checkpoint import CheckpointError, load_checkpoint, save_model
 from cvt_flax.convert import load_pytorch, to_official_state_dict
-from conftest import FIXTURES, load_fixture
-from test_convert_reference import logits_and_features
+from cvt_flax.io import CheckpointError, FormatNote, load_checkpoint, model_dir, save_model
+from cvt_flax.preprocess import Preprocess
+from helpers import DATA, load_fixture, logits_and_features
 
 
 @pytest.fixture(scope='module')
 def model():
-  return load_pytorch(FIXTURES / 'official_tiny.pth', spec=FIXTURES / 'official_tiny.json')
+  return load_pytorch(DATA / 'official_tiny.pth', spec=DATA / 'official_tiny.json')
 
 
 @pytest.fixture
@@ -38,9 +38,13 @@ def _assert_same_weights(a, b):
 def test_round_trip_is_exact(model, saved):
   assert sorted(os.listdir(saved)) == ['config.json', 'state']
   doc = json.loads((saved / 'config.json').read_text())
-  assert (doc['format'], doc['version']) == ('cvt_flax.model', 1)
+  assert (doc['format'], doc['version']) == ('cvt_flax.model', 2)
+  assert 'dtype' not in doc['config'] and 'attention_impl' not in doc['config']
+  # The fixture is an official .pth of 10 classes: the official 224 px eval, no class names.
+  assert doc['preprocess'] == Preprocess(224).to_dict() and doc['class_names'] is None
   loaded = load_checkpoint(saved)
   assert loaded.config == model.config
+  assert (loaded.preprocess, loaded.class_names) == (model.preprocess, None)
   assert loaded.stage2.blocks[1].attn.conv_proj_k.bn.use_running_average  # eval mode
   _assert_same_weights(model, loaded)
   _, io = load_fixture('official_tiny')
@@ -57,12 +61,15 @@ def test_training_mode_model_and_nondefault_config(tmp_path):
                                   padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(False, True),
                                   mlp_ratio=(2.0, 2.0), drop_rate=(0.1, 0.1),
                                   attn_drop_rate=(0.0, 0.0), drop_path_rate=(0.0, 0.2),
-                                  num_classes=3, dtype='bfloat16', activation='gelu'))
-  trained = cvt_flax.create_model(cfg, rngs=nnx.Rngs(1))  # training mode
+                                  num_classes=3, activation='gelu'))
+  trained = cvt_flax.create_model(cfg, rngs=nnx.Rngs(1), dtype='bfloat16')  # training mode
   nnx.jit(lambda m, x: m(x))(trained, np.ones((2, 16, 16, 3), np.float32))  # moves BatchNorm stats
-  save_model(trained, tmp_path / 'm')
+  prep = Preprocess(16, 'warp', mean=(0.5,) * 3, std=(0.5,) * 3)
+  save_model(trained, tmp_path / 'm', preprocess=prep, class_names=['cat', 'dog', 'emu'])
   loaded = load_checkpoint(tmp_path / 'm')
   assert loaded.config == cfg and loaded.stage1.blocks[0].drop_path.deterministic
+  assert loaded.compute.dtype == 'float32'  # compute settings are not saved: the loader's default
+  assert (loaded.preprocess, loaded.class_names) == (prep, ('cat', 'dog', 'emu'))
   _assert_same_weights(trained, loaded)
   assert int(loaded.stage1.blocks[0].attn.conv_proj_q.bn.num_batches_tracked.get_value()) == 1
 
@@ -78,7 +85,7 @@ def test_existing_path_needs_overwrite(model, saved):
 def test_interrupted_save_leaves_nothing_loadable(model, saved, monkeypatch):
   def crash(*args, **kwargs):
     raise KeyboardInterrupt('simulated kill during the save')
-  monkeypatch.setattr(checkpoint.json, 'dump', crash)
+  monkeypatch.setattr(model_dir.json, 'dump', crash)
   with pytest.raises(KeyboardInterrupt):
     save_model(model, saved.parent / 'new')
   with pytest.raises(KeyboardInterrupt):
@@ -94,7 +101,7 @@ def test_not_a_checkpoint_directory(tmp_path):
   (tmp_path / 'file').write_text('x')
   with pytest.raises(CheckpointError, match='is not a directory'):
     load_checkpoint(tmp_path / 'file')
-  with pytest.raises(CheckpointError, match='no config.json; not a cvt-flax model checkpoint'):
+  with pytest.raises(CheckpointError, match='config.json: missing; not a cvt-flax model'):
     load_checkpoint(tmp_path)
 
 
@@ -109,10 +116,14 @@ def _edit_config(path, **changes):
     ('[1, 2]', "format 'list', expected 'cvt_flax.model'"),
     ('{"format": "orbax", "version": 1}', "format 'orbax', expected 'cvt_flax.model'"),
     ('{"format": "cvt_flax.model", "version": "one"}', "corrupt format version 'one'"),
-    ('{"format": "cvt_flax.model", "version": 2, "config": {}}',
-     'format version 2 was written by a newer cvt-flax; this one reads up to version 1'),
-    ('{"format": "cvt_flax.model", "version": 1, "config": {"dim_embed": [8], "x": 1}}',
-     r"invalid model config.*unknown fields \['x'\]"),
+    ('{"format": "cvt_flax.model", "version": 3, "config": {}}',
+     'format version 3 was written by a newer cvt-flax; this one reads up to version 2'),
+    ('{"format": "cvt_flax.model", "version": 2, "config": {"dim_embed": [8], "x": 1}}',
+     r"invalid model document.*unknown fields \['x'\]"),
+    ('{"format": "cvt_flax.model", "version": 2, "config": {}, "class_names": ["a"]}',
+     'invalid model document.*1 class names for a model with 1000 classes'),
+    ('{"format": "cvt_flax.model", "version": 2, "config": {}, "preprocess": {"resize": "squash"}}',
+     r"invalid model document.*preprocess.resize='squash'"),
 ])
 def test_bad_config_json(saved, content, message):
   (saved / 'config.json').write_text(content)
@@ -137,7 +148,7 @@ def test_missing_or_truncated_state(saved):
   with pytest.raises(CheckpointError, match=r'state: truncated or corrupt Orbax state'):
     load_checkpoint(saved)
   shutil.rmtree(saved / 'state')
-  with pytest.raises(CheckpointError, match='state: missing; the checkpoint has a config but no'):
+  with pytest.raises(CheckpointError, match='state: missing; the model has a config but no weights'):
     load_checkpoint(saved)
 
 
@@ -150,3 +161,16 @@ def test_state_that_does_not_match_the_config(model, saved):
   assert 'the stored weights do not match the model in config.json' in msg
   assert 'missing keys (' in msg and 'stage2.blocks.2.attn.proj_q.kernel' in msg
   assert 'head.kernel: stored (48, 10), config needs (48, 4)' in msg
+
+
+def test_version_1_directory_as_main_wrote_it_loads_and_predicts_as_before(fixtures_dir):
+  """tests/data/v1_official_tiny was written by save_model of format version 1 (the code before
+  format 2): no preprocessing or class names, compute settings inside "config"."""
+  doc = json.loads((fixtures_dir / 'v1_official_tiny' / 'config.json').read_text())
+  assert doc['version'] == 1 and doc['config']['dtype'] == 'float32'
+  with pytest.warns(FormatNote, match='format version 1.*official ImageNet eval transform at 224'):
+    old = load_checkpoint(fixtures_dir / 'v1_official_tiny')
+  assert old.preprocess == Preprocess(224) and old.class_names is None  # 10 classes: no names
+  new = load_pytorch(DATA / 'official_tiny.pth', spec=DATA / 'official_tiny.json')
+  _assert_same_weights(old, new)
+  assert old.config == new.config

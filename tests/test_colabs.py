@@ -14,7 +14,7 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from conftest import FIXTURES, ROOT
+from helpers import ROOT
 
 COLABS = ROOT / 'colabs'
 NOTEBOOKS = ('inference', 'finetune', 'parity', 'attention')
@@ -27,7 +27,6 @@ def run_notebook(name, tmp_path, monkeypatch) -> str:
   monkeypatch.setenv('CVT_FLAX_FAST', '1')
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
-  monkeypatch.setenv('CVT_FLAX_FIXTURES', str(FIXTURES))
   nb = nbformat.read(COLABS / f'{name}.ipynb', as_version=4)
   NotebookClient(nb, kernel_name='python3', timeout=CELL_TIMEOUT_S,
                  resources={'metadata': {'path': str(tmp_path)}}).execute()
@@ -63,20 +62,19 @@ def test_inference_notebook_shows_the_library_predictions(tmp_path, monkeypatch,
   assert 'RANDOM WEIGHTS' in text  # offline weights must be flagged as meaningless
   # The same photos through the library directly must give the printed top-5 (index, probability).
   import skimage.data  # pylint: disable=g-import-not-at-top
-  from cvt_flax import load_pytorch, predict  # pylint: disable=g-import-not-at-top
-  model = load_pytorch(fixtures_dir / 'official_tiny.pth', spec=fixtures_dir / 'official_tiny.json')
+  from cvt_flax import from_pretrained, predict  # pylint: disable=g-import-not-at-top
+  model = from_pretrained(fixtures_dir / 'official_tiny.pth',
+                          spec=fixtures_dir / 'official_tiny.json')
   photos = ('astronaut', 'coffee', 'chelsea', 'rocket')
-  batch = np.stack([predict.preprocess(Image.fromarray(getattr(skimage.data, p)()), 224)
-                    for p in photos])
-  top, probs = predict.predict(model, batch, top_k=5)
-  for photo, indices, p in zip(photos, top, probs):
+  results = predict.classify(model, [Image.fromarray(getattr(skimage.data, p)()) for p in photos])
+  for photo, top in zip(photos, results):
     block = text.split(f'\n{photo}\n', 1)[1]
     printed = re.findall(r'^  \d\. +([0-9.]+)%  \[(\d+)\]', block, re.M)[:5]
-    assert [int(i) for _, i in printed] == indices.tolist(), photo
-    np.testing.assert_allclose([float(q) / 100 for q, _ in printed], p, atol=6e-5)
+    assert [int(i) for _, i in printed] == [e['index'] for e in top], photo
+    np.testing.assert_allclose([float(q) / 100 for q, _ in printed], [e['prob'] for e in top],
+                               atol=6e-5)
 
 
-@pytest.mark.slow  # ~1.5 minutes: a 60-step training run, two evaluations
 def test_finetune_notebook_trains_and_evaluates(tmp_path, monkeypatch):
   from cvt_flax.training.metrics import read_metrics  # pylint: disable=g-import-not-at-top
   text = run_notebook('finetune', tmp_path, monkeypatch)

@@ -9,14 +9,14 @@ import torch
 
 import cvt_flax
 from cvt_flax.convert import load_pytorch, save_official
-from conftest import FIXTURES, ROOT, load_fixture, logits_and_features
+from helpers import DATA, ROOT, load_fixture, logits_and_features
 
 
 @pytest.mark.parametrize('name', ['official_tiny', 'official_tiny_avg'])
 def test_official_round_trip_is_exact(tmp_path, name):
-  save_official(load_pytorch(FIXTURES / f'{name}.pth', spec=FIXTURES / f'{name}.json'),
+  save_official(load_pytorch(DATA / f'{name}.pth', spec=DATA / f'{name}.json'),
                 tmp_path / 'out.pth')
-  before = torch.load(FIXTURES / f'{name}.pth', weights_only=True)
+  before = torch.load(DATA / f'{name}.pth', weights_only=True)
   after = torch.load(tmp_path / 'out.pth', weights_only=True)
   assert list(after) == list(before)  # same keys, in the official order
   for key, value in before.items():
@@ -31,7 +31,7 @@ def _convert(*args):
 
 def test_cli_converts_the_fixture_with_check(tmp_path):
   out = tmp_path / 'tiny'
-  run = _convert(FIXTURES / 'official_tiny.pth', out, '--spec', FIXTURES / 'official_tiny.json',
+  run = _convert(DATA / 'official_tiny.pth', out, '--spec', DATA / 'official_tiny.json',
                  '--check', '--check-size', 64)
   assert run.returncode == 0, run.stderr
   diff = float(re.search(r'max \|logit difference\| = (\S+)', run.stdout).group(1))
@@ -44,7 +44,7 @@ def test_cli_converts_the_fixture_with_check(tmp_path):
 
 
 def test_cli_reports_errors(tmp_path):
-  run = _convert(FIXTURES / 'official_tiny.pth', tmp_path / 'out')  # heads not inferable
+  run = _convert(DATA / 'official_tiny.pth', tmp_path / 'out')  # heads not inferable
   assert run.returncode == 2
   assert 'error:' in run.stderr and 'not a multiple of 64' in run.stderr
   assert not (tmp_path / 'out').exists()

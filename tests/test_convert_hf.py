@@ -14,9 +14,7 @@ import cvt_flax
 from cvt_flax.convert import (ConversionError, config_from_hf, config_to_hf,
                               hf_to_official_state_dict, load_pytorch, official_to_hf_state_dict,
                               save_hf)
-from conftest import FIXTURES, load_fixture
-from conftest import logits_and_features
-from test_convert_reference import perturb_
+from helpers import DATA, load_fixture, logits_and_features, perturb_
 
 # Not the defaults: other widths/heads, mixed qkv_bias, a stride-1 kv projection, cls token last.
 # transformers needs depth[i] > i (it indexes per-stage drop-path rates by the stage index).
@@ -105,7 +103,7 @@ def test_hf_checkpoint_loads_without_torch(hf_dir, hf_model):
 
 
 def test_key_table_covers_cvt13_both_ways():
-  manifest = json.loads((FIXTURES / 'official_manifests.json').read_text())['cvt-13-224x224']
+  manifest = json.loads((DATA / 'official_manifests.json').read_text())['cvt-13-224x224']
   with torch.device('meta'):
     hf_cvt13 = CvtForImageClassification(CvtConfig(num_labels=1000))
   hf_shapes = {k: list(v.shape) for k, v in hf_cvt13.state_dict().items()}
@@ -140,7 +138,7 @@ def test_transformers_cannot_run_avg_so_we_read_it_as_official_avg(tmp_path):
   with pytest.raises(AttributeError, match='convolution_projection'):
     hf_avg(torch.from_numpy(_INPUTS[0]))
   meta, io = load_fixture('official_tiny_avg')
-  official = load_pytorch(FIXTURES / 'official_tiny_avg.pth', spec=FIXTURES / 'official_tiny_avg.json')
+  official = load_pytorch(DATA / 'official_tiny_avg.pth', spec=DATA / 'official_tiny_avg.json')
   with pytest.warns(UserWarning, match='always runs exact GELU'):
     save_hf(official, tmp_path / 'avg')
   with pytest.warns(UserWarning, match="transformers cannot run methods other than 'dw_bn'"):

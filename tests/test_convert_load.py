@@ -11,9 +11,7 @@ import torch
 import cvt_flax
 from cvt_flax.convert import ConversionError, infer_config, load_pytorch
 from cvt_flax.convert.torch_reference import build_reference_model
-from conftest import FIXTURES, load_fixture
-from conftest import logits_and_features
-from test_convert_reference import perturb_
+from helpers import DATA, load_fixture, logits_and_features, perturb_
 
 
 def _nhwc(x):
@@ -23,7 +21,7 @@ def _nhwc(x):
 @pytest.mark.parametrize('name', ['official_tiny', 'official_tiny_avg'])
 def test_fixtures_through_load_pytorch(name):
   meta, io = load_fixture(name)
-  model = load_pytorch(FIXTURES / f'{name}.pth', spec=FIXTURES / f'{name}.json')
+  model = load_pytorch(DATA / f'{name}.pth', spec=DATA / f'{name}.json')
   assert model.config.activation == 'quick_gelu' and model.config.num_classes == meta['num_classes']
   assert model.stage0.blocks[0].drop_path.deterministic  # eval mode
   for i, shape in enumerate(meta['input_shapes']):  # official_tiny's input_1 is 48x80
@@ -36,7 +34,7 @@ def test_fixtures_through_load_pytorch(name):
 
 
 def _fixture_state():
-  return torch.load(FIXTURES / 'official_tiny.pth', weights_only=True)
+  return torch.load(DATA / 'official_tiny.pth', weights_only=True)
 
 
 @pytest.mark.parametrize('wrap', [
@@ -49,16 +47,16 @@ def test_training_checkpoint_wrappers_load(tmp_path, wrap):
   _, io = load_fixture('official_tiny')
   path = tmp_path / 'checkpoint.pth'
   torch.save(wrap(_fixture_state()), path)
-  model = load_pytorch(path, spec=FIXTURES / 'official_tiny.json')
+  model = load_pytorch(path, spec=DATA / 'official_tiny.json')
   logits, _ = logits_and_features(model, _nhwc(io['input_0']))
   np.testing.assert_allclose(logits, io['logits_0'], atol=1e-5, rtol=0)
 
 
 def test_num_classes_zero_drops_the_head():
   _, io = load_fixture('official_tiny')
-  spec = FIXTURES / 'official_tiny.json'
-  full = load_pytorch(FIXTURES / 'official_tiny.pth', spec=spec)
-  backbone = load_pytorch(FIXTURES / 'official_tiny.pth', spec=spec, num_classes=0)
+  spec = DATA / 'official_tiny.json'
+  full = load_pytorch(DATA / 'official_tiny.pth', spec=spec)
+  backbone = load_pytorch(DATA / 'official_tiny.pth', spec=spec, num_classes=0)
   images = _nhwc(io['input_0'])
   assert backbone.head is None
   np.testing.assert_allclose(logits_and_features(backbone, images)[0],
@@ -69,7 +67,7 @@ def test_num_classes_zero_drops_the_head():
                                               ('cvt-21-224x224', 'cvt-21'),
                                               ('cvt-w24-384x384', 'cvt-w24')])
 def test_spec_inferred_from_released_state_dicts(manifest, variant):
-  keys = json.loads((FIXTURES / 'official_manifests.json').read_text())[manifest]['state_dict']
+  keys = json.loads((DATA / 'official_manifests.json').read_text())[manifest]['state_dict']
   # Inference reads shapes only: zero-strided views stand in for W24's 1.1 GB of weights.
   state = {k: np.broadcast_to(np.float32(0), shape) for k, shape in keys.items()}
   want = cvt_flax.make_config(variant)
@@ -102,7 +100,7 @@ def test_spec_inference_errors_say_what_is_missing():
   state = {k: v.numpy() for k, v in _fixture_state().items()}
   with pytest.raises(ConversionError, match=r'width 16, not a multiple of 64.*spec'):
     infer_config(state)
-  avg_state = torch.load(FIXTURES / 'official_tiny_avg.pth', weights_only=True)
+  avg_state = torch.load(DATA / 'official_tiny_avg.pth', weights_only=True)
   widened = {k: np.broadcast_to(np.float32(0), (64,) + tuple(v.shape[1:]))
              if k == 'stage0.patch_embed.proj.weight' else v.numpy() for k, v in avg_state.items()}
   with pytest.raises(ConversionError, match=r"stage 0 has no convolutional q/k/v.*'avg' or 'linear'"):
@@ -148,7 +146,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_truncated_pth(tmp_path):
-  data = (FIXTURES / 'official_tiny.pth').read_bytes()
+  data = (DATA / 'official_tiny.pth').read_bytes()
   path = tmp_path / 'truncated.pth'
   path.write_bytes(data[:len(data) // 2])
   with pytest.raises(ConversionError, match=rf'{path}: truncated or corrupted'):
@@ -170,11 +168,11 @@ def test_not_a_state_dict_and_unknown_layout(tmp_path):
 
 def test_weights_of_another_variant_list_the_keys():
   with pytest.raises(ConversionError) as info:
-    load_pytorch(FIXTURES / 'official_tiny.pth', spec='cvt-13')
+    load_pytorch(DATA / 'official_tiny.pth', spec='cvt-13')
   msg = str(info.value)
   assert 'official_tiny.pth does not fit the model' in msg
   assert 'missing keys' in msg and 'stage2.blocks.9.attn.proj_q.weight' in msg
-  assert 'stage0.patch_embed.proj.weight: shape (16, 3, 7, 7), model expects (64, 3, 7, 7)' in msg
+  assert 'stage0.patch_embed.proj.weight: file (16, 3, 7, 7), model (64, 3, 7, 7)' in msg
 
 
 @pytest.mark.parametrize('key,bad,message', [
@@ -190,7 +188,7 @@ def test_bad_tensor_values_are_reported(tmp_path, key, bad, message):
     state[key] = state[key].to(torch.int32)
   torch.save(state, tmp_path / 'bad.pth')
   with pytest.raises(ConversionError, match=message):
-    load_pytorch(tmp_path / 'bad.pth', spec=FIXTURES / 'official_tiny.json')
+    load_pytorch(tmp_path / 'bad.pth', spec=DATA / 'official_tiny.json')
 
 
 def test_missing_file_and_bad_spec(tmp_path):
@@ -198,5 +196,5 @@ def test_missing_file_and_bad_spec(tmp_path):
     load_pytorch(tmp_path / 'nope.pth')
   (tmp_path / 'spec.json').write_text('{"DIM_EMBED": [16], "WHAT": 1}')
   with pytest.raises(ConversionError, match=r'spec file .*spec.json: not a CvT spec.*WHAT'):
-    load_pytorch(FIXTURES / 'official_tiny.pth', spec=tmp_path / 'spec.json')
-  assert pathlib.Path(FIXTURES / 'official_tiny.pth').is_file()
+    load_pytorch(DATA / 'official_tiny.pth', spec=tmp_path / 'spec.json')
+  assert pathlib.Path(DATA / 'official_tiny.pth').is_file()

@@ -7,6 +7,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from cvt_flax.data import augment, pipeline, randaugment
 from cvt_flax.data.config import default_input_config
+from cvt_flax.preprocess import Preprocess
 import tensorflow as tf
 
 FILL = (124, 116, 104)  # timm's fill for the ImageNet mean.
@@ -102,7 +103,7 @@ def test_eval_resize_matches_timm_transform(mode):
     top = int(round((resized.size[1] - 64) / 2))
     left = int(round((resized.size[0] - 64) / 2))
     expected = resized.crop((left, top, left + 64, top + 64))
-  out = augment.decode_and_resize_eval(tf.io.encode_png(image), 64, 0.875, mode).numpy()
+  out = augment.decode_and_resize_eval(tf.io.encode_png(image), Preprocess(64, mode)).numpy()
   assert out.shape == (64, 64, 3)
   assert np.abs(out - np.asarray(expected)).max() <= 1
 
@@ -168,12 +169,14 @@ def _augment_everything(image_bytes, seed):
 def test_ops_agree_eagerly_and_inside_tf_data(encode):
   image_bytes = encode(tf.constant(_natural_image(37, 53, seed=4)))
   seeds = tf.constant([[1, 2], [3, 4], [5, 6], [7, 8]], tf.int64)
+  def resized(b):
+    return augment.decode_and_resize_eval(b, Preprocess(24))
+
   fns = {
       'crop': lambda b, s: augment.decode_and_random_resized_crop(b, s, 24),
-      'flip': lambda b, s: augment.random_flip(augment.decode_and_resize_eval(b, 24), s),
-      'randaugment': lambda b, s: randaugment.rand_augment(
-          augment.decode_and_resize_eval(b, 24), s, 4, 9.0, 0.5, FILL),
-      'erasing': lambda b, s: augment.random_erasing(augment.decode_and_resize_eval(b, 24), s, 1.0),
+      'flip': lambda b, s: augment.random_flip(resized(b), s),
+      'randaugment': lambda b, s: randaugment.rand_augment(resized(b), s, 4, 9.0, 0.5, FILL),
+      'erasing': lambda b, s: augment.random_erasing(resized(b), s, 1.0),
       'train_transform': _augment_everything,
   }
   for name, fn in fns.items():

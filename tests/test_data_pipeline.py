@@ -13,7 +13,9 @@ EVAL_SPLIT = {'imagenet2012': 'validation', 'cifar10': 'test', 'cifar100': 'test
 
 
 @pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
+def auto_prepared_dir(tmp_path_factory):
+  """An empty TFDS data dir: the pipeline prepares `digits` in it on first use (unlike conftest's
+  `digits_dir`, which is built up front)."""
   return str(tmp_path_factory.mktemp('tfds'))
 
 
@@ -42,7 +44,8 @@ def test_mock_dataset_train_and_eval(dataset):
   with tfds.testing.mock_data(num_examples=10):
     cfg = _config(dataset, random_erasing=0.0)  # Erasing noise is unbounded; checked below.
     info = data.get_dataset_info(cfg)
-    assert info == data.DatasetInfo(NUM_CLASSES[dataset], 10, 10)
+    assert info[:3] == (NUM_CLASSES[dataset], 10, 10)
+    assert len(info.class_names) == NUM_CLASSES[dataset]  # TFDS's label names
     low, high = _normalised_range(cfg)
     for batch in _take(data.make_train_iterator(cfg, global_batch_size=4, seed=0), 4):
       assert set(batch) == {'image', 'label'}
@@ -74,10 +77,11 @@ def test_mock_random_erasing_adds_unbounded_noise():
   assert outside.any()  # N(0, 1) noise leaves the range of normalised pixels somewhere.
 
 
-def test_digits_builder(digits_dir):
-  cfg = _config('digits', digits_dir)
-  assert data.get_dataset_info(cfg) == data.DatasetInfo(10, 1437, 360)  # Builds on first use.
-  builder = tfds.builder('digits', data_dir=digits_dir)
+def test_digits_builder(auto_prepared_dir):
+  cfg = _config('digits', auto_prepared_dir)
+  assert data.get_dataset_info(cfg) == data.DatasetInfo(  # Builds on first use.
+      10, 1437, 360, tuple(str(i) for i in range(10)))
+  builder = tfds.builder('digits', data_dir=auto_prepared_dir)
   assert builder.info.features['image'].shape == (8, 8, 1)
   splits = {name: tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
             for name in ('train', 'test')}
@@ -95,8 +99,8 @@ def test_digits_builder(digits_dir):
   assert np.all(np.abs(test_fraction - 360 / 1797) < 0.01)
 
 
-def test_digits_pipeline_shapes_grey_to_rgb_and_upsampling(digits_dir):
-  cfg = _config('digits', digits_dir, image_size=24, randaugment_num_ops=0, random_erasing=0.0,
+def test_digits_pipeline_shapes_grey_to_rgb_and_upsampling(auto_prepared_dir):
+  cfg = _config('digits', auto_prepared_dir, image_size=24, randaugment_num_ops=0, random_erasing=0.0,
                 hflip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
   batch = next(data.make_train_iterator(cfg, global_batch_size=8, seed=0))
   assert batch['image'].shape == (8, 24, 24, 3)
@@ -108,8 +112,8 @@ def test_digits_pipeline_shapes_grey_to_rgb_and_upsampling(digits_dir):
   assert eval_batch['image'].shape == (8, 24, 24, 3) and eval_batch['mask'].all()
 
 
-def test_resume_equals_uninterrupted_run(digits_dir):
-  cfg = _config('digits', digits_dir)  # Full augmentation: crop, flip, RandAugment, erasing.
+def test_resume_equals_uninterrupted_run(auto_prepared_dir):
+  cfg = _config('digits', auto_prepared_dir)  # Full augmentation: crop, flip, RandAugment, erasing.
   uninterrupted = _take(data.make_train_iterator(cfg, global_batch_size=64, seed=3), 25)
   # 1,437 examples per epoch: batch 22 spans the end of epoch 0 and the start of epoch 1.
   for start in (2, 21):
@@ -137,8 +141,8 @@ def _epoch_records(cfg, process_index, process_count, epoch_size):
   return collections.Counter((img.tobytes(), int(lab)) for img, lab in zip(images, labels))
 
 
-def test_two_processes_read_disjoint_train_data(digits_dir):
-  cfg = _config('digits', digits_dir, image_size=8, randaugment_num_ops=0, random_erasing=0.0,
+def test_two_processes_read_disjoint_train_data(auto_prepared_dir):
+  cfg = _config('digits', auto_prepared_dir, image_size=8, randaugment_num_ops=0, random_erasing=0.0,
                 hflip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
   everything = _epoch_records(cfg, 0, 1, 1437)
   first, second = (_epoch_records(cfg, p, 2, 1437 // 2) for p in (0, 1))
@@ -148,8 +152,8 @@ def test_two_processes_read_disjoint_train_data(digits_dir):
   assert not both - everything
 
 
-def test_two_processes_cover_eval_once(digits_dir):
-  cfg = _config('digits', digits_dir, image_size=8)
+def test_two_processes_cover_eval_once(auto_prepared_dir):
+  cfg = _config('digits', auto_prepared_dir, image_size=8)
   def records(process_index, process_count):
     batches = list(data.make_eval_iterator(cfg, global_batch_size=64, process_index=process_index,
                                            process_count=process_count))
@@ -177,22 +181,18 @@ def test_config_is_lockable_and_overridable():
     cfg.data_dri = '/x'
   with pytest.raises(TypeError):
     cfg.data_dir = 3
-  mixup = data.default_mixup_config()
-  mixup.lock()
-  assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.switch_prob, mixup.prob,
-          mixup.label_smoothing) == (0.8, 1.0, 0.5, 1.0, 0.1)
 
 
-def test_bad_inputs_raise_clear_errors(digits_dir, tmp_path):
-  cfg = _config('digits', digits_dir)
+def test_bad_inputs_raise_clear_errors(auto_prepared_dir, tmp_path):
+  cfg = _config('digits', auto_prepared_dir)
   with pytest.raises(ValueError, match='process_count=3'):
     data.make_train_iterator(cfg, global_batch_size=64, seed=0, process_count=3)
   with pytest.raises(ValueError, match='process_index=2'):
     data.make_eval_iterator(cfg, global_batch_size=64, process_index=2, process_count=2)
   with pytest.raises(ValueError, match=r"'validation'.*available splits: train, test"):
-    data.get_dataset_info(_config('digits', digits_dir, eval_split='validation'))
+    data.get_dataset_info(_config('digits', auto_prepared_dir, eval_split='validation'))
   with pytest.raises(ValueError, match='eval_resize'):
-    data.make_eval_iterator(_config('digits', digits_dir, eval_resize='squash'),
+    data.make_eval_iterator(_config('digits', auto_prepared_dir, eval_resize='squash'),
                             global_batch_size=8)
   with pytest.raises(FileNotFoundError, match='cifar10.*not prepared'):  # Never downloads.
     data.get_dataset_info(_config('cifar10', str(tmp_path)))

@@ -14,15 +14,16 @@ import pytest
 import torch
 from orbax.checkpoint._src.path import atomicity
 
-from conftest import FIXTURES
 from cvt_flax import train_lib
 from cvt_flax.convert import ConversionError
+from cvt_flax.io import CheckpointError
+from cvt_flax.io.trees import to_nested_dict
 from cvt_flax.models import CvT
 from cvt_flax.training import checkpointing
 from cvt_flax.training.checkpointing import (Checkpointer, CheckpointRestoreError, complete_steps,
                                              CheckpointSaveError, WorkdirError)
-from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
-    compile_cache, digits_dir, tiny_config, train_losses)
+from cvt_flax.training.run import build_run, create_initial_state, write_run_files
+from helpers import DATA, tiny_config, train_losses
 
 pytestmark = [pytest.mark.usefixtures('compile_cache'),
               # Orbax's async machinery reports 'Event loop is closed' from finalisers after a
@@ -61,8 +62,8 @@ def test_truncated_newest_checkpoint_is_named_and_the_older_one_resumes(digits_d
 
 
 def _initial_state(cfg, workdir):
-  run = train_lib.build_run(cfg, workdir)
-  return run, train_lib.create_initial_state(run)
+  run = build_run(cfg, workdir)
+  return run, create_initial_state(run)
 
 
 def test_checkpoint_of_another_model_or_layout_lists_the_keys(digits_dir, tmp_path):
@@ -75,7 +76,7 @@ def test_checkpoint_of_another_model_or_layout_lists_the_keys(digits_dir, tmp_pa
   ckpts = Checkpointer(str(tmp_path / 'checkpoints'), keep=10, async_save=False)
   ckpts.save(1, other_state)
   # A "newer format": the same arrays under a renamed key, plus a key this version does not know.
-  nested = checkpointing.to_nested_dict(state)
+  nested = to_nested_dict(state)
   nested['optimizer'] = nested.pop('opt_state')
   nested['ema_params'] = nested['params']
   ckpts.save(2, nested)
@@ -104,14 +105,13 @@ def test_workdir_of_a_newer_or_unknown_format(digits_dir, tmp_path):
   ckpts = Checkpointer(str(tmp_path / 'checkpoints'), keep=10)
   ckpts.save(3, state)
   ckpts.close()
-  checkpointing.write_model_config(str(tmp_path), run.model_config)
+  write_run_files(run, str(tmp_path))
   path = tmp_path / 'model_config.json'
   doc = json.loads(path.read_text())
-  for change, message in (({'version': 2}, 'version 2 was written by a newer cvt-flax'),
+  for change, message in (({'version': 3}, 'format version 3 was written by a newer cvt-flax'),
                           ({'format': 'orbax'}, "format 'orbax', expected 'cvt_flax.model'")):
     path.write_text(json.dumps(dict(doc, **change)))
-    with pytest.raises(CheckpointRestoreError,
-                       match=f'{path}: not a readable model config: {message}'):
+    with pytest.raises(CheckpointError, match=f'{path}: {message}'):
       train_lib.train_and_evaluate(cfg, str(tmp_path))
 
 
@@ -138,12 +138,12 @@ def test_untrusted_pth_as_init_from(digits_dir, tmp_path):
     train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert not marker.exists()
 
-  state = torch.load(FIXTURES / 'official_tiny.pth', weights_only=True)
+  state = torch.load(DATA / 'official_tiny.pth', weights_only=True)
   state['stage1.blocks.0.mlp.fc1.weight'][0, 0] = float('inf')
   state['head.bias'] = state['head.bias'].to(torch.int64)
   torch.save(state, tmp_path / 'bad.pth')
   cfg = tiny_config(digits_dir, init_from=str(tmp_path / 'bad.pth'),
-                    init_from_spec=str(FIXTURES / 'official_tiny.json'))
+                    init_from_spec=str(DATA / 'official_tiny.json'))
   with pytest.raises(ConversionError) as err:
     train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert 'stage1.blocks.0.mlp.fc1.weight: contains 1 NaN/Inf' in str(err.value)

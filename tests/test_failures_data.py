@@ -80,7 +80,8 @@ def test_image_modes_and_sizes_become_the_right_rgb(tmp_path):
            for name, (blob, _, _) in IMAGES.items()}
   cfg = _config(_image_folder(tmp_path, {'train': files, 'test': files}))
   names = sorted(IMAGES)
-  assert data.get_dataset_info(cfg) == data.DatasetInfo(len(names), len(names), len(names))
+  assert data.get_dataset_info(cfg) == data.DatasetInfo(len(names), len(names), len(names),
+                                                        tuple(names))  # the class folders
   batches = list(data.make_eval_iterator(cfg, global_batch_size=4))
   seen = set()
   for batch in batches:

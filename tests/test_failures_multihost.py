@@ -1,14 +1,11 @@
 """Multi-host failures: a process that never starts, or that dies, ends the others with a clear
 error within a bounded time; nothing hangs. Two local `train.py` processes, jax.distributed on CPU
 with gloo collectives, short timeouts set with train.py's flags."""
-import textwrap
 import time
 
 import pytest
 
-from test_failures_preemption import TrainProcess
-from test_train_multiprocess import _free_port
-from train_testlib import compile_cache, digits_dir  # pylint: disable=unused-import
+from helpers import TrainProcess, free_port, write_config_file
 
 INIT_TIMEOUT = 10  # --distributed_init_timeout (default 300)
 HEARTBEAT_TIMEOUT = 5  # --distributed_heartbeat_timeout (default 100)
@@ -26,20 +23,15 @@ def _distributed_flags(port, process_id, init_timeout=INIT_TIMEOUT):
 @pytest.fixture(scope='module')
 def long_config(tmp_path_factory, digits_dir):
   """A run far longer than the tests wait: it only ends by failing."""
-  path = tmp_path_factory.mktemp('config') / 'long_digits.py'
-  path.write_text(textwrap.dedent(f'''
-      from train_testlib import tiny_config
-      def get_config():
-        return tiny_config({digits_dir!r}, num_train_steps=1000, checkpoint_every_steps=2)
-  '''))
-  return path
+  return write_config_file(tmp_path_factory.mktemp('config'), 'long_digits', digits_dir,
+                           num_train_steps=1000, checkpoint_every_steps=2)
 
 
 @pytest.mark.parametrize('process_id', [0, 1])
 def test_a_process_that_never_starts_ends_the_other(tmp_path, long_config, compile_cache,
                                                     process_id):
   """Only one of the two processes is launched (0 hosts the coordinator; 1 finds none)."""
-  port = _free_port()
+  port = free_port()
   started = time.monotonic()
   alone = TrainProcess(tmp_path, 'alone', long_config, tmp_path / 'run', compile_cache,
                        *_distributed_flags(port, process_id))
@@ -60,7 +52,7 @@ def test_a_process_that_never_starts_ends_the_other(tmp_path, long_config, compi
 @pytest.mark.parametrize('victim', [1, 0])
 def test_a_process_that_dies_ends_the_other(tmp_path, long_config, compile_cache, victim):
   """Both train; at step 3 one is SIGKILLed (0 is also the coordinator); the other must exit."""
-  port = _free_port()
+  port = free_port()
   markers = [tmp_path / f'process{i}_at_step_3' for i in range(2)]
   procs = [TrainProcess(tmp_path, f'process{i}', long_config, tmp_path / 'run', compile_cache,
                         *_distributed_flags(port, i, init_timeout=300), FAILTEST_BATCH_DELAY='0.2',

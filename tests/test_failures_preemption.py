@@ -8,104 +8,18 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 
-from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
-    ROOT, compile_cache, digits_dir, train_losses)
+from helpers import TrainProcess, train_losses, write_config_file
 
 STEPS = 12
-TIMEOUT = 300  # seconds; a run takes ~15 s (plus ~20 s to compile if the cache is cold)
-
-_WORKER = textwrap.dedent('''
-    import os, runpy, sys, time
-    hang_step = os.environ.get('FAILTEST_HANG_SAVE_OF_STEP')
-    if hang_step:
-      # Holds the save of that step just before Orbax renames its temporary directory into place:
-      # all files are written (commit_success.txt too), but the checkpoint is not final yet.
-      from orbax.checkpoint._src.path import atomicity
-      rename = atomicity.async_path.rename
-      async def hanging_rename(src, dst, *args, **kwargs):
-        if os.path.basename(str(dst)) == hang_step:
-          open(os.environ['FAILTEST_MARKER'], 'w').close()
-          time.sleep(3600)
-        return await rename(src, dst, *args, **kwargs)
-      atomicity.async_path.rename = hanging_rename
-    delay = float(os.environ.get('FAILTEST_BATCH_DELAY', '0'))  # slows every step down
-    mark_step = int(os.environ.get('FAILTEST_MARK_STEP', '0'))  # creates FAILTEST_MARKER then
-    if delay or mark_step:
-      from cvt_flax import train_lib
-      make_train_iterator = train_lib.data.make_train_iterator
-      def hooked(*args, start_step=0, **kwargs):
-        batches = make_train_iterator(*args, start_step=start_step, **kwargs)
-        for step, batch in enumerate(batches, start_step + 1):
-          if step == mark_step:
-            open(os.environ['FAILTEST_MARKER'], 'w').close()
-          time.sleep(delay)
-          yield batch
-      train_lib.data.make_train_iterator = hooked
-    sys.argv = ['train.py', *sys.argv[1:]]
-    runpy.run_path('train.py', run_name='__main__')
-''')
-
-
-class TrainProcess:
-  """A `train.py` subprocess whose stdout/stderr go to files (readable while it runs).
-
-  `hooks`: FAILTEST_* environment variables for the fault hooks of `_WORKER`.
-  """
-
-  def __init__(self, tmp_path, name, config, workdir, cache_env, *flags, **hooks):
-    self.out, self.err = tmp_path / f'{name}.out', tmp_path / f'{name}.err'
-    env = dict(os.environ, **cache_env, **hooks, JAX_PLATFORMS='cpu',
-               PYTHONPATH=os.pathsep.join([str(ROOT / 'tests'), str(ROOT)]))
-    env.pop('XLA_FLAGS', None)
-    with open(self.out, 'w') as out, open(self.err, 'w') as err:
-      self.proc = subprocess.Popen(
-          [sys.executable, '-c', _WORKER, '--config', str(config), '--workdir', str(workdir),
-           *flags], cwd=ROOT, env=env, stdout=out, stderr=err)
-
-  def stderr(self) -> str:
-    return self.err.read_text()
-
-  def stdout(self) -> str:
-    return self.out.read_text()
-
-  def wait_for(self, condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-      if self.proc.poll() is not None:
-        raise AssertionError(f'train.py exited ({self.proc.returncode}) before {what}:\n'
-                             f'{self.stdout()[-2000:]}\n{self.stderr()[-4000:]}')
-      if time.monotonic() > deadline:
-        self.proc.kill()
-        raise AssertionError(f'timed out waiting for {what}')
-      time.sleep(0.1)
-
-  def finish(self, expect_returncode=0, timeout=TIMEOUT) -> str:
-    try:
-      self.proc.wait(timeout=timeout)
-    finally:
-      if self.proc.poll() is None:
-        self.proc.kill()
-    assert self.proc.returncode == expect_returncode, (
-        f'returncode {self.proc.returncode}:\n{self.stdout()[-2000:]}\n{self.stderr()[-4000:]}')
-    return self.stdout()
 
 
 @pytest.fixture(scope='module')
 def config_file(tmp_path_factory, digits_dir):
-  path = tmp_path_factory.mktemp('config') / 'tiny_digits.py'
-  path.write_text(textwrap.dedent(f'''
-      from train_testlib import tiny_config
-      def get_config():
-        return tiny_config({digits_dir!r}, num_train_steps={STEPS}, checkpoint_every_steps=3)
-  '''))
-  return path
+  return write_config_file(tmp_path_factory.mktemp('config'), 'tiny_digits', digits_dir,
+                           num_train_steps=STEPS, checkpoint_every_steps=3)
 
 
 @pytest.fixture(scope='module')

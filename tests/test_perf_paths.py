@@ -1,4 +1,5 @@
-"""Every fast path against its reference implementation: depthwise conv and attention cores.
+"""Every compute path against its reference implementation: depthwise conv and attention cores,
+the CPU backend's fusion barrier and compiler options, and the choice of paths per platform.
 
 The fixture tests in test_model.py run the default paths; here each alternative is compared with
 the reference one directly, forward and gradient, on shapes that reach its special cases.
@@ -12,11 +13,16 @@ import pytest
 from flax import nnx
 
 import cvt_flax
-from cvt_flax.models import layers
-from conftest import fixture_model
+from cvt_flax.models import Compute, compute, cpu
+from helpers import PARITY_ATOL, fixture_model
 
-# float32 results that differ only in summation order agree to a few ulps of their magnitude.
+# Two float32 computations of the same function that differ only in summation order, on values of
+# order 1 to 10 (random inputs, 9- to 50-term sums): measured <= 4e-6 apart; a few ulps of 10.
 ATOL = 2e-5
+
+
+def _compute(**settings):
+  return Compute(platform='cpu', **settings).resolved()
 
 
 def _normal(key, shape):
@@ -37,7 +43,8 @@ def test_depthwise_conv_shifts_matches_xla_forward_and_gradient(hw, kernel, stri
 
   def run(impl):
     nonlocal cotangent
-    out, vjp = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, stride, padding, impl), x, w)
+    out, vjp = jax.vjp(
+        lambda x, w: compute.depthwise_conv(_compute(dwconv_impl=impl), x, w, stride, padding), x, w)
     if cotangent is None:
       cotangent = _normal(2, out.shape)
     return out, vjp(cotangent)
@@ -61,14 +68,15 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize('shape,block_bytes', ATTENTION_CASES)
 @pytest.mark.parametrize('impl', ['deferred', 'blocked'])
 def test_attention_impls_match_softmax_forward_and_gradient(monkeypatch, shape, block_bytes, impl):
-  monkeypatch.setattr(layers, 'ATTENTION_BLOCK_BYTES', block_bytes)
-  monkeypatch.setattr(layers, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
+  monkeypatch.setattr(cpu, 'ATTENTION_BLOCK_BYTES', block_bytes)
+  monkeypatch.setattr(cpu, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
   b, h, nq, nk = shape
   q, k, v = _normal(0, (b, h, nq, 8)), _normal(1, (b, h, nk, 8)), _normal(2, (b, h, nk, 8))
   cotangent = _normal(3, (b, h, nq, 8))
 
   def run(impl):
-    out, vjp = jax.vjp(lambda q, k, v: layers.attention(q, k, v, 0.35, impl=impl), q, k, v)
+    settings = _compute(attention_impl=impl)
+    out, vjp = jax.vjp(lambda q, k, v: compute.attention(settings, q, k, v, 0.35), q, k, v)
     return out, vjp(cotangent)
 
   ref_out, ref_grads = run('softmax')
@@ -80,21 +88,22 @@ def test_attention_impls_match_softmax_forward_and_gradient(monkeypatch, shape, 
 
 def test_blocked_attention_takes_the_loop_only_for_large_scores(monkeypatch):
   calls = []
-  monkeypatch.setattr(layers, '_blocked_attention', lambda *a: calls.append(a) or a[0])
+  monkeypatch.setattr(cpu, '_blocked_attention', lambda *a: calls.append(a) or a[0])
+  blocked = _compute(attention_impl='blocked')
   small = _normal(0, (1, 1, 16, 8))
-  layers.attention(small, small, small, 1.0, impl='blocked')
+  compute.attention(blocked, small, small, small, 1.0)
   assert not calls
   large = jax.ShapeDtypeStruct((32, 1, 3136, 64), jnp.float32)  # CvT-13's first stage
   kv = jax.ShapeDtypeStruct((32, 1, 784, 64), jnp.float32)
-  jax.eval_shape(lambda q, k: layers.attention(q, k, k, 1.0, impl='blocked'), large, kv)
+  jax.eval_shape(lambda q, k: compute.attention(blocked, q, k, k, 1.0), large, kv)
   assert len(calls) == 1
 
 
 def test_attention_dropout_and_recording_use_the_probabilities():
   q = _normal(0, (2, 1, 6, 4))
   recorded = []
-  dropped = layers.attention(q, q, q, 0.5, impl='blocked', record=recorded.append,
-                             dropout=lambda p: p * 0)
+  dropped = compute.attention(_compute(attention_impl='blocked'), q, q, q, 0.5,
+                              record=recorded.append, dropout=lambda p: p * 0)
   np.testing.assert_allclose(recorded[0].sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(dropped, 0.0)
 
@@ -102,29 +111,47 @@ def test_attention_dropout_and_recording_use_the_probabilities():
 @pytest.mark.parametrize('impl', ['softmax', 'deferred', 'blocked'])
 def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
   # Small blocks so that 'blocked' really loops on the tiny fixture model.
-  monkeypatch.setattr(layers, 'ATTENTION_BLOCK_BYTES', 1024)
-  monkeypatch.setattr(layers, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
+  monkeypatch.setattr(cpu, 'ATTENTION_BLOCK_BYTES', 1024)
+  monkeypatch.setattr(cpu, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
   model, _, io = fixture_model('official_tiny', attention_impl=impl)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   for i in range(2):
     logits = forward(state, io[f'input_{i}'].transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(logits, io[f'logits_{i}'], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits, io[f'logits_{i}'], atol=PARITY_ATOL, rtol=0)
 
 
 def test_unknown_attention_impl_is_a_clear_error():
-  with pytest.raises(ValueError, match="attention_impl 'flash'"):
-    cvt_flax.models.make_config('cvt-13', attention_impl='flash')
+  with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
+    cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), attention_impl='flash')
 
 
-def _largest_backward_fusion(depth):
+def test_compute_settings_are_not_architecture():
+  with pytest.raises(ValueError, match=r"\['attention_impl'\] are compute settings"):
+    cvt_flax.make_config('cvt-13', attention_impl='softmax')
+
+
+@pytest.mark.parametrize('platform,dwconv,attention,barrier', [
+    ('cpu', 'shifts', 'blocked', True), ('gpu', 'xla', 'deferred', False),
+    ('tpu', 'xla', 'deferred', False)])
+def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, barrier):
+  resolved = Compute(platform=platform).resolved()
+  assert (resolved.dwconv_impl, resolved.attention_impl, resolved.fusion_barrier) == (
+      dwconv, attention, barrier)
+  explicit = Compute(platform=platform, attention_impl='softmax').resolved()
+  assert explicit.attention_impl == 'softmax'
+  model = cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), platform=platform)
+  assert model.stage2.blocks[0].attn.compute == resolved
+
+
+def _largest_backward_fusion(depth, barrier=True):
   """Most operands of any fusion XLA builds for the gradient of a one-stage CvT `depth` blocks deep."""
   fields = dict(dim_embed=(32,), num_heads=(1,), depth=(depth,), patch_size=(3,),
                 patch_stride=(2,), patch_padding=(1,), cls_token=(True,),
                 qkv_proj_method=('dw_bn',), kernel_qkv=(3,), stride_kv=(2,), stride_q=(1,),
                 padding_kv=(1,), padding_q=(1,), qkv_bias=(True,), mlp_ratio=(2.0,),
                 drop_rate=(0.0,), attn_drop_rate=(0.0,), drop_path_rate=(0.0,), num_classes=3)
-  model = cvt_flax.create_model(fields, rngs=nnx.Rngs(0))
+  model = cvt_flax.create_model(fields, rngs=nnx.Rngs(0), fusion_barrier=barrier)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x))
   hlo = jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 16, 16, 3))).compile().as_text()
@@ -132,20 +159,19 @@ def _largest_backward_fusion(depth):
   return max(m.group(1).count('%') for m in re.finditer(r'fusion\((.*?)\), kind', entry))
 
 
-def test_backward_fusions_do_not_grow_with_depth(monkeypatch):
+def test_backward_fusions_do_not_grow_with_depth():
   # Without the barrier XLA:CPU fuses the residual gradient across all blocks into every block's
   # weight-gradient fusion (operands grow ~14 per block: quadratic work); see
-  # layers.gradient_fusion_barrier.
-  assert _largest_backward_fusion(12) == _largest_backward_fusion(3)
-  monkeypatch.setattr(layers, 'gradient_fusion_barrier', lambda x: x)
-  assert _largest_backward_fusion(12) > _largest_backward_fusion(3)
+  # cpu.gradient_fusion_barrier.
+  assert _largest_backward_fusion(6) == _largest_backward_fusion(3)
+  assert _largest_backward_fusion(6, barrier=False) > _largest_backward_fusion(3, barrier=False)
 
 
 def test_gradient_fusion_barrier_is_the_identity_both_ways():
   x = jnp.array([1.0, -2.0, 3.0])
-  np.testing.assert_array_equal(layers.gradient_fusion_barrier(x), x)
+  np.testing.assert_array_equal(cpu.gradient_fusion_barrier(x), x)
   for cotangent in ([4.0, 5.0, 6.0], [np.nan, 5.0, 6.0]):  # the NaN case takes the other branch
-    _, vjp = jax.vjp(layers.gradient_fusion_barrier, x)
+    _, vjp = jax.vjp(cpu.gradient_fusion_barrier, x)
     np.testing.assert_array_equal(vjp(jnp.array(cotangent))[0], cotangent)
 
 

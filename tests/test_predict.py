@@ -1,5 +1,7 @@
-"""The inference command: any image mode and size, JSON output, clear errors."""
+"""The inference command: any image mode and size, the checkpoint's own preprocessing and class
+names, one compile per input size, JSON output, clear errors."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -7,16 +9,18 @@ from PIL import Image
 
 import cvt_flax
 from cvt_flax import predict
-from conftest import FIXTURES, load_fixture
+from cvt_flax.io import FormatNote
+from cvt_flax.preprocess import Preprocess, load_image
+from helpers import DATA
 
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
-  """The official fixture converted to a cvt-flax model checkpoint."""
+  """The official fixture converted to a model directory, with a 64 px eval and class names."""
   path = tmp_path_factory.mktemp('ckpt') / 'tiny'
-  meta, _ = load_fixture('official_tiny')
-  model = cvt_flax.load_pytorch(str(FIXTURES / 'official_tiny.pth'), spec=meta['spec'])
-  cvt_flax.save_model(model, str(path))
+  model = cvt_flax.load_pytorch(DATA / 'official_tiny.pth', spec=DATA / 'official_tiny.json')
+  cvt_flax.save_model(model, path, preprocess=Preprocess(64),
+                      class_names=[f'class {i}' for i in range(10)])
   return str(path)
 
 
@@ -37,28 +41,58 @@ def _images(tmp_path):
   return out
 
 
-def test_predict_json_for_all_image_modes(checkpoint, tmp_path, capsys):
+def test_predict_json_for_all_image_modes_with_the_checkpoints_preprocessing(checkpoint, tmp_path,
+                                                                            capsys):
   paths = _images(tmp_path)
-  assert predict.main(['--checkpoint', checkpoint, '--image-size', '64', '--top-k', '3', '--json',
-                       *paths]) == 0
+  assert predict.main(['--checkpoint', checkpoint, '--top-k', '3', '--json', *paths]) == 0
   results = json.loads(capsys.readouterr().out)
   assert [r['image'] for r in results] == paths
   model = cvt_flax.load_checkpoint(checkpoint)
   for r in results:
     probs = [e['prob'] for e in r['top_k']]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
-    assert all(e['label'] == str(e['index']) for e in r['top_k'])  # 10 classes: no names
-    # The command's answer is the model's answer on the same preprocessing.
-    x = predict.preprocess(predict.load_image(r['image']), 64)[None]
-    logits = np.asarray(model(x))[0]
+    assert all(e['label'] == f"class {e['index']}" for e in r['top_k'])  # the saved names
+    # The command's answer is the model's answer on the checkpoint's preprocessing (64 px crop).
+    logits = np.asarray(model(Preprocess(64)(load_image(r['image']))[None]))[0]
     assert r['top_k'][0]['index'] == int(np.argmax(logits))
+    assert r['top_k'][0]['prob'] == pytest.approx(float(np.max(np.exp(logits) / np.exp(logits).sum())),
+                                                  abs=1e-5)
 
 
-def test_preprocess_crop_and_warp():
-  img = Image.fromarray(np.zeros((300, 500, 3), np.uint8))
-  assert predict.preprocess(img, 224).shape == (224, 224, 3)
-  assert predict.preprocess(img, 384).shape == (384, 384, 3)
-  assert predict.class_names(1000)[0].startswith('tench')
+def test_flags_override_the_recorded_preprocessing(checkpoint, tmp_path, capsys):
+  image = _images(tmp_path)[0]
+  assert predict.main(['--checkpoint', checkpoint, '--image-size', '48', '--resize', 'warp',
+                       '--json', image]) == 0
+  top = json.loads(capsys.readouterr().out)[0]['top_k'][0]
+  model = cvt_flax.load_checkpoint(checkpoint)
+  logits = np.asarray(model(Preprocess(48, 'warp')(load_image(image))[None]))[0]
+  assert top['index'] == int(np.argmax(logits))
+
+
+def test_one_compile_per_input_size(checkpoint):
+  model = cvt_flax.load_checkpoint(checkpoint)
+  predict._probabilities().clear_cache()  # pylint: disable=protected-access
+  for n in (1, 3, 9, 17):  # 1, 1, 2 and 3 batches of 8
+    predict.predict(model, np.zeros((n, 64, 64, 3), np.float32))
+  assert predict._probabilities()._cache_size() == 1  # pylint: disable=protected-access
+  predict.predict(model, np.zeros((2, 48, 48, 3), np.float32))
+  assert predict._probabilities()._cache_size() == 2  # pylint: disable=protected-access
+
+
+def test_version_1_directory_predicts_as_before(fixtures_dir, tmp_path, capsys):
+  """Format 1 recorded no preprocessing: predict used the official 224 px crop, as it does now."""
+  image = _images(tmp_path)[0]
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', FormatNote)
+    with pytest.raises(FormatNote):
+      cvt_flax.load_checkpoint(fixtures_dir / 'v1_official_tiny')
+  assert predict.main(['--checkpoint', str(fixtures_dir / 'v1_official_tiny'), '--json',
+                       image]) == 0
+  top = json.loads(capsys.readouterr().out)[0]['top_k']
+  model = cvt_flax.load_pytorch(DATA / 'official_tiny.pth', spec=DATA / 'official_tiny.json')
+  logits = np.asarray(model(Preprocess(224)(load_image(image))[None]))[0]
+  assert [e['index'] for e in top] == list(np.argsort(-logits)[:5])
+  assert all(e['label'] == str(e['index']) for e in top)  # 10 classes: indices
 
 
 def test_unreadable_files_are_named(checkpoint, tmp_path, capsys):

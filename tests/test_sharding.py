@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cvt_flax.training.sharding import fsdp_partition_spec
-from train_testlib import compile_cache, digits_dir, run_python  # pylint: disable=unused-import
+from helpers import run_python
 
 
 @pytest.mark.parametrize('shape,spec', [
@@ -35,7 +35,8 @@ _EIGHT_DEVICES = textwrap.dedent('''
     import json, os, shutil, sys
     import jax
     from cvt_flax import train_lib
-    from train_testlib import tiny_config, train_losses
+    from cvt_flax.training.run import build_run
+    from helpers import tiny_config, train_losses
     data_dir, root = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8, jax.devices()
     out = {}
@@ -45,7 +46,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
       result = train_lib.train_and_evaluate(cfg, os.path.join(root, name), devices=devices)
       out[name] = {'losses': train_losses(os.path.join(root, name)), 'top1': result['eval/top1']}
     # How many arrays of the FSDP train state are really split over the 8 devices.
-    run = train_lib.build_run(tiny_config(data_dir, fsdp=True, fsdp_min_size=0), root)
+    run = build_run(tiny_config(data_dir, fsdp=True, fsdp_min_size=0), root)
     specs = [s.spec for s in jax.tree.leaves(run.state_shardings)]
     out['fsdp_sharded'] = sum('data' in tuple(s) for s in specs)
     out['fsdp_total'] = len(specs)
@@ -59,7 +60,6 @@ _EIGHT_DEVICES = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.slow  # ~2.5 min on 2 cores: four trainings, three fresh compiles for 8 devices
 def test_eight_devices_match_one_device(digits_dir, compile_cache, tmp_path):
   stdout = run_python(_EIGHT_DEVICES, args=(digits_dir, str(tmp_path)),
                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from cvt_flax import train_lib
+from cvt_flax.training.run import resolve_model_config
 from cvt_flax.training.config import validate_config
-from train_testlib import ROOT
+from helpers import ROOT
 
 
 def _load(name):
@@ -34,10 +34,10 @@ def test_imagenet_recipe(arg, wd, drop_path, fsdp, eval_resize):
           c.mixup.label_smoothing) == (0.8, 1.0, 0.5, 0.1)
   assert (c.input.randaugment_num_ops, c.input.randaugment_magnitude, c.input.randaugment_mstd,
           c.input.random_erasing, c.input.crop_pct) == (2, 9, 0.5, 0.25, 0.875)
-  model = train_lib.resolve_model_config(c, 1000)
+  model = resolve_model_config(c, 1000)
   assert model.drop_path_rate == (0.0, 0.0, drop_path)
   assert model.depth == {'cvt-13': (1, 2, 10), 'cvt-21': (1, 4, 16), 'cvt-w24': (2, 2, 20)}[variant]
-  assert model.dtype == 'bfloat16' and model.num_classes == 1000
+  assert model.num_classes == 1000
 
 
 @pytest.mark.parametrize('arg', ['cifar10', 'cifar100', 'oxford_flowers102', 'oxford_iiit_pet',
@@ -57,7 +57,7 @@ def test_digits_config_is_complete():
   c = _load('digits').get_config(None)
   validate_config(c)
   assert c.input.dataset == 'digits' and not c.input.hflip and c.mixup.prob == 0
-  model = train_lib.resolve_model_config(c, 10)
+  model = resolve_model_config(c, 10)
   assert model.dim_embed == (32, 64, 128) and model.num_classes == 10
 
 
@@ -68,6 +68,13 @@ def test_bad_config_arguments_fail_clearly():
   c.dtype = 'float16'
   with pytest.raises(ValueError, match='config.dtype'):
     validate_config(c)
+  c.dtype, c.attention_impl = 'float32', 'flash'
+  with pytest.raises(ValueError, match="config.attention_impl: 'flash' is not one of"):
+    validate_config(c)
+  c.attention_impl = 'auto'
+  c.model.attention_impl = 'softmax'  # a compute setting where the architecture goes
+  with pytest.raises(ValueError, match='are compute settings, not part of the architecture'):
+    resolve_model_config(c, 10)
 
 
 def test_misspelt_override_is_rejected():

@@ -1,29 +1,70 @@
-"""`make train` end to end: configs/digits.py from scratch reaches >= 97% test top-1 (slow, ~5 min)."""
+"""`make train` end to end, and its output used as a user would: predict on image files.
+
+The short run (8 of the config's 40 epochs, ~1 min on 2 cores) is in every `make test`; the full
+`make train` run with its >= 97% promise is `slow` (CI runs it).
+"""
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from cvt_flax.data import digits
 from cvt_flax.training.metrics import read_metrics
-from train_testlib import ROOT, digits_dir  # pylint: disable=unused-import
+from helpers import ROOT
 
 
-@pytest.mark.slow
-def test_digits_config_reaches_97_percent(digits_dir, tmp_path):
-  workdir = str(tmp_path / 'digits')
+def _train(workdir, data_dir, *flags, loss_ratio):
   proc = subprocess.run(
-      [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir', workdir,
-       f'--config.input.data_dir={digits_dir}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=1200)
+      [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir', str(workdir),
+       f'--config.input.data_dir={data_dir}', *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-5000:]
   match = re.search(r'Final test top-1: ([\d.]+)%', proc.stdout)
   assert match, proc.stdout[-3000:]
-  top1 = float(match.group(1)) / 100
   records = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  top1 = float(match.group(1)) / 100
   assert records[-1]['eval/top1'] == pytest.approx(top1, abs=1e-4)
   assert records[-1]['eval/num_examples'] == 360
-  assert top1 >= 0.97
   losses = [r['train/loss'] for r in records if 'train/loss' in r]
-  assert losses[-1] < 0.6 * losses[0]
+  assert losses[-1] < loss_ratio * losses[0]  # first logged vs last; label smoothing 0.1
+  return records[-1]
+
+
+def _test_digits_as_png_files(directory):
+  """The test split written as 8x8 grey PNGs the way the dataset stores them (value * 255 / 16,
+  rounded), with their labels."""
+  images, labels = digits.load_sklearn_digits()
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for i in digits.stratified_test_indices(labels):
+    paths.append(os.path.join(directory, f'{i:04d}.png'))
+    Image.fromarray(images[i][..., 0]).save(paths[-1])
+  return paths, labels[digits.stratified_test_indices(labels)]
+
+
+def test_short_digits_run_and_predict_on_its_workdir(digits_dir, tmp_path):
+  # 8 epochs (176 steps): measured 95.8% test top-1; the full 40 epochs reach 98.3%.
+  # First vs last logged loss: measured 0.64 (0.72 / 1.13; the full run goes lower).
+  final = _train(tmp_path / 'run', digits_dir, '--config.num_epochs=8',
+                 '--config.eval_every_steps=0', loss_ratio=0.75)
+  assert final['eval/top1'] >= 0.90
+  paths, labels = _test_digits_as_png_files(tmp_path / 'png')
+  proc = subprocess.run([sys.executable, '-m', 'cvt_flax.predict', '--checkpoint',
+                         str(tmp_path / 'run'), '--top-k', '1', '--json', *paths],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  predicted = [int(r['top_k'][0]['label']) for r in json.loads(proc.stdout)]  # names '0'..'9'
+  accuracy = float(np.mean(np.array(predicted) == labels))
+  # The workdir carries the trainer's eval transform (32 px warp, mean/std 0.5), so predict sees
+  # what the trainer's eval saw (up to PIL vs TF resampling): within a few points.
+  assert accuracy == pytest.approx(final['eval/top1'], abs=0.03)
+
+
+@pytest.mark.slow  # `make train` itself: ~2-5 min on 2 cores
+def test_digits_config_reaches_97_percent(digits_dir, tmp_path):
+  assert _train(tmp_path / 'digits', digits_dir, loss_ratio=0.6)['eval/top1'] >= 0.97

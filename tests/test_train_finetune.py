@@ -3,23 +3,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FIXTURES
 from cvt_flax import train_lib
-from cvt_flax.checkpoint import load_checkpoint, save_model
 from cvt_flax.convert import load_pytorch
+from cvt_flax.io import load_checkpoint, save_model
 from cvt_flax.models import create_model
-from cvt_flax.training.init_from import InitFromError, flat_weights, host_weights
-from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
-    TINY_MODEL, compile_cache, digits_dir, tiny_config)
+from cvt_flax.models.weights import host_weights
+from cvt_flax.training.init_from import InitFromError
+from cvt_flax.training.run import build_run, create_initial_state, init_weights_from
+from helpers import DATA, TINY_MODEL, tiny_config
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
 
 def _initial_weights(cfg, workdir, source):
   """The train state a run would start from, as 'path.to.leaf' -> numpy (params + batch stats)."""
-  run = train_lib.build_run(cfg, str(workdir), source.config)
-  state = train_lib.create_initial_state(run, train_lib.init_weights_from(cfg, run.model_config,
-                                                                          source))
+  run = build_run(cfg, str(workdir), source.config)
+  state = create_initial_state(run, init_weights_from(cfg, run, source))
   model = nnx.merge(run.graphdef, state.params, state.batch_stats, state.rngs)
   return host_weights(model)
 
@@ -31,8 +30,8 @@ def _saved_tiny_model(path, num_classes):
 
 
 def test_official_pth_at_a_new_resolution(digits_dir, tmp_path):
-  pth = str(FIXTURES / 'official_tiny.pth')  # 3 stages, 10 classes, made for 64 px images
-  spec = str(FIXTURES / 'official_tiny.json')  # widths of 16/32/48 do not reveal the head count
+  pth = str(DATA / 'official_tiny.pth')  # 3 stages, 10 classes, made for 64 px images
+  spec = str(DATA / 'official_tiny.json')  # widths of 16/32/48 do not reveal the head count
   cfg = tiny_config(digits_dir, init_from=pth, init_from_spec=spec, num_train_steps=2,
                     checkpoint_every_steps=2)
   cfg.model = {'variant': 'init_from', 'drop_path_rate': (0.0, 0.0, 0.1)}
@@ -96,6 +95,6 @@ def test_init_from_a_training_workdir(digits_dir, tmp_path):
   for key, value in host_weights(trained).items():
     np.testing.assert_array_equal(start[key], value, err_msg=key)
   # The weights really are the trained ones, not a fresh initialisation.
-  fresh = flat_weights(create_model(TINY_MODEL, num_classes=10,
+  fresh = host_weights(create_model(TINY_MODEL, num_classes=10,
                                     rngs=nnx.Rngs(params=0, dropout=1)))
-  assert not np.array_equal(np.asarray(fresh['head.kernel']), start['head.kernel'])
+  assert not np.array_equal(fresh['head.kernel'], start['head.kernel'])

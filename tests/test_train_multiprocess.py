@@ -1,7 +1,6 @@
 """Two local processes (jax.distributed on CPU, gloo collectives) train, checkpoint and resume."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import pytest
 
 from cvt_flax.training.checkpointing import complete_steps
 from cvt_flax.training.metrics import read_metrics
-from train_testlib import ROOT, compile_cache, digits_dir  # pylint: disable=unused-import
+from helpers import ROOT, free_port, subprocess_env
 
 _WORKER = textwrap.dedent('''
     import json, sys
@@ -19,7 +18,7 @@ _WORKER = textwrap.dedent('''
     sharding.initialize_distributed(f'127.0.0.1:{port}', 2, int(pid), cpu_collectives='gloo')
     import jax
     from cvt_flax import train_lib
-    from train_testlib import tiny_config
+    from helpers import tiny_config
     cfg = tiny_config(data_dir, num_train_steps=int(steps), checkpoint_every_steps=2)
     result = train_lib.train_and_evaluate(cfg, workdir)
     print('RESULT' + json.dumps(dict(result, process=jax.process_index(),
@@ -27,17 +26,9 @@ _WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _train_two_processes(data_dir, workdir, steps, cache_env):
-  port = _free_port()
-  env = dict(os.environ, **cache_env, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([str(ROOT / 'tests'), str(ROOT)]))
-  env.pop('XLA_FLAGS', None)
+  port = free_port()
+  env = subprocess_env(cache_env)
   procs = [subprocess.Popen([sys.executable, '-c', _WORKER, str(port), str(i), data_dir, workdir,
                              str(steps)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -54,7 +45,6 @@ def _train_two_processes(data_dir, workdir, steps, cache_env):
   return results
 
 
-@pytest.mark.slow  # ~3 min on 2 cores: two processes start, compile and train, twice
 def test_two_processes_train_checkpoint_and_resume(digits_dir, compile_cache, tmp_path):
   workdir = str(tmp_path / 'run')
   first = _train_two_processes(digits_dir, workdir, 4, compile_cache)

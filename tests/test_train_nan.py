@@ -6,8 +6,7 @@ import pytest
 
 from cvt_flax import train_lib
 from cvt_flax.training.checkpointing import complete_steps
-from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
-    compile_cache, digits_dir, tiny_config, train_losses)
+from helpers import tiny_config, train_losses
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 

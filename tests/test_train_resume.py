@@ -1,4 +1,6 @@
 """Resume exactness and preemption: a run stopped and resumed equals the uninterrupted run."""
+import json
+import math
 import os
 import shutil
 import signal
@@ -6,10 +8,9 @@ import signal
 import pytest
 
 from cvt_flax import train_lib
-from cvt_flax.training.checkpointing import complete_steps
+from cvt_flax.training.checkpointing import CheckpointRestoreError, complete_steps
 from cvt_flax.training.metrics import read_metrics
-from train_testlib import (  # pylint: disable=unused-import  (fixtures are used by name)
-    compile_cache, digits_dir, tiny_config, train_losses)
+from helpers import tiny_config, train_losses
 
 pytestmark = pytest.mark.usefixtures('compile_cache')
 
@@ -71,14 +72,29 @@ def test_metrics_records_and_finished_run(digits_dir, tmp_path):
   assert read_metrics(os.path.join(tmp_path, 'metrics.jsonl')) == records
 
 
-def test_resume_with_another_model_is_refused(digits_dir, tmp_path):
+def test_resume_with_another_model_is_refused_naming_the_fields(digits_dir, tmp_path):
   cfg = tiny_config(digits_dir)
   train_lib.train_and_evaluate(cfg, str(tmp_path))
   cfg.model.dim_embed = (16, 48)
   cfg.model.num_heads = (1, 3)
-  try:
+  with pytest.raises(CheckpointRestoreError) as err:
     train_lib.train_and_evaluate(cfg, str(tmp_path))
-  except ValueError as e:
-    assert 'another model' in str(e) and 'new workdir' in str(e)
-  else:
-    raise AssertionError('resuming a workdir with a different model must fail')
+  message = str(err.value)
+  assert ('holds checkpoints of another model: dim_embed: (16, 32) vs (16, 48); num_heads: (1, 2) '
+          'vs (1, 3) (checkpoint vs config)') in message and 'new workdir' in message
+  assert len(message) < 500  # the differing fields, not two config dumps
+
+
+def test_float32_run_resumes_in_bfloat16_and_with_another_attention(digits_dir, tmp_path):
+  """Compute settings are not part of the model: a run may change them when it resumes."""
+  workdir = str(tmp_path / 'run')
+  cfg = tiny_config(digits_dir, num_train_steps=3)
+  train_lib.train_and_evaluate(cfg, workdir)
+  saved = json.loads(open(os.path.join(workdir, 'model_config.json')).read())
+  assert 'dtype' not in saved['config']
+  cfg = tiny_config(digits_dir, num_train_steps=6, dtype='bfloat16', attention_impl='softmax',
+                    dwconv_impl='xla')
+  resumed = train_lib.train_and_evaluate(cfg, workdir)
+  assert resumed['step'] == 6 and sorted(train_losses(workdir)) == [1, 2, 3, 4, 5, 6]
+  assert all(math.isfinite(loss) for loss in train_losses(workdir).values())
+  assert json.loads(open(os.path.join(workdir, 'model_config.json')).read()) == saved

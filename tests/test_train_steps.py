@@ -7,7 +7,7 @@ from flax import nnx
 
 from cvt_flax.models import create_model
 from cvt_flax.training import steps
-from train_testlib import TINY_MODEL
+from helpers import TINY_MODEL
 
 MIXUP = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0, label_smoothing=0.1)
 # BatchNorm statistics depend on the (micro)batch and dropout on the RNG stream position, so the
@@ -77,7 +77,7 @@ def test_eval_step_counts_only_masked_examples():
   eval_fn = jax.jit(steps.make_eval_step(nnx.graphdef(model)))
   batch = _batch(12, seed=5)
   mask = np.array([1] * 9 + [0] * 3, np.float32)
-  sums = eval_fn(state, dict(batch, mask=jnp.asarray(mask)))
+  sums = eval_fn(steps.model_variables(state), dict(batch, mask=jnp.asarray(mask)))
   nnx.update(model, state.params, state.batch_stats)
   logits = np.asarray(model(batch['image']))
   labels = np.asarray(batch['label'])

@@ -1,12 +1,16 @@
-"""Convert official / HF PyTorch CvT weights to a cvt-flax model checkpoint (or another layout).
+"""Convert official / HF PyTorch CvT weights to a cvt-flax model directory (or another layout).
 
-  python -m cvt_flax.convert SRC OUT [--spec FILE] [--num-classes N]
+  python -m cvt_flax.convert SRC OUT [--spec FILE] [--num-classes N] [--image-size N]
       [--activation quick_gelu|gelu] [--format flax|official|hf] [--check]
 
-SRC: an official `.pth` (state dict or training checkpoint), an HF checkpoint directory, or an HF
-weights file with config.json beside it. OUT: a directory (`flax`, the default: the Orbax model
-checkpoint that `cvt_flax.load_checkpoint` reads; `hf`: config.json + model.safetensors) or a `.pth`
-file (`official`).
+SRC: any checkpoint reference: an official `.pth` (state dict or training checkpoint), an HF
+checkpoint directory or weights file with config.json beside it, a hub name (`microsoft/cvt-13`),
+a cvt-flax model directory or a training workdir. OUT: a directory (`flax`, the default: the model
+directory that `cvt_flax.from_pretrained` reads, with the source's eval transform and class names;
+`hf`: config.json + model.safetensors + preprocessor_config.json) or a `.pth` file (`official`).
+
+(This is the command-line entry point: unlike the rest of `cvt_flax.convert`, which sits below
+`cvt_flax.io`, it uses `cvt_flax.io` to resolve references and write model directories.)
 
 --check runs the PyTorch model on the source weights (transformers' CvT for HF sources, the
 from-scratch official reference for official ones) and the converted Flax model on the same random
@@ -21,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cvt_flax import io
 from cvt_flax.convert import hf, pytorch, sources
 from cvt_flax.convert.official import ConversionError
 
@@ -35,6 +40,10 @@ def _parse_args(argv):
   p.add_argument('--spec', help='model spec: official YAML, JSON, or a variant name (cvt-13...); '
                                 'default: HF config.json or inferred from the weights')
   p.add_argument('--num-classes', type=int, help='default: the weights\' head; 0 drops the head')
+  p.add_argument('--image-size', type=int,
+                 help='evaluation resolution of an official .pth (default: from its file name, '
+                      'e.g. 384 for ...-384x384-..., else 224)')
+  p.add_argument('--revision', help='hub revision (branch, tag or commit) of a hub name')
   p.add_argument('--activation', choices=('quick_gelu', 'gelu'),
                  help='default: quick_gelu for official weights, gelu for HF')
   p.add_argument('--format', choices=('flax', 'official', 'hf'), default='flax')
@@ -101,12 +110,15 @@ def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  from cvt_flax import checkpoint  # pylint: disable=g-import-not-at-top
   try:
-    model = pytorch.load_pytorch(args.src, spec=args.spec, num_classes=args.num_classes,
-                                 activation=args.activation)
+    src = io.resolve(args.src, revision=args.revision)
+    pytorch_source = io.detect(src) == io.PYTORCH
+    if args.check and not pytorch_source:
+      raise ConversionError(f'--check compares with PyTorch; {args.src} is a cvt-flax checkpoint.')
+    model = io.load_local(src, spec=args.spec, num_classes=args.num_classes,
+                               activation=args.activation, image_size=args.image_size)
     if args.format == 'flax':
-      checkpoint.save_model(model, args.out, overwrite=args.overwrite)
+      io.save_model(model, args.out, overwrite=args.overwrite)
     elif args.format == 'official':
       pytorch.save_official(model, args.out)
     else:
@@ -114,10 +126,10 @@ def main(argv=None) -> int:
     cfg = model.config
     print(f'wrote {args.out} ({args.format}): {cfg.num_stages} stages, widths {list(cfg.dim_embed)}, '
           f'depths {list(cfg.depth)}, {cfg.num_classes} classes, activation {cfg.activation}')
-    if args.check and check_logits(args.src, model, args.check_size) > CHECK_TOLERANCE:
+    if args.check and check_logits(src, model, args.check_size) > CHECK_TOLERANCE:
       print('check FAILED: the converted model does not reproduce PyTorch', file=sys.stderr)
       return 1
-  except (ConversionError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError) as e:
+  except (*io.EXPECTED_ERRORS, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cvt_flax.models.weights import describe_differences, flat_variables, shapes
+
 _LEAF_RENAMES = {'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var',
                  'kernel': 'weight'}
 
@@ -27,10 +29,13 @@ class ConversionError(ValueError):
   """A state dict does not fit the model. The message lists every offending key."""
 
 
-def _torch_name(path) -> str:
-  parts = [str(p) for p in path]
-  parts[-1] = _LEAF_RENAMES.get(parts[-1], parts[-1])
-  return '.'.join(parts)
+def _torch_name(key: str) -> str:
+  *parents, leaf = key.split('.')
+  return '.'.join([*parents, _LEAF_RENAMES.get(leaf, leaf)])
+
+
+def _leaf(key: str) -> str:
+  return key.rsplit('.', 1)[-1]
 
 
 def _to_torch_layout(leaf: str, x: np.ndarray) -> np.ndarray:
@@ -45,10 +50,8 @@ def _from_torch_layout(leaf: str, x: np.ndarray) -> np.ndarray:
   return x
 
 
-def _model_variables(model: nnx.Module):
-  """(path, Variable) of every parameter and batch statistic (RNG state is not part of the weights)."""
-  state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-  return [(tuple(path), var) for path, var in nnx.to_flat_state(state)]
+def _torch_shape(key: str, shape) -> tuple:
+  return tuple(_to_torch_layout(_leaf(key), np.zeros(shape, np.int8)).shape)
 
 
 def to_official_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -57,44 +60,16 @@ def to_official_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   For an abstract model (`nnx.eval_shape`) the values are `jax.ShapeDtypeStruct`s in torch layout.
   """
   out = {}
-  for path, var in _model_variables(model):
-    if isinstance(var.get_value(), jax.ShapeDtypeStruct):  # a model from nnx.eval_shape: shapes only
-      shape = _to_torch_layout(str(path[-1]), np.zeros(var.get_value().shape, np.int8)).shape
-      out[_torch_name(path)] = jax.ShapeDtypeStruct(shape, var.get_value().dtype)
+  for key, var in flat_variables(model).items():
+    value = var.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):  # a model from nnx.eval_shape: shapes only
+      out[_torch_name(key)] = jax.ShapeDtypeStruct(_torch_shape(key, value.shape), value.dtype)
       continue
-    x = np.asarray(jax.device_get(var.get_value()))
-    if path[-1] == 'num_batches_tracked':
+    x = np.asarray(jax.device_get(value))
+    if _leaf(key) == 'num_batches_tracked':
       x = x.astype(np.int64)
-    out[_torch_name(path)] = _to_torch_layout(str(path[-1]), x)
+    out[_torch_name(key)] = _to_torch_layout(_leaf(key), x)
   return out
-
-
-def abstract_model(cfg) -> nnx.Module:
-  """A CvT of `cfg` with shapes only (no parameter initialisation), to be filled by a loader and
-  finished with `finish_abstract_model`; this skips the random init of weights about to be replaced
-  (seconds for CvT-13, and W24's 1.1 GB), and lets a bad file fail before any allocation."""
-  from cvt_flax.models import CvT  # pylint: disable=g-import-not-at-top
-  return nnx.eval_shape(lambda: CvT(cfg, rngs=nnx.Rngs(0)))
-
-
-def finish_abstract_model(model: nnx.Module, seed: int = 0) -> nnx.Module:
-  """Gives the filled `abstract_model` concrete dropout RNG state (fresh keys from `seed`, counts 0).
-
-  Raises if anything else is still abstract (a variable no loader filled).
-  """
-  rng_vars = [var for _, var in nnx.to_flat_state(nnx.state(model, nnx.RngState))]
-  keys = jax.random.split(jax.random.key(seed), max(len(rng_vars), 1))
-  for i, var in enumerate(rng_vars):
-    if isinstance(var, nnx.RngKey):
-      var.set_value(keys[i])
-    else:
-      shape = var.get_value()
-      var.set_value(jnp.zeros(shape.shape, shape.dtype))
-  left = [path for path, var in nnx.to_flat_state(nnx.state(model))
-          if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
-  if left:
-    raise ValueError(f'abstract model variables left unfilled: {left[:5]}')
-  return model
 
 
 def _check_values(name: str, x: np.ndarray, target_dtype) -> list[str]:
@@ -114,34 +89,20 @@ def load_official_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndar
 
   Every source tensor must be used, every target filled, every shape and dtype must fit and floats
   must be finite; otherwise a ConversionError lists the missing, unexpected and mis-shaped keys and
-  the model is left untouched.
+  the bad tensors, and the model is left untouched.
   """
-  variables = _model_variables(model)
-  expected = {_torch_name(p): (p, v) for p, v in variables}
-  missing = sorted(set(expected) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(expected))
+  variables = {_torch_name(k): (k, var) for k, var in flat_variables(model).items()}
+  wanted = {name: _torch_shape(key, var.get_value().shape) for name, (key, var) in variables.items()}
+  lines = describe_differences(shapes(state_dict), wanted, found_name='file', wanted_name='model')
   problems = []
-  new_values = {}
-  for name, (path, var) in expected.items():
-    if name not in state_dict:
-      continue
-    x = np.asarray(state_dict[name])
-    leaf = str(path[-1])
-    want = tuple(_to_torch_layout(leaf, np.zeros(var.get_value().shape, np.int8)).shape)
-    if tuple(x.shape) != want:
-      problems.append(f'{name}: shape {tuple(x.shape)}, model expects {want}')
-      continue
-    problems += _check_values(name, x, np.dtype(var.get_value().dtype))
-    new_values[path] = _from_torch_layout(leaf, x).astype(var.get_value().dtype)
-  if missing or unexpected or problems:
-    lines = [f'{source} does not fit the model:']
-    if missing:
-      lines.append(f'  missing keys ({len(missing)}): {", ".join(missing)}')
-    if unexpected:
-      lines.append(f'  unexpected keys ({len(unexpected)}): {", ".join(unexpected)}')
-    if problems:
-      lines.append(f'  bad tensors ({len(problems)}):\n    ' + '\n    '.join(problems))
-    raise ConversionError('\n'.join(lines))
-  for path, var in variables:
-    var.set_value(jnp.asarray(new_values[path]))
+  for name, (key, var) in variables.items():
+    if name in state_dict and tuple(np.shape(state_dict[name])) == wanted[name]:
+      problems += _check_values(name, np.asarray(state_dict[name]), np.dtype(var.get_value().dtype))
+  if problems:
+    lines.append(f'bad tensors ({len(problems)}):\n    ' + '\n    '.join(problems))
+  if lines:
+    raise ConversionError(f'{source} does not fit the model:\n  ' + '\n  '.join(lines))
+  for name, (key, var) in variables.items():
+    value = _from_torch_layout(_leaf(key), np.asarray(state_dict[name]))
+    var.set_value(jnp.asarray(value.astype(var.get_value().dtype)))
   return model

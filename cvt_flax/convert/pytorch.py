@@ -4,18 +4,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
 import yaml
 
+from cvt_flax import labels, preprocess
 from cvt_flax.convert import hf, infer, sources
-from cvt_flax.convert.official import (ConversionError, abstract_model, finish_abstract_model,
-                                       load_official_state_dict, to_official_state_dict)
-from cvt_flax.models import CvT, CvTConfig, configs_from_official_yaml, make_config
+from cvt_flax.convert.official import (ConversionError, load_official_state_dict,
+                                       to_official_state_dict)
+from cvt_flax.models import (CvT, CvTConfig, abstract_model, configs_from_official_yaml,
+                             finish_abstract_model, make_config)
+from cvt_flax.models.config import config_from_saved
 
 DEFAULT_ACTIVATION = {'official': 'quick_gelu', 'hf': 'gelu'}
+# The released files are named for their resolution: CvT-21-384x384-IN-22k.pth.
+_RESOLUTION_IN_NAME = re.compile(r'(?<!\d)(\d{3})x\1(?!\d)')
 
 
 def read_spec(spec: Any) -> CvTConfig:
@@ -47,9 +54,10 @@ def _read_spec_file(path: str) -> CvTConfig:
       if 'NUM_CLASSES' in doc['MODEL']:
         fields['num_classes'] = doc['MODEL']['NUM_CLASSES']
       return make_config(fields)
-    for key in ('spec', 'config'):
-      if isinstance(doc, dict) and isinstance(doc.get(key), dict):
-        return make_config(doc[key])
+    if isinstance(doc, dict) and isinstance(doc.get('spec'), dict):
+      return make_config(doc['spec'])
+    if isinstance(doc, dict) and isinstance(doc.get('config'), dict):  # a cvt-flax config.json
+      return config_from_saved(doc['config'])
     return make_config(doc)
   except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
     raise ConversionError(f'spec file {path}: not a CvT spec ({type(e).__name__}: {e}).') from e
@@ -88,9 +96,33 @@ def _config_for(src: sources.Source, state_dict, spec, num_classes, activation) 
     raise ConversionError(f'{src.path}: {e}') from e
 
 
+def source_preprocess(src: sources.Source, image_size: int | None = None) -> preprocess.Preprocess:
+  """The eval transform the source's model was evaluated with.
+
+  HF: its preprocessor_config.json. Official files carry none: the official evaluation at the
+  resolution in the released file names ('...-384x384-...'), else 224. `image_size` overrides the
+  resolution (the official rule then decides crop or warp).
+  """
+  if src.layout == 'hf' and src.hf_preprocessor is not None and image_size is None:
+    try:
+      return preprocess.from_hf_processor(src.hf_preprocessor, source=src.path)
+    except preprocess.PreprocessError as e:
+      raise ConversionError(str(e)) from e
+  found = _RESOLUTION_IN_NAME.search(os.path.basename(src.path))
+  return preprocess.official_eval(image_size or (int(found.group(1)) if found else 224))
+
+
+def source_class_names(src: sources.Source, num_classes: int) -> tuple[str, ...] | None:
+  """HF: its id2label; official: ImageNet-1k's names for a 1000-class head."""
+  if src.layout == 'hf':
+    return labels.from_id2label(src.hf_config.get('id2label'), num_classes)
+  return labels.imagenet_class_names() if num_classes == labels.IMAGENET_NUM_CLASSES else None
+
+
 def load_pytorch(path, *, spec=None, num_classes: int | None = None,
-                 activation: str | None = None) -> CvT:
-  """Loads official or HF PyTorch CvT weights into a Flax CvT, in eval mode.
+                 activation: str | None = None, image_size: int | None = None) -> CvT:
+  """Loads official or HF PyTorch CvT weights into a Flax CvT, in eval mode, with the source's
+  preprocessing and class names (`source_preprocess`, `source_class_names`).
 
   `path`: an official `.pth` (state dict or training checkpoint), an HF checkpoint directory, or an
   HF weights file with its config.json beside it (see `cvt_flax.convert.sources`).
@@ -98,6 +130,7 @@ def load_pytorch(path, *, spec=None, num_classes: int | None = None,
   inferred from the official weights (see `cvt_flax.convert.infer`).
   `num_classes`: defaults to the weights' head; 0 drops the head (a pre-logits feature model).
   `activation`: defaults to 'quick_gelu' for official weights and 'gelu' for HF ones.
+  `image_size`: the evaluation resolution, where the source does not say it.
 
   Strict: every tensor must be used and fit; otherwise a ConversionError lists the keys, and no
   model is returned.
@@ -114,6 +147,8 @@ def load_pytorch(path, *, spec=None, num_classes: int | None = None,
   load_official_state_dict(model, state, source=src.path)
   finish_abstract_model(model)
   model.eval()
+  model.preprocess = source_preprocess(src, image_size)
+  model.class_names = source_class_names(src, cfg.num_classes)
   return model
 
 
@@ -147,9 +182,13 @@ def save_official(model: CvT, path) -> None:
 
 
 def save_hf(model: CvT, directory, *, id2label: Mapping[int, str] | None = None) -> None:
-  """Writes an HF checkpoint directory (`config.json` + `model.safetensors`), without torch."""
+  """Writes an HF checkpoint directory (`config.json` + `model.safetensors`, and the model's
+  preprocessing as `preprocessor_config.json` where HF's processor can express it), without torch.
+  `id2label` defaults to the model's class names."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   directory = os.fspath(directory)
+  if id2label is None and model.class_names:
+    id2label = dict(enumerate(model.class_names))
   config = hf.config_to_hf(model.config, id2label)
   tensors = {k: np.array(v, order='C') for k, v in
              hf.official_to_hf_state_dict(to_official_state_dict(model)).items()}
@@ -158,7 +197,18 @@ def save_hf(model: CvT, directory, *, id2label: Mapping[int, str] | None = None)
   _atomic_write(os.path.join(directory, 'model.safetensors'),
                 lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={'format': 'pt'}))
 
-  def write_config(tmp):
+  _atomic_write(os.path.join(directory, sources.HF_CONFIG_FILE), _json_writer(config))
+  if model.preprocess is not None:
+    try:
+      processor = preprocess.to_hf_processor(model.preprocess)
+    except preprocess.PreprocessError as e:
+      warnings.warn(f'{directory}: no {sources.HF_PREPROCESSOR_FILE} written: {e}')
+    else:
+      _atomic_write(os.path.join(directory, sources.HF_PREPROCESSOR_FILE), _json_writer(processor))
+
+
+def _json_writer(doc):
+  def write(tmp):
     with open(tmp, 'w') as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-  _atomic_write(os.path.join(directory, sources.HF_CONFIG_FILE), write_config)
+      json.dump(doc, f, indent=2, sort_keys=True)
+  return write

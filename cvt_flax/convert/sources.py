@@ -5,7 +5,8 @@ Accepted sources:
   * an official training checkpoint: a dict holding the state dict under `state_dict` or `model`,
     keys possibly prefixed `module.` (DistributedDataParallel);
   * an HF checkpoint: a directory with `config.json` and `model.safetensors` or `pytorch_model.bin`,
-    or one of those weight files with `config.json` beside it.
+    or one of those weight files with `config.json` beside it; a `preprocessor_config.json` there
+    (the hub repositories have one) says how images are preprocessed.
 
 `.pth`/`.bin` files are read with `torch.load(weights_only=True)` only, so a pickle that would run
 code is refused, never executed; torch is imported only for them. safetensors files are read with
@@ -26,6 +27,7 @@ from cvt_flax.convert.official import ConversionError
 
 HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 HF_CONFIG_FILE = 'config.json'
+HF_PREPROCESSOR_FILE = 'preprocessor_config.json'
 _WRAPPER_KEYS = ('state_dict', 'model')
 _DDP_PREFIX = 'module.'
 _OFFICIAL_KEY = re.compile(r'^stage\d+\.')
@@ -39,6 +41,7 @@ class Source:
   layout: str  # 'official' or 'hf'
   state_dict: dict[str, np.ndarray]
   hf_config: dict | None = None  # the parsed config.json of an HF checkpoint
+  hf_preprocessor: dict | None = None  # its parsed preprocessor_config.json, if it has one
 
 
 def read_source(path: str | os.PathLike) -> Source:
@@ -58,7 +61,10 @@ def read_source(path: str | os.PathLike) -> Source:
     raise ConversionError(
         f'{weights_path}: HF-layout weights (keys `cvt.encoder.stages...`) need the HF '
         f'`{HF_CONFIG_FILE}` beside them, and there is none in {os.path.dirname(weights_path) or "."}.')
-  return Source(weights_path, 'hf', state_dict, hf_config or read_hf_config(config_path))
+  preprocessor = os.path.join(os.path.dirname(config_path), HF_PREPROCESSOR_FILE)
+  return Source(weights_path, 'hf', state_dict, hf_config or read_hf_config(config_path),
+                _read_json(preprocessor, 'HF preprocessor config') if os.path.isfile(preprocessor)
+                else None)
 
 
 def _locate(path: str) -> tuple[str, str | None]:
@@ -78,14 +84,19 @@ def _locate(path: str) -> tuple[str, str | None]:
   return path, config if os.path.isfile(config) else None
 
 
-def read_hf_config(path: str) -> dict:
+def _read_json(path: str, what: str) -> dict:
   try:
     with open(path) as f:
-      config = json.load(f)
+      doc = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConversionError(f'{path}: not a readable JSON HF config ({e}).') from e
-  if not isinstance(config, dict):
-    raise ConversionError(f'{path}: an HF config must be a JSON object.')
+    raise ConversionError(f'{path}: not a readable JSON {what} ({e}).') from e
+  if not isinstance(doc, dict):
+    raise ConversionError(f'{path}: an {what} must be a JSON object.')
+  return doc
+
+
+def read_hf_config(path: str) -> dict:
+  config = _read_json(path, 'HF config')
   if config.get('model_type', 'cvt') != 'cvt':
     raise ConversionError(f'{path}: model_type {config["model_type"]!r}, expected "cvt".')
   return config

@@ -1,4 +1,4 @@
-"""Input pipelines: TFDS datasets -> tf.data (decode, augment, batch) -> numpy, plus Mixup/CutMix.
+"""Input pipelines: TFDS datasets -> tf.data (decode, augment, batch) -> numpy batches.
 
 Importing this package first hides every GPU/TPU from TensorFlow (see `_tf`), and registers the
 offline TFDS dataset `digits`.
@@ -6,7 +6,6 @@ offline TFDS dataset `digits`.
 from cvt_flax.data import _tf  # pylint: disable=unused-import  (must come before any TF use)
 from cvt_flax.data import digits  # pylint: disable=unused-import  (registers the TFDS builder)
 from cvt_flax.data.checks import DataError
-from cvt_flax.data.config import default_input_config, default_mixup_config
-from cvt_flax.data.mixup import mixup_cutmix
+from cvt_flax.data.config import default_input_config, eval_preprocess, with_eval_preprocess
 from cvt_flax.data.pipeline import (DatasetInfo, get_dataset_info, make_eval_iterator,
-                                    make_train_iterator)
+                                    make_train_iterator, num_eval_batches)

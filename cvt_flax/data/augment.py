@@ -9,6 +9,8 @@ import math
 
 import tensorflow as tf
 
+from cvt_flax.preprocess import Preprocess
+
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its center-crop fallback.
 ERASE_ATTEMPTS = 10
 
@@ -59,19 +61,24 @@ def random_resized_crop_box(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4
 
 
 def _decode_any(image_bytes):
-  # channels=3 turns grey (and RGBA) images into RGB, so 1-channel datasets need no special case.
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  """Any encoded image -> uint8 HxWx3. channels=3 turns grey (and RGBA) images into RGB, so
+  1-channel datasets need no special case. JPEGs are decoded with the accurate integer DCT, which
+  gives PIL's pixels exactly (TF's default fast DCT is up to 10 levels off)."""
+  image = tf.cond(
+      tf.io.is_jpeg(image_bytes),
+      lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method='INTEGER_ACCURATE'),
+      lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False))
   image.set_shape([None, None, 3])
   return image
 
 
-def _resize_pass(image, height, width):
-  resized = tf.image.resize(image, tf.stack([height, width]), method='bicubic', antialias=True)
+def _resize_pass(image, height, width, method):
+  resized = tf.image.resize(image, tf.stack([height, width]), method=method, antialias=True)
   return quantize(resized)
 
 
-def resize(image, height, width, pil_exact=True):
-  """PIL's bicubic resize (antialiased when shrinking), as timm/torchvision use it.
+def resize(image, height, width, pil_exact=True, method='bicubic'):
+  """PIL's bicubic (or bilinear) resize, antialiased when shrinking, as timm/torchvision use it.
 
   PIL resizes in two separable passes with a uint8 image in between, starting with the pass that
   gives the smaller intermediate image (horizontal on ties). `pil_exact` does the same and stays
@@ -80,14 +87,14 @@ def resize(image, height, width, pil_exact=True):
   """
   image = tf.cast(image, tf.float32)
   if not pil_exact:
-    return _resize_pass(image, height, width)
+    return _resize_pass(image, height, width, method)
   shape = tf.shape(image)
   in_height, in_width = shape[0], shape[1]
   horizontal_first = width * in_height <= in_width * height
   return tf.cond(
       horizontal_first,
-      lambda: _resize_pass(_resize_pass(image, in_height, width), height, width),
-      lambda: _resize_pass(_resize_pass(image, height, in_width), height, width))
+      lambda: _resize_pass(_resize_pass(image, in_height, width, method), height, width, method),
+      lambda: _resize_pass(_resize_pass(image, height, in_width, method), height, width, method))
 
 
 def decode_and_random_resized_crop(image_bytes, seed, size, scale=(0.08, 1.0),
@@ -123,35 +130,17 @@ def random_flip(image, seed, prob=0.5):
   return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
-def decode_and_resize_eval(image_bytes, size, crop_pct=0.875, mode='crop'):
-  """timm's eval transform: 'crop' resizes the shorter side to floor(size / crop_pct) and takes the
-  center size x size crop; 'warp' resizes straight to size x size."""
+def decode_and_resize_eval(image_bytes, preprocess: Preprocess):
+  """The eval transform's decode, resize and centre crop (`cvt_flax.preprocess`: the sizes and
+  offsets come from `Preprocess.geometry`, as in predict's PIL path); 0-255 values, unnormalised."""
   image = _decode_any(image_bytes)
-  if mode == 'warp':
-    image = resize(image, size, size)
-  elif mode == 'crop':
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    short_side = math.floor(size / crop_pct)
-    # torchvision Resize(int): the shorter side becomes `short_side`, the longer one is truncated.
-    new_h = tf.where(height <= width, short_side,
-                     tf.cast(short_side * _ratio64(height, width), tf.int32))
-    new_w = tf.where(height <= width,
-                     tf.cast(short_side * _ratio64(width, height), tf.int32), short_side)
-    image = resize(image, new_h, new_w)
-    # torchvision CenterCrop: offset = round((extent - size) / 2).
-    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
-    image = image[top:top + size, left:left + size]
-  else:
-    raise ValueError(f"eval resize mode must be 'crop' or 'warp', got {mode!r}")
+  shape = tf.shape(image)
+  new_h, new_w, top, left = preprocess.geometry(shape[0], shape[1], maximum=tf.maximum)
+  image = resize(image, new_h, new_w, method=preprocess.interpolation)
+  size = preprocess.image_size
+  image = image[top:top + size, left:left + size]
   image.set_shape([size, size, 3])
   return image
-
-
-def _ratio64(numerator, denominator):
-  """numerator / denominator in float64, so the truncation matches Python's int(size * a / b)."""
-  return tf.cast(numerator, tf.float64) / tf.cast(denominator, tf.float64)
 
 
 def normalize(image, mean, std):

@@ -1,15 +1,14 @@
-"""Input and Mixup/CutMix configs; the defaults are the official CvT ImageNet recipe.
+"""The input config; its defaults are the official CvT ImageNet recipe.
 
-Both configs are lockable: every field has its final type from the start (`placeholder` fields hold
+It is lockable: every field has its final type from the start (`placeholder` fields hold
 None but accept a value of the declared type), so `--config.input.data_dir=/x` works on a locked
 config and a mistyped field name fails.
 """
 import ml_collections
 from ml_collections import config_dict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_RESIZE_MODES = ('crop', 'warp')
+from cvt_flax.preprocess import (CROP_OFFSETS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
+                                 RESIZE_MODES, Preprocess)
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -22,10 +21,13 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.train_split = 'train'
   cfg.eval_split = 'validation'
   cfg.image_size = 224
+  # The eval transform (`cvt_flax.preprocess.Preprocess`, also written into the checkpoints):
   # 'crop': resize the shorter side to image_size / crop_pct, then center crop (224 models).
   # 'warp': resize straight to image_size x image_size (the official 384 models' eval).
   cfg.eval_resize = 'crop'
   cfg.crop_pct = 0.875
+  cfg.interpolation = 'bicubic'  # or 'bilinear' (eval resize; train crops are always bicubic)
+  cfg.eval_crop_offset = 'round'  # centre-crop offset of an odd margin: 'round' (torchvision), 'floor' (HF)
   cfg.crop_scale = (0.08, 1.0)  # RandomResizedCrop area fraction.
   cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (w / h).
   cfg.hflip = True
@@ -42,17 +44,6 @@ def default_input_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-def default_mixup_config() -> ml_collections.ConfigDict:
-  """timm's Mixup (batch mode) as used by the official CvT recipe."""
-  cfg = ml_collections.ConfigDict()
-  cfg.mixup_alpha = 0.8
-  cfg.cutmix_alpha = 1.0
-  cfg.switch_prob = 0.5  # Probability of CutMix when both alphas are > 0.
-  cfg.prob = 1.0  # Probability of mixing a batch at all.
-  cfg.label_smoothing = 0.1
-  return cfg
-
-
 def validate_input_config(cfg) -> None:
   """Raises ValueError naming the first field of `cfg` whose value cannot work."""
   def fail(field, why):
@@ -60,8 +51,12 @@ def validate_input_config(cfg) -> None:
 
   if cfg.image_size <= 0:
     fail('image_size', 'must be positive')
-  if cfg.eval_resize not in EVAL_RESIZE_MODES:
-    fail('eval_resize', f'must be one of {EVAL_RESIZE_MODES}')
+  if cfg.eval_resize not in RESIZE_MODES:
+    fail('eval_resize', f'must be one of {RESIZE_MODES}')
+  if cfg.interpolation not in INTERPOLATIONS:
+    fail('interpolation', f'must be one of {INTERPOLATIONS}')
+  if cfg.eval_crop_offset not in CROP_OFFSETS:
+    fail('eval_crop_offset', f'must be one of {CROP_OFFSETS}')
   if not 0 < cfg.crop_pct <= 1:
     fail('crop_pct', 'must be in (0, 1]')
   for field, low in (('crop_scale', 0), ('crop_ratio', 0)):
@@ -81,3 +76,18 @@ def validate_input_config(cfg) -> None:
     fail('std', 'must be positive')
   if cfg.shuffle_buffer < 1:
     fail('shuffle_buffer', 'must be >= 1')
+
+
+def eval_preprocess(cfg) -> Preprocess:
+  """The eval transform the input config describes (what a trained model expects)."""
+  return Preprocess(image_size=cfg.image_size, resize=cfg.eval_resize, crop_pct=cfg.crop_pct,
+                    interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                    crop_offset=cfg.eval_crop_offset)
+
+
+def with_eval_preprocess(cfg, preprocess: Preprocess) -> None:
+  """Sets the eval transform fields of `cfg` (a ConfigDict, unlocked or locked) to `preprocess`."""
+  cfg.image_size, cfg.eval_resize, cfg.crop_pct = (preprocess.image_size, preprocess.resize,
+                                                   preprocess.crop_pct)
+  cfg.interpolation, cfg.eval_crop_offset = preprocess.interpolation, preprocess.crop_offset
+  cfg.mean, cfg.std = tuple(preprocess.mean), tuple(preprocess.std)

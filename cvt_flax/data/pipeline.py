@@ -30,7 +30,7 @@ from cvt_flax.data import checks
 from cvt_flax.data import digits
 from cvt_flax.data import folder
 from cvt_flax.data import randaugment
-from cvt_flax.data.config import validate_input_config
+from cvt_flax.data.config import eval_preprocess, validate_input_config
 
 # Datasets whose builders need no download: prepared automatically on first use.
 LOCAL_DATASETS = (digits.NAME,)
@@ -43,6 +43,7 @@ class DatasetInfo(NamedTuple):
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+  class_names: tuple[str, ...] | None = None  # the label feature's names, if it has any
 
 
 def _builder(cfg):
@@ -90,20 +91,28 @@ def _num_records(ds, what):
   return count
 
 
-def _num_classes(builder):
+def _label_feature(builder):
   label = builder.info.features['label'] if 'label' in builder.info.features else None
   if not isinstance(label, tfds.features.ClassLabel):
     raise ValueError(f'dataset {builder.name!r} has no ClassLabel feature named "label"')
-  return label.num_classes
+  return label
+
+
+def _num_classes(builder):
+  return _label_feature(builder).num_classes
 
 
 def get_dataset_info(input_cfg) -> DatasetInfo:
   """Classes and split sizes of the configured dataset (as the pipelines will read them)."""
   builder = _builder(input_cfg)
+  names = tuple(_label_feature(builder).names)
+  train_split = input_cfg.train_split
   return DatasetInfo(
       num_classes=_num_classes(builder),
-      num_train_examples=_num_records(_read(builder, input_cfg.train_split, False), 'train split'),
-      num_eval_examples=_num_records(_read(builder, input_cfg.eval_split, False), 'eval split'))
+      num_train_examples=(_num_records(_read(builder, train_split, False), 'train split')
+                          if train_split else 0),
+      num_eval_examples=_num_records(_read(builder, input_cfg.eval_split, False), 'eval split'),
+      class_names=names or None)
 
 
 def _local_batch_size(global_batch_size, process_index, process_count):
@@ -144,8 +153,10 @@ def train_transform(cfg, image_bytes, seed):
 
 
 def eval_transform(cfg, image_bytes):
-  image = augment.decode_and_resize_eval(image_bytes, cfg.image_size, cfg.crop_pct, cfg.eval_resize)
-  return augment.normalize(image, tuple(cfg.mean), tuple(cfg.std))
+  """Encoded image -> normalised float32 (S, S, 3): the eval transform `eval_preprocess(cfg)`."""
+  preprocess = eval_preprocess(cfg)
+  image = augment.decode_and_resize_eval(image_bytes, preprocess)
+  return augment.normalize(image, preprocess.mean, preprocess.std)
 
 
 def _with_options(ds):

@@ -1,9 +1,12 @@
 """CvT model configuration: variants, official SPEC dicts and YAML files.
 
+A CvTConfig holds the architecture and nothing else: every field changes the function the model
+computes (or its training-time regularisation). How it is computed (dtype, implementation
+switches) is a runtime choice, `cvt_flax.models.Compute`, never saved with a model.
+
 A model is described by a flat dict of fields. Per-stage fields are tuples with one entry per stage and
 carry the lower-case names of the official SPEC keys (`DIM_EMBED` -> `dim_embed`), so an official YAML
-file maps onto them one to one. Everything else (classes, activation, init, implementation choices)
-is a scalar.
+file maps onto them one to one. Everything else (classes, activation, init) is a scalar.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ STAGE_FIELDS = {
 _IGNORED_SPEC_KEYS = {'NUM_STAGES', 'POS_EMBED', 'INIT'}
 PROJ_METHODS = ('dw_bn', 'avg', 'linear')
 ACTIVATIONS = ('quick_gelu', 'gelu')
-DWCONV_IMPLS = ('auto', 'xla', 'shifts')
-ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'blocked')
+# Written into CvT configs before they held only the architecture (format version 1 files).
+COMPUTE_FIELDS = ('dtype', 'dwconv_impl', 'attention_impl')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +72,6 @@ class CvTConfig:
   layer_norm_eps: float = 1e-5
   # 'trunc_norm' or 'xavier', as the official INIT option.
   init: str = 'trunc_norm'
-  # Depthwise conv implementation: 'xla' (grouped conv), 'shifts' (k*k shifted multiply-adds, which
-  # XLA:CPU fuses and runs much faster), 'auto' = 'shifts' on CPU, 'xla' elsewhere. Same numerics.
-  dwconv_impl: str = 'auto'
-  # Attention core (see `layers.attention`): 'softmax' (probabilities, then their product with v, as
-  # the official code), 'deferred' (normalise the output rows instead of the probabilities),
-  # 'blocked' ('deferred' in cache-sized blocks of queries), 'auto' = 'blocked' on CPU, 'deferred'
-  # elsewhere. Same numerics up to rounding.
-  attention_impl: str = 'auto'
-  # Computation dtype ('float32' or 'bfloat16'); parameters stay float32, LayerNorm and softmax run in
-  # float32 either way.
-  dtype: str = 'float32'
 
   @property
   def num_stages(self) -> int:
@@ -111,14 +103,12 @@ class CvTConfig:
       raise ValueError(f'CvT config: activation {self.activation!r} is not one of {ACTIVATIONS}.')
     if self.init not in ('trunc_norm', 'xavier'):
       raise ValueError(f"CvT config: init {self.init!r} is not 'trunc_norm' or 'xavier'.")
-    if self.dwconv_impl not in DWCONV_IMPLS:
-      raise ValueError(f'CvT config: dwconv_impl {self.dwconv_impl!r} is not one of {DWCONV_IMPLS}.')
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'CvT config: attention_impl {self.attention_impl!r} is not one of '
-                       f'{ATTENTION_IMPLS}.')
-    if self.dtype not in ('float32', 'bfloat16'):
-      raise ValueError(f"CvT config: dtype {self.dtype!r} is not 'float32' or 'bfloat16'.")
     return self
+
+  def differences(self, other: 'CvTConfig') -> list[str]:
+    """'field: this value vs other value' for every field where the two configs differ."""
+    return [f'{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}'
+            for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
 _CVT_13 = dict(dim_embed=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 2, 10),
@@ -172,6 +162,11 @@ def make_config(variant_or_fields: Any = 'cvt-13', **overrides) -> CvTConfig:
   fields.update(overrides)
   known = {f.name for f in dataclasses.fields(CvTConfig)}
   unknown = set(fields) - known
+  compute = sorted(unknown & set(COMPUTE_FIELDS))
+  if compute:
+    raise ValueError(f'CvT config: {compute} are compute settings, not part of the architecture: '
+                     'pass them to create_model(..., dtype=..., attention_impl=...) or set '
+                     '--config.dtype / --config.attention_impl / --config.dwconv_impl in training.')
   if unknown:
     raise ValueError(f'CvT config: unknown fields {sorted(unknown)}; known: {sorted(known)}.')
   n = len(fields.get('dim_embed', CvTConfig.dim_embed))
@@ -182,6 +177,12 @@ def make_config(variant_or_fields: Any = 'cvt-13', **overrides) -> CvTConfig:
     elif n != 3:
       raise ValueError(f'CvT config: `{name}` must be given for a {n}-stage model.')
   return CvTConfig(**fields).validate()
+
+
+def config_from_saved(fields: Mapping[str, Any]) -> CvTConfig:
+  """The CvTConfig of a saved model document. Format-1 documents also held the compute settings
+  (COMPUTE_FIELDS); they never were architecture, so they are dropped."""
+  return make_config({k: v for k, v in dict(fields).items() if k not in COMPUTE_FIELDS})
 
 
 def configs_from_official_yaml(path: str, **overrides) -> CvTConfig:

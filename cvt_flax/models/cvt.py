@@ -3,6 +3,9 @@
 Attribute names mirror the official state-dict keys (`stage2.blocks.3.attn.conv_proj_q.bn.running_mean`
 is `model.stage2.blocks[3].attn.conv_proj_q.bn.mean`), so conversion is a plain table
 (see `cvt_flax.convert`). Images are NHWC.
+
+Every module takes the architecture (`CvTConfig`) and the compute settings (`Compute`, resolved for
+a platform) separately: the first decides the function, the second only how it is computed.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cvt_flax.models import compute as compute_lib
 from cvt_flax.models import layers
-from cvt_flax.models.config import STAGE_FIELDS, CvTConfig, make_config
+from cvt_flax.models.compute import Compute
+from cvt_flax.models.config import COMPUTE_FIELDS, STAGE_FIELDS, CvTConfig, make_config
 
 
 def _layer_norm(dim, cfg: CvTConfig, dtype, rngs):
@@ -28,13 +33,26 @@ def _linear(din, dout, cfg: CvTConfig, dtype, rngs, use_bias=True):
                     kernel_init=layers.linear_kernel_init(cfg.init), rngs=rngs)
 
 
+class DepthwiseConv(nnx.Module):
+  """Depthwise conv without bias. `kernel` is (k, k, 1, C): torch's (C, 1, k, k) transposed (2, 3, 1, 0)."""
+
+  def __init__(self, channels, kernel_size, stride, padding, compute: Compute, rngs):
+    self.stride, self.padding, self.compute = stride, padding, compute
+    init = layers.torch_default_uniform(kernel_size * kernel_size)
+    self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, 1, channels)))
+
+  def __call__(self, x):
+    dtype = self.compute.jnp_dtype
+    return compute_lib.depthwise_conv(self.compute, x.astype(dtype), self.kernel.value.astype(dtype),
+                                      self.stride, self.padding)
+
+
 class ConvProjection(nnx.Module):
   """The `dw_bn` projection: depthwise conv (no bias) + BatchNorm."""
 
-  def __init__(self, dim, kernel_size, stride, padding, cfg: CvTConfig, dtype, rngs):
-    self.conv = layers.DepthwiseConv(dim, kernel_size, stride, padding, impl=cfg.dwconv_impl,
-                                     dtype=dtype, rngs=rngs)
-    self.bn = layers.BatchNorm(dim, dtype=dtype)
+  def __init__(self, dim, kernel_size, stride, padding, compute: Compute, rngs):
+    self.conv = DepthwiseConv(dim, kernel_size, stride, padding, compute, rngs)
+    self.bn = layers.BatchNorm(dim, dtype=compute.jnp_dtype)
 
   def __call__(self, x):
     return self.bn(self.conv(x))
@@ -49,9 +67,9 @@ class Attention(nnx.Module):
   dim**-0.5 with dim the full stage width, as in the official code.
   """
 
-  def __init__(self, dim, num_heads, stage: dict, cfg: CvTConfig, dtype, rngs):
-    self.num_heads, self.dtype = num_heads, dtype
-    self.attention_impl = cfg.attention_impl
+  def __init__(self, dim, num_heads, stage: dict, cfg: CvTConfig, compute: Compute, rngs):
+    self.num_heads, self.compute = num_heads, compute
+    dtype = compute.jnp_dtype
     self.record_attention = False
     self.scale = dim ** -0.5
     self.method = stage['qkv_proj_method']
@@ -61,9 +79,9 @@ class Attention(nnx.Module):
     if self.method == 'dw_bn':
       q_args = (stage['kernel_qkv'], stage['stride_q'], stage['padding_q'])
       kv_args = (stage['kernel_qkv'], stage['stride_kv'], stage['padding_kv'])
-      self.conv_proj_q = ConvProjection(dim, *q_args, cfg, dtype, rngs)
-      self.conv_proj_k = ConvProjection(dim, *kv_args, cfg, dtype, rngs)
-      self.conv_proj_v = ConvProjection(dim, *kv_args, cfg, dtype, rngs)
+      self.conv_proj_q = ConvProjection(dim, *q_args, compute, rngs)
+      self.conv_proj_k = ConvProjection(dim, *kv_args, compute, rngs)
+      self.conv_proj_v = ConvProjection(dim, *kv_args, compute, rngs)
     bias = stage['qkv_bias']
     self.proj_q = _linear(dim, dim, cfg, dtype, rngs, use_bias=bias)
     self.proj_k = _linear(dim, dim, cfg, dtype, rngs, use_bias=bias)
@@ -102,8 +120,7 @@ class Attention(nnx.Module):
       record = lambda probs: self.sow(nnx.Intermediate, 'attention_weights', probs)
     drop = self.attn_drop
     dropout = drop if drop.rate > 0 and not drop.deterministic else None
-    out = layers.attention(q, k, v, self.scale, impl=self.attention_impl, dropout=dropout,
-                           record=record)
+    out = compute_lib.attention(self.compute, q, k, v, self.scale, dropout=dropout, record=record)
     b, nh, n, d = out.shape
     out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
     return self.proj_drop(self.proj(out))
@@ -124,9 +141,11 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm transformer block. Stochastic depth = dropout broadcast over all but the batch axis."""
 
-  def __init__(self, dim, num_heads, drop_path, stage: dict, cfg: CvTConfig, dtype, rngs):
+  def __init__(self, dim, num_heads, drop_path, stage: dict, cfg: CvTConfig, compute: Compute,
+               rngs):
+    dtype = compute.jnp_dtype
     self.norm1 = _layer_norm(dim, cfg, dtype, rngs)
-    self.attn = Attention(dim, num_heads, stage, cfg, dtype, rngs)
+    self.attn = Attention(dim, num_heads, stage, cfg, compute, rngs)
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
     self.norm2 = _layer_norm(dim, cfg, dtype, rngs)
     self.mlp = Mlp(dim, int(dim * stage['mlp_ratio']), stage['drop_rate'], cfg, dtype, rngs)
@@ -154,16 +173,17 @@ class ConvEmbed(nnx.Module):
 class Stage(nnx.Module):
   """One CvT stage (the official `VisionTransformer`): conv embedding, optional cls token, blocks."""
 
-  def __init__(self, in_chans, stage: dict, cfg: CvTConfig, dtype, rngs):
+  def __init__(self, in_chans, stage: dict, cfg: CvTConfig, compute: Compute, rngs):
     dim = stage['dim_embed']
+    self.compute = compute
     self.patch_embed = ConvEmbed(in_chans, dim, stage['patch_size'], stage['patch_stride'],
-                                 stage['patch_padding'], cfg, dtype, rngs)
+                                 stage['patch_padding'], cfg, compute.jnp_dtype, rngs)
     self.cls_token = (nnx.Param(layers.trunc_normal(0.02)(rngs.params(), (1, 1, dim)))
                       if stage['cls_token'] else None)
     self.pos_drop = nnx.Dropout(stage['drop_rate'], rngs=rngs)
     # Stochastic depth grows linearly inside each stage, from 0 to the stage's rate (official rule).
     rates = np.linspace(0.0, stage['drop_path_rate'], stage['depth'])
-    self.blocks = nnx.List([Block(dim, stage['num_heads'], float(r), stage, cfg, dtype, rngs)
+    self.blocks = nnx.List([Block(dim, stage['num_heads'], float(r), stage, cfg, compute, rngs)
                             for r in rates])
 
   def __call__(self, x):
@@ -176,7 +196,7 @@ class Stage(nnx.Module):
       x = jnp.concatenate([cls_tok, x], axis=1)
     x = self.pos_drop(x)
     for block in self.blocks:
-      x = block(layers.gradient_fusion_barrier(x), h, w)
+      x = block(compute_lib.block_boundary(self.compute, x), h, w)
     cls_out = None
     if self.cls_token is not None:
       cls_out, x = x[:, 0], x[:, 1:]
@@ -184,16 +204,26 @@ class Stage(nnx.Module):
 
 
 class CvT(nnx.Module):
-  """Convolutional vision Transformer. `model(images)` -> logits; `model.features(images)` -> dict."""
+  """Convolutional vision Transformer. `model(images)` -> logits; `model.features(images)` -> dict.
 
-  def __init__(self, cfg: CvTConfig, *, rngs: nnx.Rngs):
+  `config`: the architecture. `compute`: how it is computed (default: float32, the fast paths of
+  JAX's default backend; see `cvt_flax.models.compute`). Loaders also set `preprocess` (the eval
+  transform the model expects, a `cvt_flax.preprocess.Preprocess`) and `class_names` (what its
+  outputs mean) where their source says; both stay None otherwise.
+  """
+
+  def __init__(self, cfg: CvTConfig, *, rngs: nnx.Rngs, compute: Compute | None = None):
     self.config = cfg
-    dtype = jnp.dtype(cfg.dtype)
+    compute = (compute or Compute()).resolved()
+    self.compute = compute
+    dtype = compute.jnp_dtype
     self.dtype = dtype
+    self.preprocess = None
+    self.class_names = None
     in_chans = cfg.in_chans
     for i in range(cfg.num_stages):
       stage = {name: getattr(cfg, name)[i] for name in STAGE_FIELDS.values()}
-      setattr(self, f'stage{i}', Stage(in_chans, stage, cfg, dtype, rngs))
+      setattr(self, f'stage{i}', Stage(in_chans, stage, cfg, compute, rngs))
       in_chans = stage['dim_embed']
     dim = cfg.dim_embed[-1]
     self.norm = _layer_norm(dim, cfg, dtype, rngs)
@@ -244,17 +274,56 @@ class CvT(nnx.Module):
 
 
 def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None, *,
-                 rngs: nnx.Rngs, **overrides) -> CvT:
+                 rngs: nnx.Rngs, compute: Compute | None = None, **fields) -> CvT:
   """Builds a CvT in training mode (call `.eval()` for inference).
 
   `variant_or_spec`: 'cvt-13' | 'cvt-21' | 'cvt-w24', a CvTConfig, a dict/ConfigDict of model fields
   (optionally with `variant`), or an official SPEC dict (upper-case keys). `num_classes` defaults to
   1000 for variant names and to the given config's value otherwise; 0 gives a model returning
-  pre-logits features.
+  pre-logits features. `fields` override architecture fields, except the compute settings
+  (`dtype`, `dwconv_impl`, `attention_impl`, `fusion_barrier`, `platform`), which go to `compute`.
   """
   if num_classes is not None:
-    overrides['num_classes'] = num_classes
-  return CvT(make_config(variant_or_spec, **overrides), rngs=rngs)
+    fields['num_classes'] = num_classes
+  settings = {k: fields.pop(k) for k in (*COMPUTE_FIELDS, 'fusion_barrier', 'platform')
+              if k in fields}
+  return CvT(make_config(variant_or_spec, **fields), rngs=rngs,
+             compute=compute_lib.make_compute(compute, **settings))
+
+
+def abstract_model(cfg: CvTConfig, compute: Compute | None = None) -> CvT:
+  """A CvT of `cfg` with shapes only (no parameter initialisation), to be filled by a loader; this
+  skips the random init of weights about to be replaced (seconds for CvT-13, and W24's 1.1 GB)."""
+  return nnx.eval_shape(lambda: CvT(cfg, rngs=nnx.Rngs(0), compute=compute))
+
+
+def finish_abstract_model(model: nnx.Module, seed: int = 0) -> nnx.Module:
+  """Gives a filled `abstract_model` concrete dropout RNG state (fresh keys from
+  `seed`, counts 0). Raises if anything else is still abstract (a variable no loader filled)."""
+  rng_vars = [var for _, var in nnx.to_flat_state(nnx.state(model, nnx.RngState))]
+  keys = jax.random.split(jax.random.key(seed), max(len(rng_vars), 1))
+  for i, var in enumerate(rng_vars):
+    if isinstance(var, nnx.RngKey):
+      var.set_value(keys[i])
+    else:
+      shape = var.get_value()
+      var.set_value(jnp.zeros(shape.shape, shape.dtype))
+  left = [path for path, var in nnx.to_flat_state(nnx.state(model))
+          if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+  if left:
+    raise ValueError(f'abstract model variables left unfilled: {left[:5]}')
+  return model
+
+
+def with_compute(model: CvT, compute: Compute | None = None, **settings) -> CvT:
+  """The same weights (shared, not copied), preprocessing and class names in a model computing
+  with other settings, e.g. `with_compute(model, dtype='bfloat16')`. Keeps train/eval mode."""
+  new = abstract_model(model.config, compute_lib.make_compute(compute or model.compute, **settings))
+  nnx.update(new, nnx.state(model))
+  new.preprocess, new.class_names = model.preprocess, model.class_names
+  if model.stage0.pos_drop.deterministic:  # `.eval()` sets it; a fresh model is in training mode
+    new.eval()
+  return new
 
 
 def attention_maps(model: CvT, images) -> list[list[jax.Array]]:

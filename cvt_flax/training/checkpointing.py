@@ -27,11 +27,12 @@ import threading
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-_ITEM = 'state'
+from cvt_flax.io.trees import flatten, from_nested_dict, to_nested_dict
+from cvt_flax.io.workdir import STATE_ITEM as _ITEM
+from cvt_flax.models.weights import describe_differences, shapes
 
 
 class CheckpointSaveError(RuntimeError):
@@ -44,62 +45,6 @@ class CheckpointRestoreError(ValueError):
 
 class WorkdirError(OSError):
   """The workdir cannot be written, or has too little free space for a checkpoint."""
-
-
-def _key_name(key) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  raise TypeError(f'unsupported pytree key {key!r}')
-
-
-def _is_prng_key(x) -> bool:
-  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _key_data_like(x):
-  """The uint32 array (or its abstract shape) that stores a typed PRNG key."""
-  if isinstance(x, jax.ShapeDtypeStruct):
-    out = jax.eval_shape(jax.random.key_data, x)
-    return jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=x.sharding)
-  return jax.random.key_data(x)
-
-
-def _path_names(path) -> list[str]:
-  """Pytree path -> key names, without the trailing `.value` of an nnx Variable."""
-  names = [_key_name(k) for k in path]
-  if len(names) > 1 and names[-1] == 'value' and isinstance(path[-1], jax.tree_util.GetAttrKey):
-    names = names[:-1]
-  return names
-
-
-def to_nested_dict(tree: Any) -> dict:
-  """Any pytree (nnx.State, optax states, dataclasses) -> nested dict with string keys.
-
-  The `.value` attribute of nnx Variables is dropped from paths; typed PRNG keys become key data.
-  """
-  out: dict = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = _path_names(path)
-    node = out
-    for name in names[:-1]:
-      node = node.setdefault(name, {})
-    if names[-1] in node:
-      raise ValueError(f'duplicate checkpoint key {"/".join(names)}')
-    node[names[-1]] = _key_data_like(leaf) if _is_prng_key(leaf) else leaf
-  return out
-
-
-def from_nested_dict(nested: dict, like: Any) -> Any:
-  """Inverse of `to_nested_dict`, given a tree with the target structure (arrays or abstract)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-  leaves = []
-  for path, ref in flat:
-    node = nested
-    for name in _path_names(path):
-      node = node[name]
-    leaves.append(jax.random.wrap_key_data(node) if _is_prng_key(ref) else node)
-  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 _INCOMPLETE_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax's name for a save not yet renamed
@@ -229,32 +174,12 @@ def _short(error: Exception, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit] + '...'
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple]:
-  return {'/'.join(_path_names(path)): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _layout_differences(stored: Any, target: Any) -> list[str]:
-  """Missing / unexpected keys and shape mismatches between stored metadata and a target tree."""
-  have, want = _flat_shapes(stored), _flat_shapes(target)
-  shapes = [f'{k}: checkpoint {have[k]}, expected {want[k]}'
-            for k in have.keys() & want.keys() if have[k] != want[k]]
-  out = []
-  for title, items in (('missing keys', want.keys() - have.keys()),
-                       ('unexpected keys', have.keys() - want.keys()),
-                       ('shape mismatches', shapes)):
-    if items:
-      out.append(f'{title} ({len(items)}): {_sample(items)}')
-  return out
-
-
-def _sample(items, per_group: int = 4) -> str:
-  """A few items of each top-level group (params first), so that long lists stay readable."""
-  groups: dict[str, list[str]] = {}
-  for item in sorted(items, key=lambda k: (not k.startswith('params/'), k)):
-    groups.setdefault(item.split('/')[0], []).append(item)
-  shown = [item for group in groups.values() for item in group[:per_group]]
-  return '; '.join(shown) + (f'; ... ({len(items)} in all)' if len(shown) < len(items) else '')
+  """Missing / unexpected keys and shape mismatches between stored metadata and a target tree
+  (a few keys of each top-level group: params/, opt_state/, ...)."""
+  return describe_differences(shapes(flatten(stored)), shapes(flatten(target)),
+                              found_name='checkpoint', wanted_name='expected', limit=4,
+                              group_sep='/')
 
 
 class StopSignal:
@@ -335,71 +260,3 @@ def check_free_space(directory: str, needed_bytes: int) -> None:
     raise WorkdirError(f'{directory}: only {free / mib:.1f} MiB free on its disk, but a '
                        f'checkpoint of this run takes about {needed_bytes / mib:.1f} MiB. Free '
                        'disk space or use another --workdir.')
-
-
-# ----------------------------------------------------------------------------------------------------
-# A training workdir as a model: WORKDIR/model_config.json + the newest checkpoint's weights.
-
-MODEL_CONFIG_FILE = 'model_config.json'
-
-
-def write_model_config(workdir: str, model_config) -> None:
-  """WORKDIR/model_config.json, the same document as a saved model's config.json."""
-  from cvt_flax import checkpoint  # pylint: disable=g-import-not-at-top
-  write_json(os.path.join(workdir, MODEL_CONFIG_FILE),
-             {'format': checkpoint.FORMAT, 'version': checkpoint.VERSION,
-              'config': model_config.to_dict()})
-
-
-def read_model_config(workdir: str):
-  """The CvTConfig saved in a training workdir."""
-  from cvt_flax import checkpoint  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, MODEL_CONFIG_FILE)
-  try:
-    with open(path) as f:
-      doc = json.load(f)
-    if doc.get('format') != checkpoint.FORMAT:
-      raise ValueError(f'format {doc.get("format")!r}, expected {checkpoint.FORMAT!r}')
-    if doc.get('version', 0) > checkpoint.VERSION:
-      raise ValueError(f'version {doc["version"]} was written by a newer cvt-flax '
-                       f'(this one reads up to {checkpoint.VERSION})')
-    from cvt_flax.models import make_config  # pylint: disable=g-import-not-at-top
-    return make_config(doc['config'])
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise CheckpointRestoreError(f'{path}: not a readable model config: {e}') from e
-
-
-def load_model_from_workdir(workdir: str, step: int | None = None):
-  """The model (eval mode) of a training workdir at `step` (default: its newest checkpoint).
-
-  Restores only the weights (params and BatchNorm statistics), not the optimizer state.
-  """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from cvt_flax.models import CvT  # pylint: disable=g-import-not-at-top
-  model_config = read_model_config(workdir)
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=(_ITEM,))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{workdir}: no complete checkpoint under {directory}.')
-  model = CvT(model_config, rngs=nnx.Rngs(0))
-  params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {'params': to_nested_dict(params), 'batch_stats': to_nested_dict(stats)}
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-  args = ocp.args.Composite(**{_ITEM: ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True)})
-  try:
-    restored = manager.restore(step, args=args)[_ITEM]
-  except Exception as e:  # pylint: disable=broad-except  # tensorstore, JSON, OS, shape errors
-    raise CheckpointRestoreError(f'{os.path.join(directory, str(step))}: cannot restore the model '
-                                 f'weights of step {step}: truncated, corrupt or another model\'s '
-                                 f'checkpoint ({_short(e)}).') from e
-  finally:
-    manager.close()
-  nnx.update(model, from_nested_dict(restored['params'], params),
-             from_nested_dict(restored['batch_stats'], stats))
-  model.eval()
-  return model

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from cvt_flax.data import default_input_config, default_mixup_config
+from cvt_flax.data import default_input_config
+from cvt_flax.models.compute import ATTENTION_IMPLS, DTYPES, DWCONV_IMPLS
+from cvt_flax.training.mixup import default_mixup_config
 from cvt_flax.training.optim import default_optimizer_config
-
-DTYPES = ('float32', 'bfloat16')
 
 
 def default_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0
-  # Model: a ConfigDict passed to `cvt_flax.create_model`: `variant` ('cvt-13', 'cvt-21', 'cvt-w24',
-  # or 'init_from' = the architecture of the init_from checkpoint) plus field overrides, or explicit
-  # fields. num_classes comes from the dataset, the dtype from `dtype` below.
+  # Model: the architecture, a ConfigDict passed to `cvt_flax.create_model`: `variant` ('cvt-13',
+  # 'cvt-21', 'cvt-w24', or 'init_from' = the architecture of the init_from checkpoint) plus field
+  # overrides, or explicit fields. num_classes comes from the dataset.
   c.model = ConfigDict({'variant': 'cvt-13'})
+  # Compute settings (`cvt_flax.models.Compute`): how the model computes, not what; not part of the
+  # checkpointed model, so they may change when a run resumes. 'auto' = the fast path for the
+  # platform of the mesh's devices.
   c.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 master weights, LayerNorm/softmax float32.
+  c.attention_impl = 'auto'  # 'softmax' | 'deferred' | 'blocked' (CPU)
+  c.dwconv_impl = 'auto'  # 'xla' | 'shifts' (CPU)
   c.input = default_input_config()
   c.mixup = default_mixup_config()
   c.optimizer = default_optimizer_config()
@@ -56,8 +61,10 @@ def validate_config(c: ConfigDict) -> None:
   def fail(field, why):
     raise ValueError(f'config.{field}: {why}')
 
-  if c.dtype not in DTYPES:
-    fail('dtype', f'{c.dtype!r} is not one of {DTYPES}')
+  for field, allowed in (('dtype', DTYPES), ('attention_impl', ATTENTION_IMPLS),
+                         ('dwconv_impl', DWCONV_IMPLS)):
+    if c[field] not in allowed:
+      fail(field, f'{c[field]!r} is not one of {allowed}')
   if c.batch_size <= 0:
     fail('batch_size', 'must be positive')
   if c.grad_accum_steps < 1:

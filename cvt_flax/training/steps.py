@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from cvt_flax.data import mixup_cutmix
+from cvt_flax.training.mixup import mixup_cutmix
 
 # Every variable of a CvT is one of these; nnx.split raises if a new kind ever appears unhandled.
 MODEL_FILTERS = (nnx.Param, nnx.BatchStat, nnx.RngState)
@@ -103,15 +103,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   return train_step
 
 
+def model_variables(state: TrainState):
+  """What `eval_step` takes of a train state: (params, batch_stats, rngs)."""
+  return state.params, state.batch_stats, state.rngs
+
+
 def make_eval_step(eval_graphdef) -> Callable:
-  """Returns `eval_step(state, batch) -> sums` of masked top-1/top-5 hits, loss and example count.
+  """Returns `eval_step(variables, batch) -> sums` of masked top-1/top-5 hits, loss and example
+  count, where `variables` = (params, batch_stats, rngs) as `split_model` returns them.
 
   `eval_graphdef` is the graphdef of the model in eval mode (running BatchNorm statistics, no
   dropout). Sums (not means) so that padded batches and several processes add up exactly.
   """
 
-  def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    model = nnx.merge(eval_graphdef, state.params, state.batch_stats, state.rngs)
+  def eval_step(variables, batch: dict[str, jax.Array]):
+    model = nnx.merge(eval_graphdef, *variables)
     logits = model(batch['image'])
     labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
     k = min(5, logits.shape[-1])

@@ -8,6 +8,18 @@ label-smoothed one-hots (off = smoothing / classes, on = 1 - smoothing + off).
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+
+def default_mixup_config() -> ml_collections.ConfigDict:
+  """timm's Mixup (batch mode) as used by the official CvT recipe."""
+  cfg = ml_collections.ConfigDict()
+  cfg.mixup_alpha = 0.8
+  cfg.cutmix_alpha = 1.0
+  cfg.switch_prob = 0.5  # Probability of CutMix when both alphas are > 0.
+  cfg.prob = 1.0  # Probability of mixing a batch at all.
+  cfg.label_smoothing = 0.1
+  return cfg
 
 
 def smoothed_one_hot(labels, num_classes, label_smoothing):

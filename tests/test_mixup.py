@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvt_flax.data import mixup_cutmix
+from cvt_flax.training.mixup import default_mixup_config, mixup_cutmix
 
 N, H, W, C, CLASSES = 6, 12, 10, 3, 10
 
@@ -112,3 +112,10 @@ def test_keeps_bfloat16_images():
   out, targets = mixup_cutmix(jax.random.key(0), images.astype(jnp.bfloat16), labels, CLASSES,
                               switch_prob=0.0)
   assert out.dtype == jnp.bfloat16 and targets.dtype == jnp.float32
+
+
+def test_default_config_is_the_official_recipe():
+  mixup = default_mixup_config()
+  mixup.lock()
+  assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.switch_prob, mixup.prob,
+          mixup.label_smoothing) == (0.8, 1.0, 0.5, 1.0, 0.1)

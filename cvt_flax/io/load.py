@@ -1,0 +1,111 @@
+"""One checkpoint reference for every entry point: what a path or name holds, and loading it.
+
+A reference is, in this order:
+  * an existing local path:
+      - a cvt-flax model directory (config.json with format "cvt_flax.model" + state/),
+      - a training workdir (model_config.json + checkpoints/): its newest checkpoint,
+      - an HF checkpoint directory (config.json of a CvT + model.safetensors / pytorch_model.bin),
+      - an official `.pth` (state dict or training checkpoint), or an HF weights file
+        (.safetensors / .bin with config.json beside it);
+  * a Hugging Face hub name, `org/name` or `org/name@revision` (`cvt_flax.io.hub`).
+An existing local path always wins over a hub name of the same spelling.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from cvt_flax import convert
+from cvt_flax.io import hub
+from cvt_flax.io.model_dir import CONFIG_FILE, FORMAT, STATE_DIR, CheckpointError, load_model_dir
+from cvt_flax.io.workdir import is_training_workdir, load_workdir_model
+from cvt_flax.models import CvT
+
+MODEL_DIR, WORKDIR, PYTORCH = 'cvt-flax model directory', 'training workdir', 'PyTorch checkpoint'
+
+
+def _is_model_dir(path: str) -> bool:
+  config = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config):
+    return False
+  try:
+    with open(config) as f:
+      return json.load(f).get('format') == FORMAT
+  except (OSError, ValueError, AttributeError):  # unreadable: let the loader name the problem
+    return os.path.isdir(os.path.join(path, STATE_DIR))
+
+
+def detect(path: str) -> str:
+  """What the local `path` holds: MODEL_DIR, WORKDIR or PYTORCH (an official or HF file or an HF
+  directory; `cvt_flax.convert` tells those apart from the keys)."""
+  if os.path.isdir(path):
+    if _is_model_dir(path):
+      return MODEL_DIR
+    if is_training_workdir(path):
+      return WORKDIR
+  return PYTORCH
+
+
+def load_local(path: str, *, spec=None, num_classes: int | None = None,
+               activation: str | None = None, image_size: int | None = None,
+               step: int | None = None) -> CvT:
+  """Loads an existing local path (any kind, see `detect`) in eval mode.
+
+  `spec`, `num_classes`, `activation`, `image_size` apply to PyTorch sources only (see
+  `cvt_flax.convert.load_pytorch`); `step` to training workdirs.
+  """
+  kind = detect(path)
+  if kind == MODEL_DIR:
+    return load_model_dir(path)
+  if kind == WORKDIR:
+    return load_workdir_model(path, step)
+  return convert.load_pytorch(path, spec=spec, num_classes=num_classes, activation=activation,
+                              image_size=image_size)
+
+
+def load_checkpoint(path, step: int | None = None) -> CvT:
+  """A cvt-flax model directory or training workdir (at `step`, default the newest), eval mode."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    what = 'does not exist' if not os.path.exists(path) else 'is not a directory'
+    raise CheckpointError(f'{path} {what}; a cvt-flax model is a directory with {CONFIG_FILE} and '
+                          f'{STATE_DIR}/, or a training workdir.')
+  if not os.path.exists(os.path.join(path, CONFIG_FILE)) and is_training_workdir(path):
+    return load_workdir_model(path, step)
+  return load_model_dir(path)
+
+
+def resolve(ref, *, revision: str | None = None, cache_dir: str | None = None,
+            local_files_only: bool = False) -> str:
+  """The local path a reference stands for: itself if it exists, else a hub name's snapshot
+  directory (downloaded, or read from the local hub cache offline)."""
+  ref = os.fspath(ref)
+  if os.path.exists(ref):
+    return ref
+  parsed = hub.parse_hub_name(ref)
+  if parsed is None:
+    raise FileNotFoundError(f'{ref}: no such file or directory, and not a hub name (org/name).')
+  repo_id, pinned = parsed
+  if pinned and revision and pinned != revision:
+    raise CheckpointError(f'{ref}: two revisions given ({pinned!r} in the name, {revision!r}).')
+  return hub.download(repo_id, revision=pinned or revision, cache_dir=cache_dir,
+                      local_files_only=local_files_only)
+
+
+def from_pretrained(name_or_path, *, revision: str | None = None, cache_dir: str | None = None,
+                    local_files_only: bool = False, **options) -> CvT:
+  """An eval-mode CvT with its preprocessing (`model.preprocess`) and class names
+  (`model.class_names`) from any reference (see the module docstring).
+
+      model = cvt_flax.from_pretrained('microsoft/cvt-13')      # the hub (or its local cache)
+      model = cvt_flax.from_pretrained('runs/digits')           # a training workdir
+
+  `revision`, `cache_dir`, `local_files_only`: for hub names (also `org/name@revision`); offline
+  (HF_HUB_OFFLINE=1) only the local hub cache is read. `options`: see `load_local`.
+  """
+  path = resolve(name_or_path, revision=revision, cache_dir=cache_dir,
+                 local_files_only=local_files_only)
+  return load_local(path, **options)
+
+
+EXPECTED_ERRORS = (CheckpointError, convert.ConversionError, FileNotFoundError)

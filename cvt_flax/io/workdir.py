@@ -1,0 +1,69 @@
+"""A training workdir as a model: WORKDIR/model_config.json + the weights of a checkpoint.
+
+    WORKDIR/model_config.json       the model document (`cvt_flax.io.model_dir`), written by the
+                                    trainer: architecture, its eval transform, the class names
+    WORKDIR/checkpoints/<step>/state  Orbax train state: `params/...`, `batch_stats/...`, `rngs`,
+                                    `opt_state`, `step` (written by `cvt_flax.training`)
+
+Reading a model from it restores only the weights (params and BatchNorm statistics).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from cvt_flax.io import trees
+from cvt_flax.io.model_dir import CheckpointError, ModelDoc, read_model_doc, write_model_doc
+from cvt_flax.models import CvT, abstract_model, finish_abstract_model
+
+MODEL_CONFIG_FILE = 'model_config.json'
+CHECKPOINTS_DIR = 'checkpoints'
+STATE_ITEM = 'state'  # the Orbax item name of the train state in each checkpoint
+
+
+def is_training_workdir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
+          and os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)))
+
+
+def write_workdir_model_doc(workdir: str, doc: ModelDoc) -> None:
+  write_model_doc(os.path.join(workdir, MODEL_CONFIG_FILE), doc)
+
+
+def read_workdir_model_doc(workdir: str) -> ModelDoc:
+  return read_model_doc(os.path.join(workdir, MODEL_CONFIG_FILE))
+
+
+def load_workdir_model(workdir: str, step: int | None = None) -> CvT:
+  """The model (eval mode) of a training workdir at `step` (default: its newest checkpoint)."""
+  doc = read_workdir_model_doc(workdir)
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_names=(STATE_ITEM,))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'{workdir}: no complete checkpoint under {directory}.')
+    model = abstract_model(doc.config)
+    params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {'params': trees.to_nested_dict(params), 'batch_stats': trees.to_nested_dict(stats)}
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)})
+    try:
+      restored = manager.restore(step, args=args)[STATE_ITEM]
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore, JSON, OS, shape errors
+      raise CheckpointError(f'{os.path.join(directory, str(step))}: cannot restore the model '
+                            f'weights of step {step}: truncated, corrupt or another model\'s '
+                            f'checkpoint ({type(e).__name__}: {str(e)[:300]}).') from e
+  finally:
+    manager.close()
+  nnx.update(model, trees.from_nested_dict(restored['params'], params),
+             trees.from_nested_dict(restored['batch_stats'], stats))
+  finish_abstract_model(model).eval()
+  return doc.apply(model)
