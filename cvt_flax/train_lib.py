@@ -198,25 +198,31 @@ def _run_steps(run: Run, state: TrainState, start: int, ckpt, writer, stop, eval
       cfg.input, global_batch_size=cfg.batch_size, seed=cfg.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count())
   step_metrics = _StepMetrics(run, flops, ckpt.latest_step())
-  for step in range(start + 1, total + 1):  # `step` = optimizer steps completed after this one
-    state, m = train_step(state, sharding.global_batch(next(batches), batch_sh))
-    step_metrics.add(step, m)
-    record = {}  # one metrics.jsonl object per logged step, train and eval together
-    if step % cfg.log_every_steps == 0 or step == total:
-      record.update(step_metrics.check())
-      writer.progress(step, record)
-    if (cfg.eval_every_steps > 0 and step % cfg.eval_every_steps == 0) or step == total:
-      record.update(_evaluate(run, state, eval_step, step, writer))
-      step_metrics.reset_timer()
-    if record:
-      writer.write(step, record)
-    if step % cfg.checkpoint_every_steps == 0 or step == total:
-      _save(ckpt, step, state, step_metrics)
-    if step < total and stop.should_stop(ckpt, step):
-      _save(ckpt, step, state, step_metrics)
-      ckpt.wait()
-      writer.log(f'Preempted: saved a checkpoint at step {step}; rerun the same command to resume.')
-      return {'step': step, 'preempted': True}
+  trace = metrics_lib.StepTrace(os.path.join(run.workdir, 'profile'), start + 2, cfg.profile_steps)
+  record = {}
+  with trace:
+    for step in range(start + 1, total + 1):  # `step` = optimizer steps completed after this one
+      with trace.annotation(step):
+        state, m = train_step(state, sharding.global_batch(next(batches), batch_sh))
+      trace.after(step, m)
+      step_metrics.add(step, m)
+      record = {}  # one metrics.jsonl object per logged step, train and eval together
+      if step % cfg.log_every_steps == 0 or step == total:
+        record.update(step_metrics.check())
+        writer.progress(step, record)
+      if (cfg.eval_every_steps > 0 and step % cfg.eval_every_steps == 0) or step == total:
+        record.update(_evaluate(run, state, eval_step, step, writer))
+        step_metrics.reset_timer()
+      if record:
+        writer.write(step, record)
+      if step % cfg.checkpoint_every_steps == 0 or step == total:
+        _save(ckpt, step, state, step_metrics)
+      if step < total and stop.should_stop(ckpt, step):
+        _save(ckpt, step, state, step_metrics)
+        ckpt.wait()
+        writer.log(f'Preempted: saved a checkpoint at step {step}; rerun the same command to '
+                   'resume.')
+        return {'step': step, 'preempted': True}
   return record
 
 

@@ -10,8 +10,22 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   statistics and softmax run in float32 either way.
   dwconv_impl     'xla' (one grouped conv) | 'shifts' (CPU: shifted multiply-adds)
   attention_impl  'softmax' (official order) | 'deferred' (normalise after the product with v) |
-                  'blocked' (CPU: 'deferred' in cache-sized blocks)
+                  'blocked' (CPU: 'deferred' in cache-sized blocks) | 'xla_fused' / 'cudnn'
+                  (`jax.nn.dot_product_attention` with the official scale width**-0.5, XLA's or
+                  cuDNN's fused kernel; cuDNN only takes bf16/fp16 and head dims that are
+                  multiples of 8 up to 128, other calls run 'deferred')
   fusion_barrier  CPU: stop XLA:CPU's fusion of the residual gradient across blocks
+  remat           'none' | 'block' (recompute each block in the backward pass, keeping only its
+                  input) | a `jax.checkpoint_policies` name kept per block ('dots_saveable',
+                  'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
+
+'auto' per platform: CPU 'shifts' + 'blocked' + the barrier; GPU 'xla' + 'cudnn' for bf16/fp16
+('deferred' for float32); TPU and others 'xla' + 'deferred'. On TPU, Pallas flash/splash attention
+would not pay: CvT's sequences are short (50 to 3136 queries against 50 to 784 keys), so the whole
+score matrix of a head (at most 3136 x 784, 4.9 MB in bf16 per image and head) is a few tiles
+that XLA already fuses with the softmax, and the first stage has a single head of width 64, too
+narrow for the MXU-bound regime where flash attention's recomputation wins; the stride-2 key/value
+projection already cuts the quadratic cost 4x.
 """
 from __future__ import annotations
 
@@ -19,17 +33,23 @@ import dataclasses
 from typing import Any
 
 import jax
+from flax import nnx
 
 from cvt_flax.models import cpu, layers
 
 DTYPES = ('float32', 'bfloat16')
 DWCONV_IMPLS = ('auto', 'xla', 'shifts')
-ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'blocked')
+ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'blocked', 'xla_fused', 'cudnn')
+REMAT = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+         'everything_saveable', 'nothing_saveable')
 # The choice of 'auto' per platform; platforms not listed take 'default'.
 _AUTO = {
     'cpu': {'dwconv_impl': 'shifts', 'attention_impl': 'blocked', 'fusion_barrier': True},
+    'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'fusion_barrier': False},
     'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'fusion_barrier': False},
 }
+_PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}  # jax.export's names for GPU platforms
+CUDNN_DTYPES = ('bfloat16', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +59,12 @@ class Compute:
   dwconv_impl: str = 'auto'
   attention_impl: str = 'auto'
   fusion_barrier: bool | None = None  # None = 'auto'
+  remat: str = 'none'
   platform: str | None = None  # what 'auto' is resolved for; None = jax.default_backend()
 
   def __post_init__(self):
     for field, allowed in (('dtype', DTYPES), ('dwconv_impl', DWCONV_IMPLS),
-                           ('attention_impl', ATTENTION_IMPLS)):
+                           ('attention_impl', ATTENTION_IMPLS), ('remat', REMAT)):
       if getattr(self, field) not in allowed:
         raise ValueError(f'compute setting {field}={getattr(self, field)!r} is not one of '
                          f'{allowed}.')
@@ -51,7 +72,9 @@ class Compute:
   def resolved(self) -> 'Compute':
     """The same settings with every 'auto' replaced by the choice for the platform."""
     platform = self.platform or jax.default_backend()
-    auto = _AUTO.get(platform, _AUTO['default'])
+    auto = dict(_AUTO.get(_PLATFORM_ALIASES.get(platform, platform), _AUTO['default']))
+    if auto['attention_impl'] == 'cudnn' and self.dtype not in CUDNN_DTYPES:
+      auto['attention_impl'] = 'deferred'  # cuDNN's fused attention has no float32 kernel
     return dataclasses.replace(
         self, platform=platform,
         dwconv_impl=auto['dwconv_impl'] if self.dwconv_impl == 'auto' else self.dwconv_impl,
@@ -88,7 +111,30 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
     return layers.softmax_attention(q, k, v, scale, dropout=dropout, record=record)
   if impl == 'blocked':
     return cpu.attention(q, k, v, scale)
+  if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
+    return _fused_attention(q, k, v, scale, 'xla' if impl == 'xla_fused' else 'cudnn')
   return layers.deferred_attention(q, k, v, scale)[0]
+
+
+def _cudnn_supports(q) -> bool:
+  head_dim = q.shape[-1]
+  return q.dtype.name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+
+
+def _fused_attention(q, k, v, scale, implementation):
+  """jax.nn.dot_product_attention on (b, heads, tokens, d) inputs (it takes (b, tokens, heads,
+  d)), with CvT's explicit scale (the full width, not the head dim, as SDPA would default to)."""
+  out = jax.nn.dot_product_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), scale=scale,
+                                     implementation=implementation)
+  return out.transpose(0, 2, 1, 3)
+
+
+def run_block(compute: Compute, block, x, h: int, w: int):
+  """`block(x, h, w)`, rematerialised in the backward pass as `compute.remat` says."""
+  if compute.remat == 'none':
+    return block(x, h, w)
+  policy = None if compute.remat == 'block' else getattr(jax.checkpoint_policies, compute.remat)
+  return nnx.remat(lambda block, x: block(x, h, w), policy=policy)(block, x)
 
 
 def block_boundary(compute: Compute, x):

@@ -196,7 +196,8 @@ class Stage(nnx.Module):
       x = jnp.concatenate([cls_tok, x], axis=1)
     x = self.pos_drop(x)
     for block in self.blocks:
-      x = block(compute_lib.block_boundary(self.compute, x), h, w)
+      x = compute_lib.run_block(self.compute, block, compute_lib.block_boundary(self.compute, x),
+                                h, w)
     cls_out = None
     if self.cls_token is not None:
       cls_out, x = x[:, 0], x[:, 1:]
@@ -281,11 +282,12 @@ def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None
   (optionally with `variant`), or an official SPEC dict (upper-case keys). `num_classes` defaults to
   1000 for variant names and to the given config's value otherwise; 0 gives a model returning
   pre-logits features. `fields` override architecture fields, except the compute settings
-  (`dtype`, `dwconv_impl`, `attention_impl`, `fusion_barrier`, `platform`), which go to `compute`.
+  (`dtype`, `dwconv_impl`, `attention_impl`, `fusion_barrier`, `remat`, `platform`), which go to
+  `compute`.
   """
   if num_classes is not None:
     fields['num_classes'] = num_classes
-  settings = {k: fields.pop(k) for k in (*COMPUTE_FIELDS, 'fusion_barrier', 'platform')
+  settings = {k: fields.pop(k) for k in (*COMPUTE_FIELDS, 'fusion_barrier', 'remat', 'platform')
               if k in fields}
   return CvT(make_config(variant_or_spec, **fields), rngs=rngs,
              compute=compute_lib.make_compute(compute, **settings))

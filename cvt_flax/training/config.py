@@ -9,7 +9,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from cvt_flax.data import default_input_config
-from cvt_flax.models.compute import ATTENTION_IMPLS, DTYPES, DWCONV_IMPLS
+from cvt_flax.models.compute import ATTENTION_IMPLS, DTYPES, DWCONV_IMPLS, REMAT
 from cvt_flax.training.mixup import default_mixup_config
 from cvt_flax.training.optim import default_optimizer_config
 
@@ -25,8 +25,11 @@ def default_config() -> ConfigDict:
   # checkpointed model, so they may change when a run resumes. 'auto' = the fast path for the
   # platform of the mesh's devices.
   c.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 master weights, LayerNorm/softmax float32.
-  c.attention_impl = 'auto'  # 'softmax' | 'deferred' | 'blocked' (CPU)
+  c.attention_impl = 'auto'  # 'softmax' | 'deferred' | 'blocked' (CPU) | 'xla_fused' | 'cudnn'
   c.dwconv_impl = 'auto'  # 'xla' | 'shifts' (CPU)
+  # Recompute activations in the backward pass: 'none', 'block' (keep only each block's input) or
+  # a jax.checkpoint_policies name per block ('dots_saveable', ...). For W24 or large batches.
+  c.remat = 'none'
   c.input = default_input_config()
   c.mixup = default_mixup_config()
   c.optimizer = default_optimizer_config()
@@ -53,6 +56,9 @@ def default_config() -> ConfigDict:
   c.keep_checkpoints = 3
   c.checkpoint_async = True
   c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = unknown, no MFU (e.g. 197e12 TPU v4)
+  # > 0: write a jax.profiler trace (TensorBoard / XProf) of this many train steps, from the second
+  # step after the start or resume (the first one compiles), to WORKDIR/profile.
+  c.profile_steps = 0
   return c
 
 
@@ -62,7 +68,7 @@ def validate_config(c: ConfigDict) -> None:
     raise ValueError(f'config.{field}: {why}')
 
   for field, allowed in (('dtype', DTYPES), ('attention_impl', ATTENTION_IMPLS),
-                         ('dwconv_impl', DWCONV_IMPLS)):
+                         ('dwconv_impl', DWCONV_IMPLS), ('remat', REMAT)):
     if c[field] not in allowed:
       fail(field, f'{c[field]!r} is not one of {allowed}')
   if c.batch_size <= 0:
@@ -71,6 +77,8 @@ def validate_config(c: ConfigDict) -> None:
     fail('grad_accum_steps', 'must be >= 1')
   if c.num_train_steps <= 0 and c.num_epochs <= 0:
     fail('num_train_steps', 'set num_train_steps > 0 or num_epochs > 0')
+  if c.profile_steps < 0:
+    fail('profile_steps', 'must be >= 0 (0: no trace)')
   for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if c[field] < 1:
       fail(field, 'must be >= 1')

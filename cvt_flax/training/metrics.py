@@ -139,3 +139,35 @@ def mfu(flops_per_device_step: float | None, steps_per_sec: float,
   if not flops_per_device_step or peak_flops_per_device <= 0:
     return None
   return flops_per_device_step * steps_per_sec / peak_flops_per_device
+
+
+class StepTrace:
+  """A `jax.profiler` trace of `num_steps` train steps, from step `first` on, into `directory`
+  (TensorBoard's profile plugin / XProf read it: `tensorboard --logdir WORKDIR`). Each process
+  traces its own host and devices. `num_steps` 0 traces nothing."""
+
+  def __init__(self, directory: str, first: int, num_steps: int):
+    self.directory, self.first, self.last = directory, first, first + num_steps - 1
+    self.active = False
+
+  def annotation(self, step: int):
+    """The context of one step: starts the trace at `first`; marks steps in the trace viewer."""
+    if step == self.first and self.last >= self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+    return jax.profiler.StepTraceAnnotation('train', step_num=step)
+
+  def after(self, step: int, outputs) -> None:
+    """Ends the trace after step `last` (once its outputs are computed)."""
+    if self.active and step >= self.last:
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.active = False
+
+  def __enter__(self) -> 'StepTrace':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self.active:  # the run ended (or failed) inside the traced steps
+      jax.profiler.stop_trace()
+      self.active = False

@@ -106,7 +106,7 @@ def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | N
   model_config = resolve_model_config(config, info.num_classes, base_model_config)
   mesh = sharding.make_mesh(devices)
   compute = make_compute(dtype=config.dtype, dwconv_impl=config.dwconv_impl,
-                         attention_impl=config.attention_impl,
+                         attention_impl=config.attention_impl, remat=config.remat,
                          platform=mesh.devices.flat[0].platform)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   sharding.check_batch_size(eval_batch_size(config), mesh)

@@ -1,0 +1,146 @@
+"""Compute paths per backend, checked on CPU: what GPU and TPU programs contain, the fused
+attention and remat against the reference numerics, the profiler option, and a train step that
+imports without TensorFlow."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import cvt_flax
+from cvt_flax.models import Compute, compute
+from cvt_flax.training import steps
+from helpers import PARITY_ATOL, TINY_MODEL, fixture_model, logits_and_features, run_python
+
+# Enough width per head (64) for the paths a released model takes, small enough to lower quickly.
+SMALL = dict(dim_embed=(64, 128), num_heads=(1, 2), depth=(1, 1), patch_size=(7, 3),
+             patch_stride=(4, 2), patch_padding=(2, 1), cls_token=(False, True),
+             qkv_proj_method=('dw_bn', 'dw_bn'), kernel_qkv=(3, 3), stride_kv=(2, 2),
+             stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(True, True),
+             mlp_ratio=(4.0, 4.0), drop_rate=(0.0, 0.0), attn_drop_rate=(0.0, 0.0),
+             drop_path_rate=(0.0, 0.1))
+IMAGES = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)  # stage 0: 3136 queries, 784 keys
+
+
+def _lowered(platform, dtype='float32', **settings):
+  """(forward, train step) of SMALL built for `platform`, lowered there with jax.export."""
+  model = cvt_flax.create_model(SMALL, num_classes=10, rngs=nnx.Rngs(0), platform=platform,
+                                dtype=dtype, **settings)
+  tx = optax.adamw(1e-3)
+  state = steps.init_train_state(model, tx)
+  train_step = steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
+                                     num_classes=10, mixup=dict(prob=0.0), seed=0)
+  batch = {'image': IMAGES, 'label': jax.ShapeDtypeStruct((8,), jnp.int32)}
+  model.eval()
+  graphdef, variables = nnx.split(model)
+  forward = jax.jit(lambda v, x: nnx.merge(graphdef, v)(x))
+  export = lambda f, *args: jax.export.export(f, platforms=[platform])(*args).mlir_module()
+  return export(forward, variables, IMAGES), export(jax.jit(train_step), state, batch)
+
+
+def _cpu_only_constructs(module: str) -> list[str]:
+  """The CPU backend's marks in a lowered module: the blocked attention's loop (`while`), the
+  fusion barrier's conditional (`case`/`if`)."""
+  return [op for op in ('stablehlo.while', 'stablehlo.case', 'stablehlo.if') if op in module]
+
+
+def test_the_cpu_lowering_does_hold_the_cpu_paths():
+  forward, train = _lowered('cpu')
+  assert 'stablehlo.while' in forward  # blocked attention over stage 0's 3136 x 784 scores
+  assert {'stablehlo.while', 'stablehlo.case'} <= set(_cpu_only_constructs(train))
+
+
+@pytest.mark.parametrize('platform,dtype', [('cuda', 'float32'), ('tpu', 'bfloat16'),
+                                            ('tpu', 'float32')])
+def test_gpu_and_tpu_programs_hold_no_cpu_only_construct(platform, dtype):
+  forward, train = _lowered(platform, dtype)
+  assert not _cpu_only_constructs(forward) and not _cpu_only_constructs(train)
+  assert 'feature_group_count = 64' in forward  # the depthwise projections: grouped convs
+
+
+def test_cuda_bf16_takes_cudnn_attention_which_needs_a_gpu_to_lower():
+  """'auto' on a GPU in bf16 is cuDNN's fused attention. JAX cannot lower it on a machine without
+  cuDNN ('cuDNN is not detected'), so here the choice is checked, and the XLA fused path that a
+  GPU without cuDNN support for a shape falls back to is lowered instead."""
+  assert Compute(platform='cuda', dtype='bfloat16').resolved().attention_impl == 'cudnn'
+  assert Compute(platform='gpu', dtype='float32').resolved().attention_impl == 'deferred'
+  with pytest.raises(RuntimeError, match='cuDNN'):
+    _lowered('cuda', 'bfloat16')
+  forward, train = _lowered('cuda', 'bfloat16', attention_impl='xla_fused')
+  assert not _cpu_only_constructs(forward) and not _cpu_only_constructs(train)
+
+
+@pytest.mark.parametrize('impl', ['xla_fused', 'cudnn'])
+def test_fused_attention_matches_the_official_numerics(impl):
+  # On CPU 'cudnn' finds no cuDNN-supported call (float32) and runs 'deferred': both are checked
+  # against the PyTorch fixture, with the official scale width**-0.5 (not SDPA's head_dim**-0.5).
+  model, meta, io = fixture_model('official_tiny', attention_impl=impl)
+  for i in range(len(meta['input_shapes'])):
+    logits, _ = logits_and_features(model, io[f'input_{i}'].transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(logits, io[f'logits_{i}'], atol=PARITY_ATOL, rtol=0)
+  q = jax.random.normal(jax.random.key(0), (2, 3, 50, 16))
+  fused = compute.attention(Compute(attention_impl='xla_fused').resolved(), q, q, q, 0.1)
+  reference = compute.attention(Compute(attention_impl='softmax').resolved(), q, q, q, 0.1)
+  np.testing.assert_allclose(fused, reference, atol=1e-6)  # float32, 50-term sums of O(1)
+
+
+def test_remat_gives_the_same_gradients():
+  def grads(**settings):
+    model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0), **settings)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x) ** 2)
+    images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    rematerialised = 'remat2[' in str(jax.make_jaxpr(jax.grad(loss))(params, images))
+    assert rematerialised == (settings.get('remat', 'none') != 'none')
+    return jax.jit(jax.grad(loss))(params, images)
+
+  plain = jax.tree.leaves(grads())
+  for remat in ('block', 'dots_saveable'):
+    # The recomputed forward is the same program; XLA may fuse it differently, so float32
+    # rounding may differ in the last bits (measured: equal, or 1 ulp).
+    for a, b in zip(plain, jax.tree.leaves(grads(remat=remat))):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=remat)
+
+
+def test_profile_steps_writes_a_trace(digits_dir, tmp_path, compile_cache):
+  from cvt_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  train_lib.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4, profile_steps=2),
+                               str(tmp_path))
+  traces = glob.glob(os.path.join(tmp_path, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+_WITHOUT_TF = '''
+import sys
+sys.modules['tensorflow'] = None  # any import of TensorFlow now fails
+import jax, optax
+from flax import nnx
+import cvt_flax, cvt_flax.io, cvt_flax.predict
+from cvt_flax.training import steps
+from helpers import TINY_MODEL
+model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
+tx = optax.adamw(1e-3)
+step = jax.jit(steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
+                                     num_classes=10, mixup=dict(), seed=0))
+batch = {'image': jax.numpy.ones((4, 16, 16, 3)), 'label': jax.numpy.zeros((4,), 'int32')}
+state, metrics = step(steps.init_train_state(model, tx), batch)
+model.eval()
+sums = jax.jit(steps.make_eval_step(nnx.graphdef(model)))(
+    steps.model_variables(state), dict(batch, mask=jax.numpy.ones((4,))))
+print('OK', float(metrics['loss']) > 0, float(sums['count']))
+'''
+
+
+def test_model_train_and_eval_steps_import_without_tensorflow():
+  assert run_python(_WITHOUT_TF).split()[-3:] == ['OK', 'True', '4.0']
+
+
+def test_platform_names_of_jax_export_resolve_like_device_platforms():
+  cuda, gpu = Compute(platform='cuda').resolved(), Compute(platform='gpu').resolved()
+  assert (cuda.dwconv_impl, cuda.attention_impl, cuda.fusion_barrier) == (
+      gpu.dwconv_impl, gpu.attention_impl, gpu.fusion_barrier) == ('xla', 'deferred', False)
