@@ -157,7 +157,8 @@ def _peak_flops(args) -> float | None:
 
 def _table(rows, peak) -> str:
   lines = ['| model | size | batch | framework | mode | images/s | ms/step | MFU | peak memory '
-           '(GiB) | compile (s) | flax speed-up |', '|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|']
+           '(GiB) | compile (s) | flax speed-up |',
+           '|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|']
   by_key = {(r['variant'], r['mode'], r['framework']): r for r in rows}
   for r in rows:
     if 'error' in r:

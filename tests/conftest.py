@@ -22,17 +22,18 @@ def digits_dir(tmp_path_factory):
   return helpers.build_digits(str(tmp_path_factory.mktemp('tfds')))
 
 
-_CACHE_SETTINGS = {'jax_persistent_cache_min_compile_time_secs': 0,
+_CACHE_SETTINGS = {'jax_persistent_cache_min_compile_time_secs': 0.5,
                    'jax_persistent_cache_min_entry_size_bytes': 0}
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='session', autouse=True)
 def compile_cache(tmp_path_factory):
-  """A persistent XLA compilation cache for this test process (and its subprocesses).
+  """A persistent XLA compilation cache for the whole test session (and its subprocesses).
 
-  The training tests run the same tiny config many times; on 2 CPU cores compiling its train step
-  takes ~20 s and loading it from the cache ~2 s. A cached executable is the same program a fresh
-  compile of the same HLO produces, so results do not change. Returns env vars for subprocesses.
+  Many tests compile the same programs (the fixture models' forward passes, the tiny training
+  config's steps); on 2 CPU cores compiling a train step takes ~15 s and loading it from the cache
+  ~1 s. A cached executable is the same program a fresh compile of the same HLO produces, so
+  results do not change. Returns env vars for subprocesses.
   """
   import jax  # pylint: disable=g-import-not-at-top
   # One cache for both pytest-xdist workers (their base temp dirs share a parent): what one

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT, subprocess_env
 
 # The driver with TensorFlow made unimportable (the GPU image has none); its workers import the
@@ -11,6 +13,7 @@ _NO_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.a
           "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
+@pytest.mark.slow  # four benchmark processes: ~1.2 min on 2 cores (CI runs it)
 def test_bench_device_on_cpu_with_a_tiny_model(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-c', _NO_TF, 'benchmarks/bench_device.py', '--tiny', '--steps', '1',

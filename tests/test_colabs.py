@@ -75,6 +75,7 @@ def test_inference_notebook_shows_the_library_predictions(tmp_path, monkeypatch,
                                atol=6e-5)
 
 
+@pytest.mark.slow  # a 60-step training in a kernel: ~1.5 min on 2 cores (CI runs it)
 def test_finetune_notebook_trains_and_evaluates(tmp_path, monkeypatch):
   from cvt_flax.training.metrics import read_metrics  # pylint: disable=g-import-not-at-top
   text = run_notebook('finetune', tmp_path, monkeypatch)

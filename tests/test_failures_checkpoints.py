@@ -25,10 +25,8 @@ from cvt_flax.training.checkpointing import (Checkpointer, CheckpointRestoreErro
 from cvt_flax.training.run import build_run, create_initial_state, write_run_files
 from helpers import DATA, tiny_config, train_losses
 
-pytestmark = [pytest.mark.usefixtures('compile_cache'),
-              # Orbax's async machinery reports 'Event loop is closed' from finalisers after a
-              # failure.
-              pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')]
+# Orbax's async machinery reports 'Event loop is closed' from finalisers after a failure.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
 
 def _steps(workdir) -> list[int]:

@@ -7,6 +7,10 @@ import pytest
 
 from helpers import TrainProcess, free_port, write_config_file
 
+# `slow` (CI's make test-slow): real train.py processes; on 2 cores each launch costs ~1 min of
+# start-up and XLA compilation whatever the number of steps.
+pytestmark = pytest.mark.slow
+
 INIT_TIMEOUT = 10  # --distributed_init_timeout (default 300)
 HEARTBEAT_TIMEOUT = 5  # --distributed_heartbeat_timeout (default 100)
 # Allowance on top of a timeout for interpreter start-up and JAX's reaction, on a loaded machine.

@@ -13,6 +13,10 @@ import pytest
 
 from helpers import TrainProcess, train_losses, write_config_file
 
+# `slow` (CI's make test-slow): real train.py processes; on 2 cores each launch costs ~1 min of
+# start-up and XLA compilation whatever the number of steps.
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 
 

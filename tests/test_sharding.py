@@ -60,6 +60,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # four trainings, three 8-device compiles: ~2.5 min on 2 cores (CI runs it)
 def test_eight_devices_match_one_device(digits_dir, compile_cache, tmp_path):
   stdout = run_python(_EIGHT_DEVICES, args=(digits_dir, str(tmp_path)),
                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',

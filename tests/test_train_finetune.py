@@ -12,9 +12,6 @@ from cvt_flax.training.init_from import InitFromError
 from cvt_flax.training.run import build_run, create_initial_state, init_weights_from
 from helpers import DATA, TINY_MODEL, tiny_config
 
-pytestmark = pytest.mark.usefixtures('compile_cache')
-
-
 def _initial_weights(cfg, workdir, source):
   """The train state a run would start from, as 'path.to.leaf' -> numpy (params + batch stats)."""
   run = build_run(cfg, str(workdir), source.config)

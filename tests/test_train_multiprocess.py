@@ -45,6 +45,7 @@ def _train_two_processes(data_dir, workdir, steps, cache_env):
   return results
 
 
+@pytest.mark.slow  # two processes start and compile, twice: ~2.5 min on 2 cores (CI runs it)
 def test_two_processes_train_checkpoint_and_resume(digits_dir, compile_cache, tmp_path):
   workdir = str(tmp_path / 'run')
   first = _train_two_processes(digits_dir, workdir, 4, compile_cache)

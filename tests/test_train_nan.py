@@ -8,9 +8,6 @@ from cvt_flax import train_lib
 from cvt_flax.training.checkpointing import complete_steps
 from helpers import tiny_config, train_losses
 
-pytestmark = pytest.mark.usefixtures('compile_cache')
-
-
 def _nan_images_at_step(monkeypatch, step):
   real = train_lib.data.make_train_iterator
 

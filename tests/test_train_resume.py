@@ -12,9 +12,6 @@ from cvt_flax.training.checkpointing import CheckpointRestoreError, complete_ste
 from cvt_flax.training.metrics import read_metrics
 from helpers import tiny_config, train_losses
 
-pytestmark = pytest.mark.usefixtures('compile_cache')
-
-
 def _sigterm_before_step(monkeypatch, step):
   """Sends this process a real SIGTERM when the batch of optimizer step `step` is taken."""
   real = train_lib.data.make_train_iterator

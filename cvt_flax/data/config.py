@@ -27,7 +27,8 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.eval_resize = 'crop'
   cfg.crop_pct = 0.875
   cfg.interpolation = 'bicubic'  # or 'bilinear' (eval resize; train crops are always bicubic)
-  cfg.eval_crop_offset = 'round'  # centre-crop offset of an odd margin: 'round' (torchvision), 'floor' (HF)
+  # The centre crop's offset of an odd margin: 'round' (torchvision, timm), 'floor' (HF).
+  cfg.eval_crop_offset = 'round'
   cfg.crop_scale = (0.08, 1.0)  # RandomResizedCrop area fraction.
   cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (w / h).
   cfg.hflip = True

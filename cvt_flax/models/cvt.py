@@ -55,7 +55,8 @@ class ConvProjection(nnx.Module):
     self.bn = layers.BatchNorm(dim, dtype=compute.jnp_dtype)
 
   def __call__(self, x):
-    return self.bn(self.conv(x))
+    with jax.named_scope('conv_proj'):
+      return self.bn(self.conv(x))
 
 
 class Attention(nnx.Module):
@@ -114,16 +115,21 @@ class Attention(nnx.Module):
 
   def __call__(self, x, h, w):
     q, k, v = self._spatial_qkv(x, h, w)
-    q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
+    with jax.named_scope('qkv_linear'):
+      q, k, v = (self._heads(self.proj_q(q)), self._heads(self.proj_k(k)),
+                 self._heads(self.proj_v(v)))
     record = None
     if self.record_attention:  # for visualisation; see `attention_maps`
       record = lambda probs: self.sow(nnx.Intermediate, 'attention_weights', probs)
     drop = self.attn_drop
     dropout = drop if drop.rate > 0 and not drop.deterministic else None
-    out = compute_lib.attention(self.compute, q, k, v, self.scale, dropout=dropout, record=record)
+    with jax.named_scope('attention_core'):
+      out = compute_lib.attention(self.compute, q, k, v, self.scale, dropout=dropout,
+                                  record=record)
     b, nh, n, d = out.shape
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
-    return self.proj_drop(self.proj(out))
+    with jax.named_scope('attn_out_linear'):
+      out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
+      return self.proj_drop(self.proj(out))
 
 
 class Mlp(nnx.Module):
@@ -135,7 +141,8 @@ class Mlp(nnx.Module):
     self.drop = nnx.Dropout(drop, rngs=rngs)
 
   def __call__(self, x):
-    return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    with jax.named_scope('mlp'):
+      return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nnx.Module):
@@ -151,8 +158,13 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, int(dim * stage['mlp_ratio']), stage['drop_rate'], cfg, dtype, rngs)
 
   def __call__(self, x, h, w):
-    x = x + self.drop_path(self.attn(self.norm1(x), h, w))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+    # Named scopes label the computations in profiles (benchmarks/profile_ops.py); no numerics.
+    with jax.named_scope('layer_norm'):
+      y = self.norm1(x)
+    x = x + self.drop_path(self.attn(y, h, w))
+    with jax.named_scope('layer_norm'):
+      y = self.norm2(x)
+    return x + self.drop_path(self.mlp(y))
 
 
 class ConvEmbed(nnx.Module):
@@ -167,7 +179,8 @@ class ConvEmbed(nnx.Module):
     self.norm = _layer_norm(dim, cfg, dtype, rngs)
 
   def __call__(self, x):
-    return self.norm(self.proj(x))
+    with jax.named_scope('patch_embed'):
+      return self.norm(self.proj(x))
 
 
 class Stage(nnx.Module):
@@ -270,8 +283,6 @@ class CvT(nnx.Module):
     if self.head is None:
       return pre_logits
     return self.head(pre_logits).astype(jnp.float32)
-
-
 
 
 def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None, *,
