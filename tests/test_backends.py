@@ -125,19 +125,20 @@ from cvt_flax.training import steps
 from helpers import TINY_MODEL
 model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
 tx = optax.adamw(1e-3)
-step = jax.jit(steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
-                                     num_classes=10, mixup=dict(), seed=0))
+step = steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
+                             num_classes=10, mixup=dict(), seed=0)
 batch = {'image': jax.numpy.ones((4, 16, 16, 3)), 'label': jax.numpy.zeros((4,), 'int32')}
-state, metrics = step(steps.init_train_state(model, tx), batch)
+# Tracing runs every line of the steps' Python (compiling them adds nothing TensorFlow could be in).
+state, metrics = jax.eval_shape(step, steps.init_train_state(model, tx), batch)
 model.eval()
-sums = jax.jit(steps.make_eval_step(nnx.graphdef(model)))(
-    steps.model_variables(state), dict(batch, mask=jax.numpy.ones((4,))))
-print('OK', float(metrics['loss']) > 0, float(sums['count']))
+sums = jax.eval_shape(steps.make_eval_step(nnx.graphdef(model)), steps.model_variables(state),
+                      dict(batch, mask=jax.numpy.ones((4,))))
+print('OK', metrics['loss'].shape == (), sums['count'].shape == ())
 '''
 
 
 def test_model_train_and_eval_steps_import_without_tensorflow():
-  assert run_python(_WITHOUT_TF).split()[-3:] == ['OK', 'True', '4.0']
+  assert run_python(_WITHOUT_TF).split()[-3:] == ['OK', 'True', 'True']
 
 
 def test_platform_names_of_jax_export_resolve_like_device_platforms():

@@ -121,6 +121,16 @@ def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
     np.testing.assert_allclose(logits, io[f'logits_{i}'], atol=PARITY_ATOL, rtol=0)
 
 
+def test_attention_blocks_are_sized_from_the_reported_l2_cache(tmp_path):
+  for index, (level, size) in enumerate([('1', '48K'), ('2', '512K'), ('3', '32768K')]):
+    (tmp_path / f'index{index}').mkdir()
+    (tmp_path / f'index{index}' / 'level').write_text(level + '\n')
+    (tmp_path / f'index{index}' / 'size').write_text(size + '\n')
+  assert cpu.l2_cache_bytes(str(tmp_path)) == 512 * 2 ** 10
+  assert cpu.l2_cache_bytes(str(tmp_path / 'missing')) == 2 ** 20  # the OS does not say
+  assert cpu.ATTENTION_BLOCK_BYTES == cpu.l2_cache_bytes()
+
+
 def test_unknown_attention_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
     cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), attention_impl='flash')

@@ -11,7 +11,7 @@ import cvt_flax
 from cvt_flax import predict
 from cvt_flax.io import FormatNote
 from cvt_flax.preprocess import Preprocess, load_image
-from helpers import DATA
+from helpers import DATA, logits_and_features
 
 
 @pytest.fixture(scope='module')
@@ -53,7 +53,7 @@ def test_predict_json_for_all_image_modes_with_the_checkpoints_preprocessing(che
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
     assert all(e['label'] == f"class {e['index']}" for e in r['top_k'])  # the saved names
     # The command's answer is the model's answer on the checkpoint's preprocessing (64 px crop).
-    logits = np.asarray(model(Preprocess(64)(load_image(r['image']))[None]))[0]
+    logits = logits_and_features(model, Preprocess(64)(load_image(r['image']))[None])[0][0]
     assert r['top_k'][0]['index'] == int(np.argmax(logits))
     assert r['top_k'][0]['prob'] == pytest.approx(float(np.max(np.exp(logits) / np.exp(logits).sum())),
                                                   abs=1e-5)
@@ -65,7 +65,7 @@ def test_flags_override_the_recorded_preprocessing(checkpoint, tmp_path, capsys)
                        '--json', image]) == 0
   top = json.loads(capsys.readouterr().out)[0]['top_k'][0]
   model = cvt_flax.load_checkpoint(checkpoint)
-  logits = np.asarray(model(Preprocess(48, 'warp')(load_image(image))[None]))[0]
+  logits = logits_and_features(model, Preprocess(48, 'warp')(load_image(image))[None])[0][0]
   assert top['index'] == int(np.argmax(logits))
 
 
@@ -90,7 +90,7 @@ def test_version_1_directory_predicts_as_before(fixtures_dir, tmp_path, capsys):
                        image]) == 0
   top = json.loads(capsys.readouterr().out)[0]['top_k']
   model = cvt_flax.load_pytorch(DATA / 'official_tiny.pth', spec=DATA / 'official_tiny.json')
-  logits = np.asarray(model(Preprocess(224)(load_image(image))[None]))[0]
+  logits = logits_and_features(model, Preprocess(224)(load_image(image))[None])[0][0]
   assert [e['index'] for e in top] == list(np.argsort(-logits)[:5])
   assert all(e['label'] == str(e['index']) for e in top)  # 10 classes: indices
 
