@@ -64,8 +64,8 @@ def test_gpu_and_tpu_programs_hold_no_cpu_only_construct(platform, dtype):
 
 def test_cuda_bf16_takes_cudnn_attention_which_needs_a_gpu_to_lower():
   """'auto' on a GPU in bf16 is cuDNN's fused attention. JAX cannot lower it on a machine without
-  cuDNN ('cuDNN is not detected'), so here the choice is checked, and the XLA fused path that a
-  GPU without cuDNN support for a shape falls back to is lowered instead."""
+  cuDNN ('cuDNN is not detected'), so here the choice is checked, and the same bf16 program is
+  lowered with XLA's implementation of the fused attention ('xla_fused') instead."""
   assert Compute(platform='cuda', dtype='bfloat16').resolved().attention_impl == 'cudnn'
   assert Compute(platform='gpu', dtype='float32').resolved().attention_impl == 'deferred'
   with pytest.raises(RuntimeError, match='cuDNN'):

@@ -29,3 +29,43 @@ def test_bench_device_on_cpu_with_a_tiny_model(tmp_path):
   assert all(r['flops'] > 0 for r in rows if r['framework'] == 'flax')
   table = (tmp_path / 'bench_device.md').read_text()
   assert table.count('| tiny | 64 | 4 |') == 4 and 'x |' in table  # speed-ups of the HF rows
+
+
+def _profile_ops():
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  try:
+    import profile_ops  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return profile_ops
+
+
+@pytest.mark.parametrize('op_name,mode,label', [
+    ('jit(step)/jvp(CvT)/stages/mlp/dot_general', 'train', 'mlp'),
+    ('jit(step)/transpose(jvp(CvT))/layer_norm/reduce_sum', 'train', 'layer_norm (backward)'),
+    ('jit(step)/jvp(CvT)/patch_embed/reduce_sum', 'train', 'patch_embed'),
+    ('jit(f)/jvp(mlp)/layer_norm/mul', 'train', 'layer_norm'),  # the innermost scope
+    ('jit(step)/add', 'train', 'optimizer'),  # no jvp: the update
+    ('', 'train', 'other'),  # ops in while loops carry no op_name
+    ('jit(<lambda>)/attention_core/exp', 'infer', 'attention_core'),
+])
+def test_profile_labels_each_op_by_its_innermost_named_scope(op_name, mode, label):
+  assert _profile_ops()._label(op_name, mode) == label  # pylint: disable=protected-access
+
+
+@pytest.mark.slow  # four profiled processes of CvT-13 at 64 px: ~2 min on 2 cores (CI runs it)
+def test_profile_ops_tables_cover_both_frameworks():
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/profile_ops.py', '--batch', '2', '--image-size', '64',
+       '--steps', '1'], cwd=ROOT, env=subprocess_env({}), capture_output=True, text=True,
+      timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tables = proc.stdout.split('### ')[1:]
+  assert [t.split(':')[0] for t in tables] == ['cvt-13, batch 2, infer', 'cvt-13, batch 2, train']
+  for table, mode in zip(tables, ('infer', 'train')):
+    rows = {line.split(' | ')[0].lstrip('| '): line for line in table.splitlines()
+            if line.startswith('| ') and not line.startswith('| op')}
+    for category in _profile_ops().CATEGORIES:
+      assert category in rows, (mode, category, table)
+    if mode == 'train':
+      assert 'mlp (backward)' in rows and 'optimizer' in rows, table
