@@ -30,9 +30,7 @@ train: $(VENV)/.stamp-base
 test: $(VENV)/.stamp-test
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m "not slow" $(PYTEST_ARGS)
 
-# The checks too long for `make test` (README): the full `make train` accuracy run, the real
-# multi-process runs (preemption, multi-host failures, two processes, 8 devices), the fine-tuning
-# notebook and the device benchmark's CPU run.
+# The checks too long for `make test` (the README lists them); CI runs them too.
 test-slow: $(VENV)/.stamp-test
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m slow $(PYTEST_ARGS)
 

@@ -64,7 +64,7 @@ def test_profile_ops_tables_cover_both_frameworks():
   assert [t.split(':')[0] for t in tables] == ['cvt-13, batch 2, infer', 'cvt-13, batch 2, train']
   for table, mode in zip(tables, ('infer', 'train')):
     rows = {line.split(' | ')[0].lstrip('| '): line for line in table.splitlines()
-            if line.startswith('| ') and not line.startswith('| op')}
+            if line.startswith('| ') and not line.startswith('| op |')}
     for category in _profile_ops().CATEGORIES:
       assert category in rows, (mode, category, table)
     if mode == 'train':
