@@ -44,7 +44,8 @@ def _parse_overrides(items):
   return out
 
 
-def _inputs(args):
+def inputs(args):
+  """Random (images NHWC float32, labels int32) of `args.batch` x `args.image_size`, seed 0."""
   rng = np.random.default_rng(0)
   images = rng.standard_normal((args.batch, args.image_size, args.image_size, 3), np.float32)
   labels = rng.integers(0, 1000, (args.batch,)).astype(np.int32)
@@ -81,50 +82,58 @@ def _export_weights(args):
   np.savez(args.weights, **to_official_state_dict(_flax_model(args)))
 
 
-def _worker_flax(args, mode):
+def compiled_flax_step(model, images, labels, mode, *, donate):
+  """cvt-flax's eval-mode forward ('infer') or one AdamW training step ('train': returns params,
+  rest, opt_state, loss; with `donate` its first three arguments are donated), compiled with the
+  CPU compiler options. Returns (compiled, its arguments, compile seconds)."""
   import jax
   import optax
   from flax import nnx
   from cvt_flax.models import compiler_options
-  from cvt_flax.models.cpu import release_freed_memory
-  model = _flax_model(args)
-  images, labels = _inputs(args)
-  images, labels = jax.device_put(images), jax.device_put(labels)
   if mode == 'infer':
     model.eval()
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
-                      compiler_options=compiler_options())
-    start = time.perf_counter()
-    compiled = forward.lower(state, images).compile()
-    compile_s = time.perf_counter() - start
-    np.save(args.logits, np.asarray(compiled(state, images)))
-    seconds = _time_runs(lambda: jax.block_until_ready(compiled(state, images)), args.steps)
-    return seconds, compile_s
-  model.train()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
-  opt_state = tx.init(params)
+    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
+                 compiler_options=compiler_options())
+    call_args = (state, images)
+  else:
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
 
-  def loss_fn(params, rest, x, y):
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-    return loss, nnx.state(model, nnx.Not(nnx.Param))
+    def loss_fn(params, rest, x, y):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      loss = optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+      return loss, nnx.state(model, nnx.Not(nnx.Param))
 
-  def train_step(params, rest, opt_state, x, y):
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
+    def train_step(params, rest, opt_state, x, y):
+      (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), rest, opt_state, loss
 
-  step = jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=compiler_options())
+    fn = jax.jit(train_step, donate_argnums=(0, 1, 2) if donate else (),
+                 compiler_options=compiler_options())
+    call_args = (params, rest, tx.init(params), images, labels)
   start = time.perf_counter()
-  compiled = step.lower(params, rest, opt_state, images, labels).compile()
-  compile_s = time.perf_counter() - start
+  compiled = fn.lower(*call_args).compile()
+  return compiled, call_args, time.perf_counter() - start
+
+
+def _worker_flax(args, mode):
+  import jax
+  from cvt_flax.models.cpu import release_freed_memory
+  images, labels = (jax.device_put(a) for a in inputs(args))
+  compiled, call_args, compile_s = compiled_flax_step(_flax_model(args), images, labels, mode,
+                                                      donate=True)
+  if mode == 'infer':
+    np.save(args.logits, np.asarray(compiled(*call_args)))
+    seconds = _time_runs(lambda: jax.block_until_ready(compiled(*call_args)), args.steps)
+    return seconds, compile_s
   release_freed_memory()  # as train_lib does after compiling the train step
-  carry = [params, rest, opt_state]
+  carry, batch = list(call_args[:3]), call_args[3:]
 
   def run():
-    *carry[:], loss = compiled(*carry, images, labels)  # donated buffers: keep the new ones
+    *carry[:], loss = compiled(*carry, *batch)  # donated buffers: keep the new ones
     jax.block_until_ready(loss)
   return _time_runs(run, args.steps), compile_s
 
@@ -159,7 +168,7 @@ def _worker_torch(args, framework, mode):
   import torch
   torch.set_num_threads(args.threads)
   model = _torch_official(args) if framework == 'official' else _torch_hf(args)
-  images, labels = _inputs(args)
+  images, labels = inputs(args)
   x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   y = torch.from_numpy(labels.astype(np.int64))
   call = (lambda x: model(pixel_values=x).logits) if framework == 'hf' else model

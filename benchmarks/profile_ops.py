@@ -7,9 +7,10 @@ over `--steps` steps after a warm-up:
   * cvt-flax: a `jax.profiler` trace; every XLA thunk (fusion, dot, convolution) is put in the
     category of the named scope in its HLO `op_name` (the model labels patch_embed, conv_proj,
     qkv_linear, attention_core, attn_out_linear, mlp, layer_norm); `transpose(...)` in the name is
-    the backward pass; the AdamW update has no jvp. XLA runs thunks on both cores, partly at the
-    same time, so thunk times add up to more than the step: each category's thread time is scaled
-    by step time / total thread time (the table says how much two cores overlapped).
+    the backward pass; the AdamW update has no jvp. Thunk times summed over XLA's threads differ
+    from the step time (two cores may overlap, and there are gaps between thunks), so each
+    category's thread time is scaled by step time / total thread time (the table prints the
+    ratio as "cores busy on average").
   * PyTorch: `torch.profiler`, with a record_function range around each module of a category;
     every top-level aten op counts in its innermost range; backward ops count in the category of
     the forward op that created them (autograd sequence numbers); `Optimizer.step` is the update.
@@ -30,15 +31,11 @@ import time
 
 import numpy as np
 
+import bench_model  # the same inputs and cvt-flax step as the throughput benchmark
+
 CATEGORIES = ('patch_embed', 'conv_proj', 'qkv_linear', 'attention_core', 'attn_out_linear', 'mlp',
               'layer_norm')
 _JAX_IDLE = ('ThunkExecutor::Execute', 'SlinkyThreadPool::Await')
-
-
-def _inputs(args):
-  rng = np.random.default_rng(0)
-  return (rng.standard_normal((args.batch, args.image_size, args.image_size, 3), np.float32),
-          rng.integers(0, 1000, (args.batch,)).astype(np.int32))
 
 
 _SCOPES = re.compile(r'\b(' + '|'.join(CATEGORIES) + r')\b')
@@ -58,32 +55,15 @@ def _label(op_name: str, mode: str) -> str:
 # cvt-flax
 
 def _jax_step(args, mode):
+  """bench_model's compiled step (no donation: the same arguments run every profiled step)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   import cvt_flax  # pylint: disable=import-outside-toplevel
-  from cvt_flax.models import compiler_options  # pylint: disable=import-outside-toplevel
   model = cvt_flax.create_model(args.variant, rngs=nnx.Rngs(0))
-  images, labels = (jax.device_put(a) for a in _inputs(args))
-  if mode == 'infer':
-    model.eval()
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=compiler_options())
-    return fn.lower(state, images).compile(), (state, images)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adamw(1e-3, weight_decay=0.05)
-
-  def step(params, rest, opt_state, x, y):
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, rest, copy=True)
-      loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-      return loss, nnx.state(m, nnx.Not(nnx.Param))
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
-  fn = jax.jit(step, compiler_options=compiler_options())
-  inputs = (params, rest, tx.init(params), images, labels)
-  return fn.lower(*inputs).compile(), inputs
+  images, labels = (jax.device_put(a) for a in bench_model.inputs(args))
+  compiled, call_args, _ = bench_model.compiled_flax_step(model, images, labels, mode,
+                                                           donate=False)
+  return compiled, call_args
 
 
 def _op_names(hlo_text: str) -> dict[str, str]:
@@ -178,7 +158,7 @@ def profile_torch(args, mode) -> dict:
   model = CvtForImageClassification(CvtConfig(**config_to_hf(make_config(args.variant,
                                                                          activation='gelu'))))
   _label_modules(model)
-  images, labels = _inputs(args)
+  images, labels = bench_model.inputs(args)
   x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   y = torch.from_numpy(labels.astype(np.int64))
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -7,8 +7,8 @@ the bounds below come from measured noise floors, not from what happened to pass
   * One float32 forward pass of the tiny fixture models (either framework, any implementation
     switch) against the same model in float64 (`float64_reference`): stage maps (|x| <= 5) differ
     by <= 3.0e-6 (about 5 ulps), logits (|x| <= 0.5) by <= 8e-8. Measured on an Intel Xeon
-    (family 6 model 207, Emerald Rapids, AVX-512) and in agreement with the 1.4e-6 seen between two CPUs of other
-    generations (AMD Zen 3 vs Zen 4).
+    (family 6 model 207, Emerald Rapids, AVX-512) and in agreement with the 1.4e-6 seen between
+    two CPUs of other generations (AMD Zen 3 vs Zen 4).
   * Two float32 computations (two frameworks, or one framework on two CPUs or thread counts) differ
     by at most the sum of their errors: <= 6e-6 on stages, <= 1.6e-7 on logits.
   * PARITY_ATOL = 1e-5 absolute, the project's parity bar on logits and stage maps, is above that

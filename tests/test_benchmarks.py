@@ -69,3 +69,18 @@ def test_profile_ops_tables_cover_both_frameworks():
       assert category in rows, (mode, category, table)
     if mode == 'train':
       assert 'mlp (backward)' in rows and 'optimizer' in rows, table
+
+
+@pytest.mark.slow  # four benchmark processes of CvT-13 at 64 px: ~1.3 min on 2 cores (CI runs it)
+def test_bench_model_times_flax_and_hf_on_the_same_weights():
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/bench_model.py', '--batch', '2', '--image-size', '64',
+       '--steps', '1', '--frameworks', 'flax,hf'], cwd=ROOT, env=subprocess_env({}),
+      capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split(' | ') for line in proc.stdout.splitlines()
+          if line.startswith(('| flax |', '| hf |'))]
+  assert [(r[0].lstrip('| '), r[1]) for r in rows] == [
+      ('flax', 'infer'), ('hf', 'infer'), ('flax', 'train'), ('hf', 'train')]
+  assert all(float(r[2]) > 0 for r in rows)  # images/s
+  assert all(r[-1].strip(' |').endswith('x') for r in rows if r[0] == '| hf')  # speed-ups
