@@ -92,8 +92,8 @@ def test_checkpoint_of_another_model_or_layout_lists_the_keys(digits_dir, tmp_pa
                    r'; optimizer/', message)
   assert 'to resume from step 1' in message  # older checkpoints are offered
   restored = ckpts.restore(1, other_run.abstract_state)  # the right target works
-  np.testing.assert_array_equal(restored.params['head']['kernel'].value,
-                                other_state.params['head']['kernel'].value)
+  np.testing.assert_array_equal(restored.params['head']['kernel'].get_value(),
+                                other_state.params['head']['kernel'].get_value())
   ckpts.close()
 
 

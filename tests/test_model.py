@@ -100,8 +100,8 @@ def test_training_mode_updates_batch_stats_like_torch():
   model = _tiny()
   bn = model.stage0.blocks[0].attn.conv_proj_k.bn
   model(jax.random.normal(jax.random.key(1), (4, 16, 16, 3)))
-  assert int(bn.num_batches_tracked.value) == 1
-  assert not np.allclose(bn.mean.value, 0.0)
+  assert int(bn.num_batches_tracked.get_value()) == 1
+  assert not np.allclose(bn.mean.get_value(), 0.0)
 
 
 def test_bad_images_give_clear_errors():

@@ -27,7 +27,7 @@ def params():
 
 
 def test_weight_decay_mask_exact_leaves(params):
-  mask = {k: bool(v.value) for k, v in _flat(optim.weight_decay_mask(params)).items()}
+  mask = {k: bool(v.get_value()) for k, v in _flat(optim.weight_decay_mask(params)).items()}
   decayed = {k for k, on in mask.items() if on}
   # Every kernel (conv embeddings, depthwise projections, q/k/v/out linears, MLP, head) decays.
   assert decayed == {k for k in mask if k.endswith('.kernel')}
@@ -42,7 +42,7 @@ def test_weight_decay_mask_exact_leaves(params):
   assert all(mask[k] for k in expected_on)
   assert not any(mask[k] for k in expected_off)
   # Everything that is not a kernel is 1-D or the cls token.
-  assert all(np.ndim(v.value) <= 1 or k == 'stage1.cls_token'
+  assert all(np.ndim(v.get_value()) <= 1 or k == 'stage1.cls_token'
              for k, v in _flat(params).items() if not mask[k])
 
 
@@ -56,9 +56,9 @@ def test_adamw_decays_only_masked_leaves(params):
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   for k, v in _flat(new).items():
-    old = _flat(params)[k].value
+    old = _flat(params)[k].get_value()
     want = old * (1 - lr * 0.1) if k.endswith('.kernel') else old
-    np.testing.assert_allclose(v.value, want, rtol=1e-6, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(v.get_value(), want, rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 def test_lr_schedule_warmup_peak_cosine_end():

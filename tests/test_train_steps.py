@@ -52,7 +52,7 @@ def test_grad_accumulation_equals_big_batch():
 
 
 def _leaves_named(state, name):
-  return [np.asarray(v.value) for path, v in nnx.to_flat_state(state) if path[-1] == name]
+  return [np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state) if path[-1] == name]
 
 
 def test_grad_accumulation_updates_batchnorm_per_microbatch():

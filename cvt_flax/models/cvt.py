@@ -43,7 +43,7 @@ class DepthwiseConv(nnx.Module):
 
   def __call__(self, x):
     dtype = self.compute.jnp_dtype
-    return compute_lib.depthwise_conv(self.compute, x.astype(dtype), self.kernel.value.astype(dtype),
+    return compute_lib.depthwise_conv(self.compute, x.astype(dtype), self.kernel.get_value().astype(dtype),
                                       self.stride, self.padding)
 
 
@@ -205,7 +205,7 @@ class Stage(nnx.Module):
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     if self.cls_token is not None:
-      cls_tok = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (b, 1, c))
+      cls_tok = jnp.broadcast_to(self.cls_token.get_value().astype(x.dtype), (b, 1, c))
       x = jnp.concatenate([cls_tok, x], axis=1)
     x = self.pos_drop(x)
     for block in self.blocks:
@@ -347,13 +347,12 @@ def attention_maps(model: CvT, images) -> list[list[jax.Array]]:
   """
   model.set_attributes(record_attention=True)
   try:
-    model(images)
-    recorded = nnx.pop(model, nnx.Intermediate)
+    _, recorded = nnx.capture(model, nnx.Intermediate)(images)
   finally:
     model.set_attributes(record_attention=False)
   maps = []
   for i, stage in enumerate(model.stages):
-    maps.append([recorded[f'stage{i}']['blocks'][j]['attn']['attention_weights'].value[0]
+    maps.append([recorded[f'stage{i}']['blocks'][j]['attn']['attention_weights'].get_value()[0]
                  for j in range(len(stage.blocks))])
   return maps
 

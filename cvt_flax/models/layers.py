@@ -116,7 +116,7 @@ class BatchNorm(nnx.Module):
   def __call__(self, x):
     xf = x.astype(jnp.float32)
     if self.use_running_average:
-      mean, var = self.mean.value, self.var.value
+      mean, var = self.mean.get_value(), self.var.get_value()
     else:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(xf, axes)
@@ -124,10 +124,11 @@ class BatchNorm(nnx.Module):
       n = math.prod(x.shape[:-1])
       unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
       m = self.momentum
-      self.mean.value = m * self.mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-      self.var.value = m * self.var.value + (1 - m) * unbiased
-      self.num_batches_tracked.value = self.num_batches_tracked.value + 1
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale.value + self.bias.value
+      self.mean.set_value(m * self.mean.get_value() + (1 - m) * jax.lax.stop_gradient(mean))
+      self.var.set_value(m * self.var.get_value() + (1 - m) * unbiased)
+      self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
+    scale, bias = self.scale.get_value(), self.bias.get_value()
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y.astype(self.dtype)
 
 

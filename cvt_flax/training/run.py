@@ -140,7 +140,7 @@ def create_initial_state(run: Run, init_weights: dict[str, np.ndarray] | None = 
     model = model_fn()
     for key, var in flat_variables(model).items():
       if key in weights:
-        var.value = jnp.asarray(weights[key], var.value.dtype)
+        var.set_value(jnp.asarray(weights[key], var.get_value().dtype))
     return init_train_state(model, run.tx)
 
   return jax.jit(init, in_shardings=(sharding.replicated(run.mesh),),

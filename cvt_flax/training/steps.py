@@ -95,7 +95,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
       loss, grads, stats, rngs = accumulate(state, images, targets)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats, rngs=rngs,
                               opt_state=opt_state)
     return new_state, metrics
