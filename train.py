@@ -19,10 +19,14 @@ import sys
 # TensorFlow only feeds the input pipeline; keep its C++ INFO chatter off the console.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+try:
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+except ModuleNotFoundError as _missing:
+  from cvt_flax import errors  # pylint: disable=g-import-not-at-top
+  sys.exit(f'ERROR: {errors.missing_extra(_missing, "train")}')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                           lock_config=True)
@@ -51,15 +55,16 @@ def main(argv):
     # Library INFO logs (Orbax reports every save) would drown the progress lines; -v 0 shows them.
     logging.set_verbosity(logging.WARNING)
   # Imported here so that --helpfull stays fast and JAX starts after flag parsing.
-  from cvt_flax import train_lib  # pylint: disable=g-import-not-at-top
-  from cvt_flax.training import sharding  # pylint: disable=g-import-not-at-top
+  from cvt_flax import errors  # pylint: disable=g-import-not-at-top
+  from cvt_flax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from cvt_flax.training import loop  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     _CPU_COLLECTIVES.value, init_timeout=_INIT_TIMEOUT.value,
                                     heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
   try:
-    result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train_lib.EXPECTED_ERRORS as e:  # bad input or a failed run: the message says it all
+    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except errors.EXPECTED_ERRORS as e:  # bad input or a failed run: the message says it all
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(1)
   if result.get('preempted'):

@@ -57,7 +57,7 @@ def _flax(args, mode):
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from cvt_flax.models import CvT, make_compute  # pylint: disable=import-outside-toplevel
+  from cvt_flax.models import CvT, compute as compute_lib, make_compute  # pylint: disable=import-outside-toplevel
   from cvt_flax.training import steps  # pylint: disable=import-outside-toplevel
   compute = make_compute(dtype='bfloat16', remat=args.remat)
   model = CvT(_model_config(args), rngs=nnx.Rngs(0), compute=compute)
@@ -65,12 +65,12 @@ def _flax(args, mode):
   if mode == 'infer':
     model.eval()
     graphdef, variables = nnx.split(model)
-    fn, inputs = jax.jit(lambda v, x: nnx.merge(graphdef, v)(x)), (variables, images)
+    fn, inputs = compute_lib.jit(lambda v, x: nnx.merge(graphdef, v)(x)), (variables, images)
   else:
     tx = optax.adamw(1e-3, weight_decay=0.05)
     step = steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
                                  num_classes=NUM_CLASSES, mixup=dict(prob=0.0), seed=0)
-    fn = jax.jit(step, donate_argnums=(0,))
+    fn = compute_lib.jit(step, donate_argnums=(0,))
     inputs = (steps.init_train_state(model, tx), {'image': images, 'label': labels})
   start = time.perf_counter()
   compiled = fn.lower(*inputs).compile()

@@ -85,16 +85,16 @@ def _export_weights(args):
 def compiled_flax_step(model, images, labels, mode, *, donate):
   """cvt-flax's eval-mode forward ('infer') or one AdamW training step ('train': returns params,
   rest, opt_state, loss; with `donate` its first three arguments are donated), compiled with the
-  CPU compiler options. Returns (compiled, its arguments, compile seconds)."""
+  trainer's compiler settings (`cvt_flax.models.compute.compile_ahead`). Returns (compiled, its
+  arguments, compile seconds)."""
   import jax
   import optax
   from flax import nnx
-  from cvt_flax.models import compiler_options
+  from cvt_flax.models import compute
   if mode == 'infer':
     model.eval()
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
-                 compiler_options=compiler_options())
+    fn, jit_kwargs = (lambda state, x: nnx.merge(graphdef, state)(x)), {}
     call_args = (state, images)
   else:
     model.train()
@@ -111,17 +111,15 @@ def compiled_flax_step(model, images, labels, mode, *, donate):
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), rest, opt_state, loss
 
-    fn = jax.jit(train_step, donate_argnums=(0, 1, 2) if donate else (),
-                 compiler_options=compiler_options())
+    fn, jit_kwargs = train_step, dict(donate_argnums=(0, 1, 2) if donate else ())
     call_args = (params, rest, tx.init(params), images, labels)
   start = time.perf_counter()
-  compiled = fn.lower(*call_args).compile()
+  compiled = compute.compile_ahead(fn, *call_args, **jit_kwargs)
   return compiled, call_args, time.perf_counter() - start
 
 
 def _worker_flax(args, mode):
   import jax
-  from cvt_flax.models.cpu import release_freed_memory
   images, labels = (jax.device_put(a) for a in inputs(args))
   compiled, call_args, compile_s = compiled_flax_step(_flax_model(args), images, labels, mode,
                                                       donate=True)
@@ -129,7 +127,6 @@ def _worker_flax(args, mode):
     np.save(args.logits, np.asarray(compiled(*call_args)))
     seconds = _time_runs(lambda: jax.block_until_ready(compiled(*call_args)), args.steps)
     return seconds, compile_s
-  release_freed_memory()  # as train_lib does after compiling the train step
   carry, batch = list(call_args[:3]), call_args[3:]
 
   def run():

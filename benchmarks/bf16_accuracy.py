@@ -23,6 +23,7 @@ from flax import nnx
 
 import cvt_flax
 from cvt_flax.convert.official import load_official_state_dict
+from cvt_flax.models import compute
 from cvt_flax.training.steps import init_train_state, make_train_step
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'data')
@@ -73,8 +74,8 @@ def train_curve(dtype: str, steps: int, batch: int = 64, lr: float = 2e-3, seed:
   schedule = optax.cosine_decay_schedule(lr, steps)
   tx = optax.adamw(schedule, weight_decay=0.05)
   # The trainer's own step, without mixup and label smoothing.
-  step = jax.jit(make_train_step(nnx.graphdef(model), tx, schedule, num_classes=10,
-                                 mixup=dict(prob=0.0, label_smoothing=0.0), seed=seed))
+  step = compute.jit(make_train_step(nnx.graphdef(model), tx, schedule, num_classes=10,
+                                     mixup=dict(prob=0.0, label_smoothing=0.0), seed=seed))
   state = init_train_state(model, tx)
   rng = np.random.default_rng(seed)
   losses = []

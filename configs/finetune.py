@@ -35,7 +35,7 @@ def get_config(arg='cifar10'):
   c.init_from = ''  # required: --config.init_from=...
   c.dtype = 'bfloat16'
   c.input.image_size = 384
-  c.input.eval_resize = 'warp'
+  c.input.resize = 'warp'
   c.batch_size = 512
   c.optimizer.base_batch_size = 512
   c.optimizer.warmup_init_lr = 0.0

@@ -34,7 +34,7 @@ def get_config(arg='cvt-13,224'):
   c.dtype = 'bfloat16'
   c.input.dataset = 'imagenet2012'
   c.input.image_size = resolution
-  c.input.eval_resize = 'crop' if resolution == 224 else 'warp'
+  c.input.resize = 'crop' if resolution == 224 else 'warp'
   c.batch_size = 2048
   c.num_epochs = 300.0
   c.optimizer.base_lr = 2e-3

@@ -22,21 +22,27 @@ import sys
 
 import jax
 
-from cvt_flax import data, io
+from cvt_flax import errors, io
 from cvt_flax import preprocess as preprocess_lib
 from cvt_flax.models import with_compute
 from cvt_flax.models.compute import DTYPES
-from cvt_flax.training import evaluation, sharding
-from cvt_flax.training.steps import split_model
+from cvt_flax.runtime import eval_step as eval_step_lib, sharding
 
 
-class EvaluateError(ValueError):
+class EvaluateError(errors.CvtFlaxError, ValueError):
   """The checkpoint and the dataset do not go together; the message says why and what to do."""
+
+
+def _input_pipeline():
+  """`cvt_flax.data`: the trainer's TensorFlow eval pipeline, so that evaluate and the trainer's
+  eval give the same number for the same checkpoint (it needs the `train` extra)."""
+  return errors.require('cvt_flax.data', 'train')
 
 
 def input_config(dataset: str, split: str, data_dir: str | None,
                  preprocess: preprocess_lib.Preprocess):
   """The eval input config of `dataset`/`split` with the eval transform `preprocess`."""
+  data = _input_pipeline()
   cfg = data.default_input_config()
   cfg.dataset, cfg.eval_split, cfg.train_split, cfg.data_dir = dataset, split, '', data_dir
   data.with_eval_preprocess(cfg, preprocess)
@@ -47,7 +53,7 @@ def input_config(dataset: str, split: str, data_dir: str | None,
 def evaluate_model(model, input_cfg, *, batch_size: int, devices=None,
                    progress: bool = False) -> dict[str, float]:
   """Top-1 etc. of an eval-mode `model` over `input_cfg.eval_split`, on a mesh of `devices`."""
-  info = data.get_dataset_info(input_cfg)
+  info = _input_pipeline().get_dataset_info(input_cfg)
   if info.num_classes != model.config.num_classes:
     raise EvaluateError(
         f'dataset {input_cfg.dataset!r} has {info.num_classes} classes, but the checkpoint\'s head '
@@ -56,13 +62,14 @@ def evaluate_model(model, input_cfg, *, batch_size: int, devices=None,
   mesh = sharding.make_mesh(devices)
   try:
     sharding.check_batch_size(batch_size, mesh)
-  except ValueError as e:
+  except errors.ConfigError as e:
     raise EvaluateError(f'--batch-size: {e}') from e
   model = with_compute(model, platform=mesh.devices.flat[0].platform)
-  graphdef, *variables = split_model(model)
+  graphdef, *variables = eval_step_lib.split_model(model)
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), tuple(variables))
   variables = jax.device_put(tuple(variables), replicated)
-  step = evaluation.jit_eval_step(graphdef, replicated, mesh)
+  step = eval_step_lib.jit_eval_step(graphdef, replicated, mesh)
+  evaluation = errors.require('cvt_flax.runtime.evaluation', 'train')
   metrics = evaluation.evaluate_dataset(step, variables, input_cfg, batch_size=batch_size,
                                         mesh=mesh, progress=progress)
   return {k.split('/', 1)[1]: v for k, v in metrics.items()}
@@ -93,8 +100,7 @@ def main(argv=None) -> int:
     transform = preprocess_lib.from_flags(model.preprocess, args)
     cfg = input_config(args.dataset, args.split, args.data_dir, transform)
     result = evaluate_model(model, cfg, batch_size=args.batch_size, progress=True)
-  except (EvaluateError, data.DataError, ValueError, preprocess_lib.PreprocessError,
-          *io.EXPECTED_ERRORS) as e:
+  except errors.EXPECTED_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   result.update(checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,

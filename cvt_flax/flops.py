@@ -17,15 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cvt_flax.models import layers
-from cvt_flax.models import (Compute, CvTConfig, abstract_model, compiler_options, count_params,
+from cvt_flax.models.released import paper_cost
+from cvt_flax.models import (Compute, CvTConfig, abstract_model, compute, count_params,
                              make_config)
 
 # (variant, image size) -> (parameters in millions, GMACs) as printed in the paper's Table 2.
-PAPER = {
-    ('cvt-13', 224): (20, 4.5), ('cvt-13', 384): (20, 16.3),
-    ('cvt-21', 224): (32, 7.1), ('cvt-21', 384): (32, 24.9),
-    ('cvt-w24', 384): (277, 193.2),
-}
+PAPER = paper_cost()
 
 
 def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
@@ -89,8 +86,7 @@ def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float
   model = abstract_model(cfg, Compute(attention_impl='deferred'))
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
-                    compiler_options=compiler_options())
+  forward = compute.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, cfg.in_chans), jnp.float32)
   cost = forward.lower(state, images).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax versions return one dict per device

@@ -21,9 +21,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from cvt_flax import io, labels
+from cvt_flax import errors, io, labels
 from cvt_flax import preprocess as preprocess_lib
-from cvt_flax.models import compiler_options
+from cvt_flax.models import compute
 
 BATCH = 8  # images per call: any number of images runs one compiled program per input size
 
@@ -35,7 +35,7 @@ def _softmax_logits(graphdef, state, images):
 @functools.cache
 def _probabilities():
   """The jitted forward pass; built on first use, so importing this module starts no backend."""
-  return jax.jit(_softmax_logits, static_argnums=0, compiler_options=compiler_options())
+  return compute.jit(_softmax_logits, static_argnums=0)
 
 
 def predict(model, images: np.ndarray, top_k: int = 5):
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             'transform (see --image-size, --resize).', file=sys.stderr)
     transform = preprocess_lib.from_flags(model.preprocess, args)
     results = classify(model, images, args.top_k, transform)
-  except (preprocess_lib.ImageError, preprocess_lib.PreprocessError, *io.EXPECTED_ERRORS) as e:
+  except errors.EXPECTED_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.json:

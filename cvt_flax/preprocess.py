@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cvt_flax.errors import CvtFlaxError
+
 RESIZE_MODES = ('crop', 'warp')
 INTERPOLATIONS = ('bicubic', 'bilinear')
 CROP_OFFSETS = ('round', 'floor')
@@ -33,11 +35,11 @@ OFFICIAL_WARP_FROM = 384
 _HF_RESAMPLE = {2: 'bilinear', 3: 'bicubic'}  # PIL's resampling codes in preprocessor_config.json
 
 
-class PreprocessError(ValueError):
+class PreprocessError(CvtFlaxError, ValueError):
   """A preprocessing record or option is invalid; the message names the field."""
 
 
-class ImageError(ValueError):
+class ImageError(CvtFlaxError, ValueError):
   """An input image could not be read; the message names the file."""
 
 

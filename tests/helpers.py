@@ -124,7 +124,7 @@ def tiny_config(data_dir: str, **overrides):
   c.input.data_dir = data_dir
   c.input.eval_split = 'test'
   c.input.image_size = 16
-  c.input.eval_resize = 'warp'
+  c.input.resize = 'warp'
   c.input.crop_scale = (0.5, 1.0)
   c.input.randaugment_num_ops = 0
   c.input.random_erasing = 0.0
@@ -212,8 +212,8 @@ _TRAIN_WORKER = textwrap.dedent('''
     delay = float(os.environ.get('FAILTEST_BATCH_DELAY', '0'))  # slows every step down
     mark_step = int(os.environ.get('FAILTEST_MARK_STEP', '0'))  # creates FAILTEST_MARKER then
     if delay or mark_step:
-      from cvt_flax import train_lib
-      make_train_iterator = train_lib.data.make_train_iterator
+      from cvt_flax.training import loop
+      make_train_iterator = loop.data.make_train_iterator
       def hooked(*args, start_step=0, **kwargs):
         batches = make_train_iterator(*args, start_step=start_step, **kwargs)
         for step, batch in enumerate(batches, start_step + 1):
@@ -221,7 +221,7 @@ _TRAIN_WORKER = textwrap.dedent('''
             open(os.environ['FAILTEST_MARKER'], 'w').close()
           time.sleep(delay)
           yield batch
-      train_lib.data.make_train_iterator = hooked
+      loop.data.make_train_iterator = hooked
     sys.argv = ['train.py', *sys.argv[1:]]
     runpy.run_path('train.py', run_name='__main__')
 ''')

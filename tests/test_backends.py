@@ -107,9 +107,9 @@ def test_remat_gives_the_same_gradients():
 
 
 def test_profile_steps_writes_a_trace(digits_dir, tmp_path, compile_cache):
-  from cvt_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from cvt_flax.training import loop  # pylint: disable=g-import-not-at-top
   from helpers import tiny_config  # pylint: disable=g-import-not-at-top
-  train_lib.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4, profile_steps=2),
+  loop.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4, profile_steps=2),
                                str(tmp_path))
   traces = glob.glob(os.path.join(tmp_path, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
@@ -121,6 +121,7 @@ sys.modules['tensorflow'] = None  # any import of TensorFlow now fails
 import jax, optax
 from flax import nnx
 import cvt_flax, cvt_flax.io, cvt_flax.predict
+from cvt_flax.runtime import eval_step
 from cvt_flax.training import steps
 from helpers import TINY_MODEL
 model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
@@ -131,8 +132,8 @@ batch = {'image': jax.numpy.ones((4, 16, 16, 3)), 'label': jax.numpy.zeros((4,),
 # Tracing runs every line of the steps' Python (compiling them adds nothing TensorFlow could be in).
 state, metrics = jax.eval_shape(step, steps.init_train_state(model, tx), batch)
 model.eval()
-sums = jax.eval_shape(steps.make_eval_step(nnx.graphdef(model)), steps.model_variables(state),
-                      dict(batch, mask=jax.numpy.ones((4,))))
+sums = jax.eval_shape(eval_step.make_eval_step(nnx.graphdef(model)),
+                      steps.model_variables(state), dict(batch, mask=jax.numpy.ones((4,))))
 print('OK', metrics['loss'].shape == (), sums['count'].shape == ())
 '''
 

@@ -81,11 +81,11 @@ def test_finetune_notebook_trains_and_evaluates(tmp_path, monkeypatch):
   text = run_notebook('finetune', tmp_path, monkeypatch)
   assert_figures(tmp_path, 'finetune_curves', 'finetune_confusion', 'finetune_mistakes')
   match = re.search(
-      rf'final test top-1: {_NUMBER}% on (\d+) images \(train_lib reported {_NUMBER}%\)', text)
+      rf'final test top-1: {_NUMBER}% on (\d+) images \(the trainer reported {_NUMBER}%\)', text)
   assert match, text[-2000:]
   ours, count, reported = float(match[1]), int(match[2]), float(match[3])
   assert count == 360  # the digits test split, each image once
-  # The notebook's predictions from the reloaded checkpoint agree with train_lib's final eval.
+  # The notebook's predictions from the reloaded checkpoint agree with the trainer's final eval.
   assert ours == pytest.approx(reported, abs=0.01)
   last_eval = [r for r in read_metrics(tmp_path / 'runs' / 'digits' / 'metrics.jsonl')
                if 'eval/top1' in r][-1]

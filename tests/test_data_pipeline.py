@@ -191,8 +191,8 @@ def test_bad_inputs_raise_clear_errors(auto_prepared_dir, tmp_path):
     data.make_eval_iterator(cfg, global_batch_size=64, process_index=2, process_count=2)
   with pytest.raises(ValueError, match=r"'validation'.*available splits: train, test"):
     data.get_dataset_info(_config('digits', auto_prepared_dir, eval_split='validation'))
-  with pytest.raises(ValueError, match='eval_resize'):
-    data.make_eval_iterator(_config('digits', auto_prepared_dir, eval_resize='squash'),
+  with pytest.raises(ValueError, match='resize'):
+    data.make_eval_iterator(_config('digits', auto_prepared_dir, resize='squash'),
                             global_batch_size=8)
   with pytest.raises(FileNotFoundError, match='cifar10.*not prepared'):  # Never downloads.
     data.get_dataset_info(_config('cifar10', str(tmp_path)))

@@ -11,8 +11,9 @@ import tensorflow as tf
 from PIL import Image
 
 import cvt_flax
-from cvt_flax import data, evaluate, predict, train_lib
+from cvt_flax import data, evaluate, predict
 from cvt_flax.data import pipeline
+from cvt_flax.training import loop
 from helpers import (HUB_LABELS, ROOT, hf_probabilities, photos, subprocess_env, tiny_config,
                      train_losses)
 
@@ -71,7 +72,7 @@ def test_image_folder_agrees_image_by_image_with_hf(hub_cache, folder):
 def test_tfds_dataset_equals_the_trainers_eval_of_the_same_checkpoint(digits_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   cfg = tiny_config(digits_dir, num_train_steps=4)
-  result = train_lib.train_and_evaluate(cfg, workdir)
+  result = loop.train_and_evaluate(cfg, workdir)
   assert sorted(train_losses(workdir)) == [1, 2, 3, 4]
   proc = _run('--checkpoint', workdir, '--dataset', 'digits', '--split', 'test', '--data-dir',
               digits_dir, '--batch-size', '120', '--json')

@@ -14,7 +14,7 @@ import pytest
 import torch
 from orbax.checkpoint._src.path import atomicity
 
-from cvt_flax import train_lib
+from cvt_flax.training import loop
 from cvt_flax.convert import ConversionError
 from cvt_flax.io import CheckpointError
 from cvt_flax.io.trees import to_nested_dict
@@ -39,7 +39,7 @@ def _steps(workdir) -> list[int]:
 def test_truncated_newest_checkpoint_is_named_and_the_older_one_resumes(digits_dir, tmp_path):
   cfg = tiny_config(digits_dir)  # 6 steps, checkpoints at 3 and 6
   workdir = str(tmp_path)
-  train_lib.train_and_evaluate(cfg, workdir)
+  loop.train_and_evaluate(cfg, workdir)
   full = train_losses(workdir)
   newest = os.path.join(workdir, 'checkpoints', '6')
   for parent, _, names in os.walk(newest):
@@ -49,13 +49,13 @@ def test_truncated_newest_checkpoint_is_named_and_the_older_one_resumes(digits_d
         with open(path, 'r+b') as f:
           f.truncate(os.path.getsize(path) // 3)
   with pytest.raises(CheckpointRestoreError) as err:
-    train_lib.train_and_evaluate(cfg, workdir)
+    loop.train_and_evaluate(cfg, workdir)
   message = str(err.value)
   assert message.startswith(f'{newest}: cannot restore the training checkpoint of step 6: ')
   assert 'truncated or corrupt' in message
   assert f'mv {newest} {newest}.bad) to resume from step 3' in message
   shutil.move(newest, newest + '.bad')  # what the message says to do
-  assert train_lib.train_and_evaluate(cfg, workdir)['step'] == 6
+  assert loop.train_and_evaluate(cfg, workdir)['step'] == 6
   assert train_losses(workdir) == full  # steps 4-6 recomputed from step 3, identically
 
 
@@ -110,7 +110,7 @@ def test_workdir_of_a_newer_or_unknown_format(digits_dir, tmp_path):
                           ({'format': 'orbax'}, "format 'orbax', expected 'cvt_flax.model'")):
     path.write_text(json.dumps(dict(doc, **change)))
     with pytest.raises(CheckpointError, match=f'{path}: {message}'):
-      train_lib.train_and_evaluate(cfg, str(tmp_path))
+      loop.train_and_evaluate(cfg, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_untrusted_pth_as_init_from(digits_dir, tmp_path):
   cfg = tiny_config(digits_dir, init_from=str(evil))
   with pytest.raises(ConversionError,
                      match=rf'{evil}: refused to load.*Nothing in it was executed'):
-    train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
+    loop.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert not marker.exists()
 
   state = torch.load(DATA / 'official_tiny.pth', weights_only=True)
@@ -143,7 +143,7 @@ def test_untrusted_pth_as_init_from(digits_dir, tmp_path):
   cfg = tiny_config(digits_dir, init_from=str(tmp_path / 'bad.pth'),
                     init_from_spec=str(DATA / 'official_tiny.json'))
   with pytest.raises(ConversionError) as err:
-    train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
+    loop.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert 'stage1.blocks.0.mlp.fc1.weight: contains 1 NaN/Inf' in str(err.value)
   assert 'head.bias: dtype int64, expected a floating-point tensor' in str(err.value)
 
@@ -170,7 +170,7 @@ _nan_gradient_if.defvjp(_fwd, _bwd)
 def test_nan_gradient_stops_training_and_keeps_the_last_good_checkpoint(
     digits_dir, tmp_path, monkeypatch):
   sentinel = 1e3  # the step-3 batch is all 1e3 (normalised images are within about +-3)
-  real_call, real_iterator = CvT.__call__, train_lib.data.make_train_iterator
+  real_call, real_iterator = CvT.__call__, loop.data.make_train_iterator
 
   def call(self, x, *args, **kwargs):
     return _nan_gradient_if(jnp.max(x) >= sentinel, real_call(self, x, *args, **kwargs))
@@ -180,10 +180,10 @@ def test_nan_gradient_stops_training_and_keeps_the_last_good_checkpoint(
       yield dict(batch, image=np.full_like(batch['image'], sentinel)) if i + 1 == 3 else batch
 
   monkeypatch.setattr(CvT, '__call__', call)
-  monkeypatch.setattr(train_lib.data, 'make_train_iterator', iterator)
+  monkeypatch.setattr(loop.data, 'make_train_iterator', iterator)
   cfg = tiny_config(digits_dir, checkpoint_every_steps=2)
-  with pytest.raises(train_lib.TrainingDivergedError) as err:
-    train_lib.train_and_evaluate(cfg, str(tmp_path))
+  with pytest.raises(loop.TrainingDivergedError) as err:
+    loop.train_and_evaluate(cfg, str(tmp_path))
   message = str(err.value)
   # The loss is checked first, so naming grad_norm shows that the loss of step 3 was finite.
   assert 'train/grad_norm is nan at step 3 of 6' in message
@@ -199,11 +199,11 @@ def test_unwritable_or_full_workdir_fails_before_training(digits_dir, tmp_path, 
   (tmp_path / 'file').write_text('not a directory')
   cfg = tiny_config(digits_dir)
   with pytest.raises(WorkdirError, match=f'workdir {tmp_path}/file/run is not writable: Not a dir'):
-    train_lib.train_and_evaluate(cfg, str(tmp_path / 'file' / 'run'))
+    loop.train_and_evaluate(cfg, str(tmp_path / 'file' / 'run'))
   # A URL would otherwise become a local directory named 'gs:' (checkpoints lost with the machine).
   monkeypatch.chdir(tmp_path)
   with pytest.raises(WorkdirError, match='workdir gs://bucket/run: remote URLs are not supported'):
-    train_lib.train_and_evaluate(cfg, 'gs://bucket/run')
+    loop.train_and_evaluate(cfg, 'gs://bucket/run')
   assert not os.path.exists(tmp_path / 'gs:')
 
   def no_space(fd):
@@ -211,7 +211,7 @@ def test_unwritable_or_full_workdir_fails_before_training(digits_dir, tmp_path, 
   with monkeypatch.context() as patch:
     patch.setattr(os, 'fsync', no_space)  # the probe write's fsync is where a full disk shows
     with pytest.raises(WorkdirError, match='is not writable: No space left on device'):
-      train_lib.train_and_evaluate(cfg, str(tmp_path / 'full'))
+      loop.train_and_evaluate(cfg, str(tmp_path / 'full'))
   assert os.listdir(tmp_path / 'full') == []  # the probe file is not left behind
 
   free = 100 * 1024  # less than one checkpoint of the tiny model (~0.3 MiB)
@@ -219,7 +219,7 @@ def test_unwritable_or_full_workdir_fails_before_training(digits_dir, tmp_path, 
                       lambda path: types.SimpleNamespace(total=10 * free, used=9 * free, free=free))
   with pytest.raises(WorkdirError, match=r'checkpoints: only 0.1 MiB free on its disk, but a '
                                          r'checkpoint of this run takes about 0\.\d MiB'):
-    train_lib.train_and_evaluate(cfg, str(tmp_path / 'small'))
+    loop.train_and_evaluate(cfg, str(tmp_path / 'small'))
   assert not os.path.exists(tmp_path / 'small' / 'metrics.jsonl')  # stopped before training
 
 
@@ -237,7 +237,7 @@ def test_failed_save_keeps_the_previous_checkpoint(digits_dir, tmp_path, monkeyp
   cfg = tiny_config(digits_dir, checkpoint_every_steps=2, keep_checkpoints=1,
                     checkpoint_async=async_save)
   with pytest.raises(CheckpointSaveError) as err:
-    train_lib.train_and_evaluate(cfg, str(tmp_path))
+    loop.train_and_evaluate(cfg, str(tmp_path))
   message = str(err.value)
   assert message.startswith(f'Saving the training checkpoint of step 4 in {tmp_path}/checkpoints '
                             'failed: OSError: [Errno 28] No space left on device')
@@ -246,5 +246,5 @@ def test_failed_save_keeps_the_previous_checkpoint(digits_dir, tmp_path, monkeyp
   assert _steps(tmp_path) == [2]
   assert '4.orbax-checkpoint-tmp' in os.listdir(tmp_path / 'checkpoints')  # never a checkpoint
   if async_save:  # (the same code path for both)
-    assert train_lib.train_and_evaluate(cfg, str(tmp_path))['step'] == 6  # resumes from step 2
+    assert loop.train_and_evaluate(cfg, str(tmp_path))['step'] == 6  # resumes from step 2
     assert os.listdir(tmp_path / 'checkpoints') == ['6']  # the temporary directory was removed

@@ -62,7 +62,7 @@ def _config(dataset, **overrides):
   cfg.dataset = dataset
   cfg.eval_split = 'test'
   cfg.image_size = SIZE
-  cfg.eval_resize = 'warp'
+  cfg.resize = 'warp'
   cfg.randaugment_num_ops = 0
   cfg.random_erasing = 0.0
   cfg.update(overrides)

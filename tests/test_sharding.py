@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cvt_flax.training.sharding import fsdp_partition_spec
+from cvt_flax.runtime.sharding import fsdp_partition_spec
 from helpers import run_python
 
 
@@ -34,7 +34,7 @@ def test_fsdp_keeps_small_arrays_replicated():
 _EIGHT_DEVICES = textwrap.dedent('''
     import json, os, shutil, sys
     import jax
-    from cvt_flax import train_lib
+    from cvt_flax.training import loop
     from cvt_flax.training.run import build_run
     from helpers import tiny_config, train_losses
     data_dir, root = sys.argv[1], sys.argv[2]
@@ -43,7 +43,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
     for name, devices, fsdp in [('one', jax.devices()[:1], False), ('dp', jax.devices(), False),
                                 ('fsdp', jax.devices(), True)]:
       cfg = tiny_config(data_dir, fsdp=fsdp, fsdp_min_size=0)
-      result = train_lib.train_and_evaluate(cfg, os.path.join(root, name), devices=devices)
+      result = loop.train_and_evaluate(cfg, os.path.join(root, name), devices=devices)
       out[name] = {'losses': train_losses(os.path.join(root, name)), 'top1': result['eval/top1']}
     # How many arrays of the FSDP train state are really split over the 8 devices.
     run = build_run(tiny_config(data_dir, fsdp=True, fsdp_min_size=0), root)
@@ -54,7 +54,7 @@ _EIGHT_DEVICES = textwrap.dedent('''
     moved = os.path.join(root, 'moved')
     shutil.copytree(os.path.join(root, 'fsdp'), moved)
     shutil.rmtree(os.path.join(moved, 'checkpoints', '6'))
-    train_lib.train_and_evaluate(tiny_config(data_dir), moved, devices=jax.devices()[:1])
+    loop.train_and_evaluate(tiny_config(data_dir), moved, devices=jax.devices()[:1])
     out['moved'] = {'losses': train_losses(moved)}
     print('RESULT' + json.dumps(out))
 ''')

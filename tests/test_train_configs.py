@@ -25,7 +25,7 @@ def test_imagenet_recipe(arg, wd, drop_path, fsdp, eval_resize):
   c = _load('imagenet').get_config(arg)
   validate_config(c)
   variant, size = arg.split(',')
-  assert c.input.image_size == int(size) and c.input.eval_resize == eval_resize
+  assert c.input.image_size == int(size) and c.input.resize == eval_resize
   assert c.optimizer.weight_decay == wd and c.fsdp == fsdp
   assert (c.optimizer.base_lr, c.optimizer.base_batch_size, c.batch_size) == (2e-3, 2048, 2048)
   assert (c.optimizer.warmup_epochs, c.optimizer.warmup_init_lr, c.optimizer.min_lr) == (5, 1e-6, 1e-5)

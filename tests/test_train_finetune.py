@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cvt_flax import train_lib
+from cvt_flax.training import loop
 from cvt_flax.convert import load_pytorch
 from cvt_flax.io import load_checkpoint, save_model
 from cvt_flax.models import create_model
@@ -39,7 +39,7 @@ def test_official_pth_at_a_new_resolution(digits_dir, tmp_path):
   assert sorted(start) == sorted(want)
   for key, value in want.items():  # digits has 10 classes too: every tensor, head included
     np.testing.assert_array_equal(start[key], value, err_msg=key)
-  result = train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  result = loop.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert result['step'] == 2 and 0 <= result['eval/top1'] <= 1
   trained = load_checkpoint(str(tmp_path / 'run'))  # the workdir loads as a model
   assert trained.config.dim_embed == (16, 32, 48) and trained.config.drop_path_rate[-1] == 0.1
@@ -50,7 +50,7 @@ def test_new_head_must_be_explicit(digits_dir, tmp_path):
   source = _saved_tiny_model(source_dir, num_classes=7)
   cfg = tiny_config(digits_dir, init_from=source_dir)
   with pytest.raises(InitFromError) as err:
-    train_lib.train_and_evaluate(cfg, str(tmp_path / 'refused'))
+    loop.train_and_evaluate(cfg, str(tmp_path / 'refused'))
   message = str(err.value)
   assert source_dir in message
   assert 'head.kernel: checkpoint (32, 7), model (32, 10)' in message
@@ -64,7 +64,7 @@ def test_new_head_must_be_explicit(digits_dir, tmp_path):
     if not key.startswith('head.'):
       np.testing.assert_array_equal(start[key], value, err_msg=key)
   assert start['head.kernel'].shape == (32, 10) and start['head.bias'].shape == (10,)
-  result = train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  result = loop.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert result['step'] == 6
 
 
@@ -76,7 +76,7 @@ def test_other_architecture_lists_keys(digits_dir, tmp_path):
   cfg.model.num_heads = (1, 3)
   cfg.model.depth = (1, 2)
   with pytest.raises(InitFromError) as err:
-    train_lib.train_and_evaluate(cfg, str(tmp_path / 'run'))
+    loop.train_and_evaluate(cfg, str(tmp_path / 'run'))
   message = str(err.value)
   assert 'missing keys' in message and 'stage1.blocks.1.attn.proj_q.kernel' in message
   assert 'stage1.patch_embed.proj.kernel: checkpoint (3, 3, 16, 32), model (3, 3, 16, 48)' in message
@@ -85,7 +85,7 @@ def test_other_architecture_lists_keys(digits_dir, tmp_path):
 
 def test_init_from_a_training_workdir(digits_dir, tmp_path):
   first = str(tmp_path / 'first')
-  train_lib.train_and_evaluate(tiny_config(digits_dir), first)
+  loop.train_and_evaluate(tiny_config(digits_dir), first)
   trained = load_checkpoint(first)
   cfg = tiny_config(digits_dir, init_from=first)
   start = _initial_weights(cfg, tmp_path / 'check', trained)

@@ -14,13 +14,13 @@ from helpers import ROOT, free_port, subprocess_env
 _WORKER = textwrap.dedent('''
     import json, sys
     port, pid, data_dir, workdir, steps = sys.argv[1:]
-    from cvt_flax.training import sharding
+    from cvt_flax.runtime import sharding
     sharding.initialize_distributed(f'127.0.0.1:{port}', 2, int(pid), cpu_collectives='gloo')
     import jax
-    from cvt_flax import train_lib
+    from cvt_flax.training import loop
     from helpers import tiny_config
     cfg = tiny_config(data_dir, num_train_steps=int(steps), checkpoint_every_steps=2)
-    result = train_lib.train_and_evaluate(cfg, workdir)
+    result = loop.train_and_evaluate(cfg, workdir)
     print('RESULT' + json.dumps(dict(result, process=jax.process_index(),
                                      processes=jax.process_count(), devices=jax.device_count())))
 ''')

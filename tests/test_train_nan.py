@@ -4,12 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from cvt_flax import train_lib
+from cvt_flax.training import loop
 from cvt_flax.training.checkpointing import complete_steps
 from helpers import tiny_config, train_losses
 
 def _nan_images_at_step(monkeypatch, step):
-  real = train_lib.data.make_train_iterator
+  real = loop.data.make_train_iterator
 
   def wrapped(*args, start_step=0, **kwargs):
     for i, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
@@ -17,15 +17,15 @@ def _nan_images_at_step(monkeypatch, step):
         batch = dict(batch, image=np.full_like(batch['image'], np.nan))
       yield batch
 
-  monkeypatch.setattr(train_lib.data, 'make_train_iterator', wrapped)
+  monkeypatch.setattr(loop.data, 'make_train_iterator', wrapped)
 
 
 def test_nan_stops_before_the_next_checkpoint(digits_dir, tmp_path, monkeypatch):
   # Not a logged step, so the NaN (step 3) is caught by the check that precedes the step-4 save.
   cfg = tiny_config(digits_dir, log_every_steps=100, checkpoint_every_steps=2)
   _nan_images_at_step(monkeypatch, 3)
-  with pytest.raises(train_lib.TrainingDivergedError) as err:
-    train_lib.train_and_evaluate(cfg, str(tmp_path))
+  with pytest.raises(loop.TrainingDivergedError) as err:
+    loop.train_and_evaluate(cfg, str(tmp_path))
   message = str(err.value)
   assert 'train/loss is nan at step 3 of 6' in message
   assert 'newest checkpoint (step 2)' in message
@@ -37,7 +37,7 @@ def test_nan_stops_before_the_next_checkpoint(digits_dir, tmp_path, monkeypatch)
 def test_nan_at_a_logged_step(digits_dir, tmp_path, monkeypatch):
   cfg = tiny_config(digits_dir, checkpoint_every_steps=2)  # logs every step
   _nan_images_at_step(monkeypatch, 3)
-  with pytest.raises(train_lib.TrainingDivergedError, match='at step 3 of 6'):
-    train_lib.train_and_evaluate(cfg, str(tmp_path))
+  with pytest.raises(loop.TrainingDivergedError, match='at step 3 of 6'):
+    loop.train_and_evaluate(cfg, str(tmp_path))
   assert sorted(train_losses(str(tmp_path))) == [1, 2]
   assert complete_steps(os.path.join(tmp_path, 'checkpoints')) == [2]

@@ -7,14 +7,14 @@ import signal
 
 import pytest
 
-from cvt_flax import train_lib
+from cvt_flax.training import loop
 from cvt_flax.training.checkpointing import CheckpointRestoreError, complete_steps
 from cvt_flax.training.metrics import read_metrics
 from helpers import tiny_config, train_losses
 
 def _sigterm_before_step(monkeypatch, step):
   """Sends this process a real SIGTERM when the batch of optimizer step `step` is taken."""
-  real = train_lib.data.make_train_iterator
+  real = loop.data.make_train_iterator
 
   def wrapped(*args, start_step=0, **kwargs):
     for i, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
@@ -22,17 +22,17 @@ def _sigterm_before_step(monkeypatch, step):
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
-  monkeypatch.setattr(train_lib.data, 'make_train_iterator', wrapped)
+  monkeypatch.setattr(loop.data, 'make_train_iterator', wrapped)
 
 
 def test_preempted_and_crashed_runs_resume_bitwise_exact(digits_dir, tmp_path, monkeypatch):
   cfg = tiny_config(digits_dir)  # 6 steps, checkpoints every 3, dropout + drop path + mixup on
-  full = train_lib.train_and_evaluate(cfg, str(tmp_path / 'full'))
+  full = loop.train_and_evaluate(cfg, str(tmp_path / 'full'))
   assert full['step'] == 6
 
   split = str(tmp_path / 'split')
   _sigterm_before_step(monkeypatch, 5)
-  assert train_lib.train_and_evaluate(cfg, split) == {'step': 5, 'preempted': True}
+  assert loop.train_and_evaluate(cfg, split) == {'step': 5, 'preempted': True}
   monkeypatch.undo()
   # the regular one and the one saved on SIGTERM
   assert complete_steps(os.path.join(split, 'checkpoints')) == [3, 5]
@@ -40,7 +40,7 @@ def test_preempted_and_crashed_runs_resume_bitwise_exact(digits_dir, tmp_path, m
   shutil.rmtree(os.path.join(split, 'checkpoints', '5'))
   assert sorted(train_losses(split)) == [1, 2, 3, 4, 5]
 
-  resumed = train_lib.train_and_evaluate(cfg, split)
+  resumed = loop.train_and_evaluate(cfg, split)
   assert resumed == full  # same final eval, bit for bit
   full_losses = train_losses(str(tmp_path / 'full'))
   assert sorted(full_losses) == [1, 2, 3, 4, 5, 6]
@@ -51,7 +51,7 @@ def test_preempted_and_crashed_runs_resume_bitwise_exact(digits_dir, tmp_path, m
 
 def test_metrics_records_and_finished_run(digits_dir, tmp_path):
   cfg = tiny_config(digits_dir, peak_flops_per_device=1e9, log_every_steps=2)
-  first = train_lib.train_and_evaluate(cfg, str(tmp_path))
+  first = loop.train_and_evaluate(cfg, str(tmp_path))
   records = read_metrics(os.path.join(tmp_path, 'metrics.jsonl'))
   assert [r['step'] for r in records] == [2, 4, 6]
   for r in records:
@@ -64,18 +64,18 @@ def test_metrics_records_and_finished_run(digits_dir, tmp_path):
   assert records[-1]['eval/num_examples'] == 360
   assert os.listdir(os.path.join(tmp_path, 'tensorboard'))
   # Rerunning a finished run restores it and evaluates, without training or logging again.
-  again = train_lib.train_and_evaluate(cfg, str(tmp_path))
+  again = loop.train_and_evaluate(cfg, str(tmp_path))
   assert again == first
   assert read_metrics(os.path.join(tmp_path, 'metrics.jsonl')) == records
 
 
 def test_resume_with_another_model_is_refused_naming_the_fields(digits_dir, tmp_path):
   cfg = tiny_config(digits_dir)
-  train_lib.train_and_evaluate(cfg, str(tmp_path))
+  loop.train_and_evaluate(cfg, str(tmp_path))
   cfg.model.dim_embed = (16, 48)
   cfg.model.num_heads = (1, 3)
   with pytest.raises(CheckpointRestoreError) as err:
-    train_lib.train_and_evaluate(cfg, str(tmp_path))
+    loop.train_and_evaluate(cfg, str(tmp_path))
   message = str(err.value)
   assert ('holds checkpoints of another model: dim_embed: (16, 32) vs (16, 48); num_heads: (1, 2) '
           'vs (1, 3) (checkpoint vs config)') in message and 'new workdir' in message
@@ -86,12 +86,12 @@ def test_float32_run_resumes_in_bfloat16_and_with_another_attention(digits_dir, 
   """Compute settings are not part of the model: a run may change them when it resumes."""
   workdir = str(tmp_path / 'run')
   cfg = tiny_config(digits_dir, num_train_steps=3)
-  train_lib.train_and_evaluate(cfg, workdir)
+  loop.train_and_evaluate(cfg, workdir)
   saved = json.loads(open(os.path.join(workdir, 'model_config.json')).read())
   assert 'dtype' not in saved['config']
   cfg = tiny_config(digits_dir, num_train_steps=6, dtype='bfloat16', attention_impl='softmax',
                     dwconv_impl='xla')
-  resumed = train_lib.train_and_evaluate(cfg, workdir)
+  resumed = loop.train_and_evaluate(cfg, workdir)
   assert resumed['step'] == 6 and sorted(train_losses(workdir)) == [1, 2, 3, 4, 5, 6]
   assert all(math.isfinite(loss) for loss in train_losses(workdir).values())
   assert json.loads(open(os.path.join(workdir, 'model_config.json')).read()) == saved

@@ -6,6 +6,7 @@ import optax
 from flax import nnx
 
 from cvt_flax.models import create_model
+from cvt_flax.runtime import eval_step
 from cvt_flax.training import steps
 from helpers import TINY_MODEL
 
@@ -74,7 +75,7 @@ def test_eval_step_counts_only_masked_examples():
   model = create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
   _, state = _setup(TINY_MODEL, tx)
   model.eval()
-  eval_fn = jax.jit(steps.make_eval_step(nnx.graphdef(model)))
+  eval_fn = jax.jit(eval_step.make_eval_step(nnx.graphdef(model)))
   batch = _batch(12, seed=5)
   mask = np.array([1] * 9 + [0] * 3, np.float32)
   sums = eval_fn(steps.model_variables(state), dict(batch, mask=jnp.asarray(mask)))

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
 import numpy as np
 from flax import nnx
 
-from cvt_flax import io
+from cvt_flax import errors, io
 from cvt_flax.convert import hf, pytorch, sources
 from cvt_flax.convert.official import ConversionError
+from cvt_flax.models import compute
 
 CHECK_TOLERANCE = 1e-4
 
@@ -64,20 +64,21 @@ def _transformers_cannot_run(cfg) -> str | None:
 
 def _torch_reference(src: sources.Source, cfg):
   """(PyTorch model on the source's own tensors, its name), in eval mode."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = errors.require('torch', 'torch')
   state = dict(src.state_dict)
   reason = _transformers_cannot_run(cfg) if src.layout == 'hf' else None
   if reason:
     print(f'check: transformers cannot run {reason}; using the PyTorch reference instead')
   if src.layout == 'hf' and not reason:
-    from transformers import CvtConfig, CvtForImageClassification  # pylint: disable=g-import-not-at-top
-    model = CvtForImageClassification(CvtConfig.from_dict(src.hf_config))
+    transformers = errors.require('transformers', 'torch')
+    model = transformers.CvtForImageClassification(
+        transformers.CvtConfig.from_dict(src.hf_config))
     name = 'transformers CvtForImageClassification'
   else:
-    from cvt_flax.convert.torch_reference import build_reference_model  # pylint: disable=g-import-not-at-top
+    reference = errors.require('cvt_flax.convert.torch_reference', 'torch')
     if src.layout == 'hf':
       state = hf.hf_to_official_state_dict(state, source=src.path)
-    model = build_reference_model(cfg)
+    model = reference.build_reference_model(cfg)
     name = 'official CvT (PyTorch reference)'
   if cfg.num_classes == 0:
     state = {k: v for k, v in state.items() if not k.startswith(('head.', 'classifier.'))}
@@ -91,7 +92,7 @@ def _torch_reference(src: sources.Source, cfg):
 
 def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
   """Max |logits(Flax) - logits(PyTorch)| on a random batch of two `size`x`size` images."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = errors.require('torch', 'torch')
   src = sources.read_source(src_path)
   reference, name = _torch_reference(src, model.config)
   images = np.random.default_rng(seed).normal(size=(2, model.config.in_chans, size, size))
@@ -100,7 +101,7 @@ def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
     out = reference(torch.from_numpy(images))
   want = (out.logits if hasattr(out, 'logits') else out).numpy()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))  # one compile, not per op
+  forward = compute.jit(lambda state, x: nnx.merge(graphdef, state)(x))  # one compile, not per op
   got = np.asarray(forward(state, images.transpose(0, 2, 3, 1)))
   diff = float(np.max(np.abs(got - want)))
   print(f'check: max |logit difference| = {diff:.3e} (Flax vs {name}, batch 2x{size}x{size}, '
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     if args.check and check_logits(src, model, args.check_size) > CHECK_TOLERANCE:
       print('check FAILED: the converted model does not reproduce PyTorch', file=sys.stderr)
       return 1
-  except (*io.EXPECTED_ERRORS, FileExistsError) as e:
+  except (*errors.EXPECTED_ERRORS, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

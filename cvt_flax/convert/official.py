@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cvt_flax.errors import CvtFlaxError
 from cvt_flax.models.weights import describe_differences, flat_variables, shapes
 
 _LEAF_RENAMES = {'scale': 'weight', 'mean': 'running_mean', 'var': 'running_var',
                  'kernel': 'weight'}
 
 
-class ConversionError(ValueError):
+class ConversionError(CvtFlaxError, ValueError):
   """A state dict does not fit the model. The message lists every offending key."""
 
 

@@ -5,14 +5,14 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors.numpy
 import yaml
 
-from cvt_flax import labels, preprocess
+from cvt_flax import errors, files, labels, preprocess
 from cvt_flax.convert import hf, infer, sources
 from cvt_flax.convert.official import (ConversionError, load_official_state_dict,
                                        to_official_state_dict)
@@ -152,40 +152,25 @@ def load_pytorch(path, *, spec=None, num_classes: int | None = None,
   return model
 
 
-def _atomic_write(path: str, write_fn) -> None:
-  """Runs write_fn(tmp_path) on a temporary sibling, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  os.close(fd)
-  try:
-    write_fn(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_official(model: CvT, path) -> None:
   """Writes the official layout `.pth`: `torch.save` of a state dict of tensors (needs torch), in
   the official module order, like the released files."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from cvt_flax.convert.torch_reference import build_reference_model  # pylint: disable=g-import-not-at-top
+  torch = errors.require('torch', 'torch')
+  reference = errors.require('cvt_flax.convert.torch_reference', 'torch')
   with torch.device('meta'):  # key order only, no memory
-    order = list(build_reference_model(model.config).state_dict())
+    order = list(reference.build_reference_model(model.config).state_dict())
   arrays = to_official_state_dict(model)
   if sorted(order) != sorted(arrays):
     raise ConversionError('internal: the Flax model and the official layout disagree on keys: '
                           f'{sorted(set(order) ^ set(arrays))}')
   state = {k: torch.from_numpy(np.array(arrays[k], order='C')) for k in order}
-  _atomic_write(os.fspath(path), lambda tmp: torch.save(state, tmp))
+  files.atomic_write(os.fspath(path), lambda tmp: torch.save(state, tmp))
 
 
 def save_hf(model: CvT, directory, *, id2label: Mapping[int, str] | None = None) -> None:
   """Writes an HF checkpoint directory (`config.json` + `model.safetensors`, and the model's
   preprocessing as `preprocessor_config.json` where HF's processor can express it), without torch.
   `id2label` defaults to the model's class names."""
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   directory = os.fspath(directory)
   if id2label is None and model.class_names:
     id2label = dict(enumerate(model.class_names))
@@ -194,21 +179,14 @@ def save_hf(model: CvT, directory, *, id2label: Mapping[int, str] | None = None)
              hf.official_to_hf_state_dict(to_official_state_dict(model)).items()}
   os.makedirs(directory, exist_ok=True)
   # 'format': 'pt' is what transformers checks before loading a safetensors file as PyTorch weights.
-  _atomic_write(os.path.join(directory, 'model.safetensors'),
-                lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata={'format': 'pt'}))
-
-  _atomic_write(os.path.join(directory, sources.HF_CONFIG_FILE), _json_writer(config))
+  files.atomic_write(os.path.join(directory, 'model.safetensors'), lambda tmp:
+                     safetensors.numpy.save_file(tensors, tmp, metadata={'format': 'pt'}))
+  files.write_json(os.path.join(directory, sources.HF_CONFIG_FILE), config, sort_keys=True)
   if model.preprocess is not None:
     try:
       processor = preprocess.to_hf_processor(model.preprocess)
     except preprocess.PreprocessError as e:
       warnings.warn(f'{directory}: no {sources.HF_PREPROCESSOR_FILE} written: {e}')
     else:
-      _atomic_write(os.path.join(directory, sources.HF_PREPROCESSOR_FILE), _json_writer(processor))
-
-
-def _json_writer(doc):
-  def write(tmp):
-    with open(tmp, 'w') as f:
-      json.dump(doc, f, indent=2, sort_keys=True)
-  return write
+      files.write_json(os.path.join(directory, sources.HF_PREPROCESSOR_FILE), processor,
+                       sort_keys=True)

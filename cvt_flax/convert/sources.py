@@ -22,7 +22,10 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
+from cvt_flax import errors
 from cvt_flax.convert.official import ConversionError
 
 HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
@@ -109,8 +112,6 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  import safetensors  # pylint: disable=g-import-not-at-top
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   try:
     return dict(safetensors.numpy.load_file(path))
   except safetensors.SafetensorError as e:
@@ -130,7 +131,7 @@ def _torch_load(path: str) -> Any:
   if not (head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO):
     raise ConversionError(f'{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a '
                           'pickle).')
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = errors.require('torch', 'torch')
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
@@ -160,7 +161,7 @@ def _as_state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
       break
   if obj and all(isinstance(k, str) and k.startswith(_DDP_PREFIX) for k in obj):
     obj = {k[len(_DDP_PREFIX):]: v for k, v in obj.items()}
-  import torch  # pylint: disable=g-import-not-at-top  # only reached after torch.load
+  torch = errors.require('torch', 'torch')  # imported already by torch.load
   out = {}
   for name, value in obj.items():
     if not isinstance(value, torch.Tensor):

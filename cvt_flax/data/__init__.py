@@ -3,6 +3,11 @@
 Importing this package first hides every GPU/TPU from TensorFlow (see `_tf`), and registers the
 offline TFDS dataset `digits`.
 """
+from cvt_flax import errors
+
+for _package in ('tensorflow', 'tensorflow_datasets', 'ml_collections'):
+  errors.require(_package, 'train')
+
 from cvt_flax.data import _tf  # pylint: disable=unused-import  (must come before any TF use)
 from cvt_flax.data import digits  # pylint: disable=unused-import  (registers the TFDS builder)
 from cvt_flax.data.checks import DataError

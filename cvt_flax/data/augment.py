@@ -82,8 +82,9 @@ def resize(image, height, width, pil_exact=True, method='bicubic'):
 
   PIL resizes in two separable passes with a uint8 image in between, starting with the pass that
   gives the smaller intermediate image (horizontal on ties). `pil_exact` does the same and stays
-  within 1 level of PIL; otherwise one 2-D pass, ~1.8x faster, which differs from PIL only where
-  bicubic overshoots at sharp edges (up to ~20 levels on high-contrast noise; train crops use it).
+  within 1 level of PIL; otherwise one 2-D pass, faster (benchmarks/RESULTS.md), which differs
+  from PIL only where bicubic overshoots at sharp edges (up to ~20 levels on high-contrast noise;
+  train crops use it).
   """
   image = tf.cast(image, tf.float32)
   if not pil_exact:

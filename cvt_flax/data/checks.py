@@ -11,10 +11,12 @@ from typing import Callable
 
 import tensorflow as tf
 
+from cvt_flax.errors import CvtFlaxError
+
 _LABEL_TAG = 'cvt_flax label check:'
 
 
-class DataError(ValueError):
+class DataError(CvtFlaxError, ValueError):
   """Bad input data; the message names the dataset, the example (file or TFDS id), the problem."""
 
 

@@ -3,12 +3,18 @@
 It is lockable: every field has its final type from the start (`placeholder` fields hold
 None but accept a value of the declared type), so `--config.input.data_dir=/x` works on a locked
 config and a mistyped field name fails.
+
+The eval transform is the fields named as `cvt_flax.preprocess.Preprocess`'s (image_size, resize,
+crop_pct, interpolation, mean, std, crop_offset), which `Preprocess` itself validates; image_size,
+mean and std apply to training too.
 """
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
-from cvt_flax.preprocess import (CROP_OFFSETS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS,
-                                 RESIZE_MODES, Preprocess)
+from cvt_flax.errors import ConfigError
+from cvt_flax.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, PreprocessError
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -24,11 +30,11 @@ def default_input_config() -> ml_collections.ConfigDict:
   # The eval transform (`cvt_flax.preprocess.Preprocess`, also written into the checkpoints):
   # 'crop': resize the shorter side to image_size / crop_pct, then center crop (224 models).
   # 'warp': resize straight to image_size x image_size (the official 384 models' eval).
-  cfg.eval_resize = 'crop'
+  cfg.resize = 'crop'
   cfg.crop_pct = 0.875
   cfg.interpolation = 'bicubic'  # or 'bilinear' (eval resize; train crops are always bicubic)
   # The centre crop's offset of an odd margin: 'round' (torchvision, timm), 'floor' (HF).
-  cfg.eval_crop_offset = 'round'
+  cfg.crop_offset = 'round'
   cfg.crop_scale = (0.08, 1.0)  # RandomResizedCrop area fraction.
   cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (w / h).
   cfg.hflip = True
@@ -46,20 +52,14 @@ def default_input_config() -> ml_collections.ConfigDict:
 
 
 def validate_input_config(cfg) -> None:
-  """Raises ValueError naming the first field of `cfg` whose value cannot work."""
+  """Raises ConfigError naming the first field of `cfg` whose value cannot work."""
   def fail(field, why):
-    raise ValueError(f'input config: {field}={getattr(cfg, field)!r}: {why}')
+    raise ConfigError(f'input config: {field}={getattr(cfg, field)!r}: {why}')
 
-  if cfg.image_size <= 0:
-    fail('image_size', 'must be positive')
-  if cfg.eval_resize not in RESIZE_MODES:
-    fail('eval_resize', f'must be one of {RESIZE_MODES}')
-  if cfg.interpolation not in INTERPOLATIONS:
-    fail('interpolation', f'must be one of {INTERPOLATIONS}')
-  if cfg.eval_crop_offset not in CROP_OFFSETS:
-    fail('eval_crop_offset', f'must be one of {CROP_OFFSETS}')
-  if not 0 < cfg.crop_pct <= 1:
-    fail('crop_pct', 'must be in (0, 1]')
+  try:
+    eval_preprocess(cfg)
+  except PreprocessError as e:
+    raise ConfigError(f'input config: {e}') from e
   for field, low in (('crop_scale', 0), ('crop_ratio', 0)):
     values = tuple(getattr(cfg, field))
     if len(values) != 2 or not low < values[0] <= values[1]:
@@ -70,25 +70,19 @@ def validate_input_config(cfg) -> None:
     fail('randaugment_num_ops', 'must be >= 0')
   if not 0 <= cfg.random_erasing <= 1:
     fail('random_erasing', 'is a probability')
-  for field in ('mean', 'std'):
-    if len(tuple(getattr(cfg, field))) != 3:
-      fail(field, 'needs one value per RGB channel')
-  if min(cfg.std) <= 0:
-    fail('std', 'must be positive')
   if cfg.shuffle_buffer < 1:
     fail('shuffle_buffer', 'must be >= 1')
 
 
+EVAL_FIELDS = tuple(field.name for field in dataclasses.fields(Preprocess))
+
+
 def eval_preprocess(cfg) -> Preprocess:
   """The eval transform the input config describes (what a trained model expects)."""
-  return Preprocess(image_size=cfg.image_size, resize=cfg.eval_resize, crop_pct=cfg.crop_pct,
-                    interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std),
-                    crop_offset=cfg.eval_crop_offset)
+  return Preprocess(**{field: cfg[field] for field in EVAL_FIELDS})
 
 
 def with_eval_preprocess(cfg, preprocess: Preprocess) -> None:
   """Sets the eval transform fields of `cfg` (a ConfigDict, unlocked or locked) to `preprocess`."""
-  cfg.image_size, cfg.eval_resize, cfg.crop_pct = (preprocess.image_size, preprocess.resize,
-                                                   preprocess.crop_pct)
-  cfg.interpolation, cfg.eval_crop_offset = preprocess.interpolation, preprocess.crop_offset
-  cfg.mean, cfg.std = tuple(preprocess.mean), tuple(preprocess.std)
+  for field in EVAL_FIELDS:
+    cfg[field] = getattr(preprocess, field)

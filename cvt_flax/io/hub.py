@@ -12,6 +12,7 @@ import os
 import re
 
 from cvt_flax.io.model_dir import CheckpointError
+from cvt_flax.models.released import RELEASED
 
 # org/name with an optional @revision (a branch, tag or commit).
 _HUB_NAME = re.compile(r'^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$')
@@ -19,12 +20,6 @@ _FIRST_CHOICE = ('config.json', 'preprocessor_config.json', 'model.safetensors')
 _FALLBACK = ('config.json', 'preprocessor_config.json', 'pytorch_model.bin')
 _TRUE = ('1', 'true', 'yes', 'on')
 
-# The released models (Wu et al. 2021; ImageNet-1k top-1 of the paper).
-RELEASED = {
-    'microsoft/cvt-13': 81.6, 'microsoft/cvt-21': 82.5, 'microsoft/cvt-13-384': 83.0,
-    'microsoft/cvt-21-384': 83.3, 'microsoft/cvt-13-384-22k': 83.3,
-    'microsoft/cvt-21-384-22k': 84.9, 'microsoft/cvt-w24-384-22k': 87.7,
-}
 
 
 class HubError(CheckpointError):
@@ -68,5 +63,6 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | None
     raise HubError(f'{where}: no such model or revision on the Hugging Face hub ({e}).') from e
   except errors.HfHubHTTPError as e:
     raise HubError(f'{where}: the hub answered with an error: {e}') from e
+  released = ', '.join(r.hub_name for r in RELEASED)
   raise HubError(f'{where}: the repository has neither model.safetensors nor pytorch_model.bin; '
-                 'not a CvT checkpoint (released ones: ' + ', '.join(RELEASED) + ').')
+                 f'not a CvT checkpoint (released ones: {released}).')

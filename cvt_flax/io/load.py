@@ -107,5 +107,3 @@ def from_pretrained(name_or_path, *, revision: str | None = None, cache_dir: str
                  local_files_only=local_files_only)
   return load_local(path, **options)
 
-
-EXPECTED_ERRORS = (CheckpointError, convert.ConversionError, FileNotFoundError)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -32,8 +30,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cvt_flax import labels
+from cvt_flax import files, labels
 from cvt_flax import preprocess as preprocess_lib
+from cvt_flax.errors import CvtFlaxError
 from cvt_flax.io import trees
 from cvt_flax.models import CvT, CvTConfig, abstract_model, finish_abstract_model
 from cvt_flax.models.config import config_from_saved
@@ -45,7 +44,7 @@ CONFIG_FILE = 'config.json'
 STATE_DIR = 'state'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CvtFlaxError, ValueError):
   """A path does not hold a loadable model; the message says which file and why."""
 
 
@@ -79,11 +78,7 @@ class ModelDoc:
 
 
 def write_model_doc(path: str, doc: ModelDoc) -> None:
-  """Writes the document to `path` atomically (a temporary file renamed into place)."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(doc.to_json(), f, indent=2)
-  os.replace(tmp, path)
+  files.write_json(path, doc.to_json())
 
 
 def read_model_doc(path: str) -> ModelDoc:
@@ -130,35 +125,14 @@ def save_model(model: CvT, path, *, overwrite: bool = False, preprocess=None,
                class_names=None) -> None:
   """Writes `model` as a model directory (see the module docstring). `preprocess` and
   `class_names` default to the model's own."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it.')
   doc = ModelDoc.of(model, preprocess=preprocess, class_names=class_names)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
   weights = {k: np.asarray(jax.device_get(v.get_value())) for k, v in flat_variables(model).items()}
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.tmp-')
-  try:
+  with files.atomic_directory(path, overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, STATE_DIR), trees.nest(weights))
       checkpointer.wait_until_finished()
     # config.json last: even the temporary directory only looks like a model once complete.
     write_model_doc(os.path.join(tmp, CONFIG_FILE), doc)
-    _move_into_place(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _move_into_place(tmp: str, path: str) -> None:
-  if not os.path.exists(path):
-    os.rename(tmp, path)
-    return
-  # Replacing: move the old one aside first (a directory cannot be renamed over a non-empty one).
-  trash = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f'.{os.path.basename(path)}.old-')
-  os.rename(path, os.path.join(trash, 'old'))
-  os.rename(tmp, path)
-  shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_model_dir(path: str) -> CvT:

@@ -142,9 +142,27 @@ def block_boundary(compute: Compute, x):
   return cpu.gradient_fusion_barrier(x) if compute.fusion_barrier else x
 
 
+# ----------------------------------------------------------------------------------------------------
+# Compilation: every jit of a CvT computation goes through `jit` (and `compile_ahead`), so that none
+# can miss the platform's compiler options or, on CPU, the release of the compiler's memory.
+
 def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
-  """XLA options for every jit of a CvT computation on `platform` (default: JAX's default
-  backend): `jax.jit(fn, compiler_options=compiler_options())`. None = XLA's defaults."""
+  """XLA options for a CvT computation on `platform` (default: JAX's default backend); None =
+  XLA's defaults."""
   if (platform or jax.default_backend()) == 'cpu':
     return dict(cpu.COMPILER_OPTIONS)
   return None
+
+
+def jit(fn, *, platform: str | None = None, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)` with the compiler options of `platform` (default: JAX's)."""
+  return jax.jit(fn, compiler_options=compiler_options(platform), **jit_kwargs)
+
+
+def compile_ahead(fn, *abstract_args, platform: str | None = None, **jit_kwargs):
+  """`jit(fn).lower(*abstract_args).compile()`; on CPU the compiler's freed heap then goes back to
+  the OS, before the computation's own buffers come on top of it."""
+  compiled = jit(fn, platform=platform, **jit_kwargs).lower(*abstract_args).compile()
+  if (platform or jax.default_backend()) == 'cpu':
+    cpu.release_freed_memory()
+  return compiled

@@ -24,8 +24,8 @@ from cvt_flax.models import layers
 
 # XLA:CPU's default scheduler computes values early and keeps them alive: in CvT's training step
 # it materialises the depthwise convolutions' shifted input windows in the forward pass and holds
-# them until the backward pass reads them. The memory-optimised scheduler does not (CvT-13, batch
-# 32: step temporaries 7.1 -> 4.3 GiB; see benchmarks/RESULTS.md). Same computation, same numbers.
+# them until the backward pass reads them. The memory-optimised scheduler does not (the memory it
+# saves: benchmarks/RESULTS.md). Same computation, same numbers.
 COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
 
@@ -33,8 +33,9 @@ def release_freed_memory() -> None:
   """Returns memory that the process freed (e.g. the compiler's, after a compile) to the OS.
 
   glibc keeps freed small allocations in its heap; XLA's compilation of a CvT-13 training step
-  leaves ~0.4 GiB there, which would otherwise count towards the process's peak memory for the
-  whole run. A no-op where glibc's `malloc_trim` is not available.
+  leaves a sizeable part of its memory there (benchmarks/RESULTS.md), which would otherwise count
+  towards the process's peak memory for the whole run. A no-op where glibc's `malloc_trim` is not
+  available.
   """
   try:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
@@ -52,7 +53,7 @@ def gradient_fusion_barrier(x):
   XLA:CPU fuses the elementwise parts of the residual stream's gradient (LayerNorm backward and the
   residual sums) across blocks and duplicates the whole chain into every block's weight-gradient
   fusions: with small per-block tensors (CvT-W24 at 384, batch 2) the backward pass became
-  quadratic in depth, 2.6x slower. XLA:CPU drops optimisation barriers before fusion, but a
+  quadratic in depth (benchmarks/RESULTS.md). XLA:CPU drops optimisation barriers before fusion, but a
   conditional is opaque to it; its predicate reads the data, so it cannot be folded away.
   """
   return x
@@ -111,7 +112,7 @@ def _depthwise_conv_shifts_fwd(x, kernel, stride, padding):
 def _depthwise_conv_shifts_bwd(stride, padding, residuals, grad):
   """Autodiff of the slices would sum k*k zero-padded full-size copies of the gradient; written
   out, the input gradient is one more fused shifted sum and the kernel gradient k*k reductions
-  (2-4x faster in training on CPU)."""
+  (faster in training on CPU: benchmarks/RESULTS.md)."""
   x, kernel = residuals
   k = kernel.shape[0]
   _, h, w, _ = x.shape
@@ -165,8 +166,8 @@ ATTENTION_BLOCKING_MIN_BYTES = 8 * ATTENTION_BLOCK_BYTES
 
 def attention(q, k, v, scale):
   """`layers.deferred_attention` for (b, heads, tokens, d) q, k, v; blocked where the scores of a
-  call are much larger than a core's cache (2x faster on CPU, where attention over 3136 tokens is
-  bound by memory bandwidth). A sequential loop: slower on accelerators."""
+  call are much larger than a core's cache (faster on CPU, where attention over 3136 tokens is
+  bound by memory bandwidth: benchmarks/RESULTS.md). A sequential loop: slower on accelerators."""
   if 4 * q.size // q.shape[-1] * k.shape[2] > ATTENTION_BLOCKING_MIN_BYTES:
     return _blocked_attention(q, k, v, scale)
   return layers.deferred_attention(q, k, v, scale)[0]
@@ -190,7 +191,7 @@ def _blocked_attention(q, k, v, scale):
 def _blocked_pairs_fwd(q, k, v, scale, pairs_per_step):
   def pair(args):
     q_blocks, k, v = args
-    if q_blocks.shape[0] == 1:  # no inner loop of one trip (it measured 5-10% slower on XLA:CPU)
+    if q_blocks.shape[0] == 1:  # no inner loop of one trip (slower on XLA:CPU)
       return layers.deferred_attention(q_blocks, k[None], v[None], scale)
     return jax.lax.map(lambda q_block: layers.deferred_attention(q_block, k, v, scale), q_blocks)
   out, logsumexp = jax.lax.map(pair, (q, k, v), batch_size=pairs_per_step)

@@ -30,20 +30,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cvt_flax.errors import CvtFlaxError
 from cvt_flax.io.trees import flatten, from_nested_dict, to_nested_dict
 from cvt_flax.io.workdir import STATE_ITEM as _ITEM
 from cvt_flax.models.weights import describe_differences, shapes
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(CvtFlaxError, RuntimeError):
   """Writing a training checkpoint failed; the message names the step and the newest good one."""
 
 
-class CheckpointRestoreError(ValueError):
+class CheckpointRestoreError(CvtFlaxError, ValueError):
   """A training checkpoint cannot be restored; the message names it and what is wrong."""
 
 
-class WorkdirError(OSError):
+class WorkdirError(CvtFlaxError, OSError):
   """The workdir cannot be written, or has too little free space for a checkpoint."""
 
 

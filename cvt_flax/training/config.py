@@ -1,4 +1,4 @@
-"""The training config: every field `train_lib` reads, with the official CvT-13 recipe as defaults.
+"""The training config: every field the trainer reads, with the official CvT-13 recipe as defaults.
 
 The files in `configs/` start from `default_config()` and change what their experiment needs. All
 fields exist from the start with their final types, so the config can be locked and a mistyped
@@ -9,6 +9,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from cvt_flax.data import default_input_config
+from cvt_flax.errors import ConfigError
 from cvt_flax.models.compute import ATTENTION_IMPLS, DTYPES, DWCONV_IMPLS, REMAT
 from cvt_flax.training.mixup import default_mixup_config
 from cvt_flax.training.optim import default_optimizer_config
@@ -63,9 +64,9 @@ def default_config() -> ConfigDict:
 
 
 def validate_config(c: ConfigDict) -> None:
-  """Raises ValueError naming the first field whose value cannot work."""
+  """Raises ConfigError naming the first field whose value cannot work."""
   def fail(field, why):
-    raise ValueError(f'config.{field}: {why}')
+    raise ConfigError(f'config.{field}: {why}')
 
   for field, allowed in (('dtype', DTYPES), ('attention_impl', ATTENTION_IMPLS),
                          ('dwconv_impl', DWCONV_IMPLS), ('remat', REMAT)):

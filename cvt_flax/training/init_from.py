@@ -9,13 +9,14 @@ says so.
 from __future__ import annotations
 
 from cvt_flax import io
+from cvt_flax.errors import CvtFlaxError
 from cvt_flax.models import CvT
 from cvt_flax.models.weights import describe_differences
 
 HEAD_PREFIX = 'head.'
 
 
-class InitFromError(ValueError):
+class InitFromError(CvtFlaxError, ValueError):
   """The init_from weights do not fit the model being trained. The message lists the keys."""
 
 

@@ -17,10 +17,12 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from cvt_flax import data, io
+from cvt_flax.errors import ConfigError
 from cvt_flax.io import workdir as workdir_io
-from cvt_flax.models import Compute, CvT, CvTConfig, make_compute, make_config
+from cvt_flax.models import Compute, CvT, CvTConfig, compute, make_compute, make_config
 from cvt_flax.models.weights import flat_variables, host_weights, shapes
-from cvt_flax.training import checkpointing, init_from, optim, sharding
+from cvt_flax.runtime import sharding
+from cvt_flax.training import checkpointing, init_from, optim
 from cvt_flax.training.steps import TrainState, init_train_state
 
 
@@ -63,7 +65,7 @@ def resolve_num_steps(config: ConfigDict, num_train_examples: int) -> tuple[int,
     return config.num_train_steps, steps_per_epoch
   if config.num_epochs > 0:
     return int(math.ceil(config.num_epochs * steps_per_epoch)), steps_per_epoch
-  raise ValueError('config: set num_train_steps > 0 or num_epochs > 0.')
+  raise ConfigError('config: set num_train_steps > 0 or num_epochs > 0.')
 
 
 def resolve_model_config(config: ConfigDict, num_classes: int,
@@ -75,12 +77,12 @@ def resolve_model_config(config: ConfigDict, num_classes: int,
   """
   fields = config.model.to_dict()
   if fields.get('num_classes', num_classes) != num_classes:
-    raise ValueError(f'config.model.num_classes={fields["num_classes"]}, but dataset '
+    raise ConfigError(f'config.model.num_classes={fields["num_classes"]}, but dataset '
                      f'{config.input.dataset!r} has {num_classes} classes; leave it unset.')
   fields['num_classes'] = num_classes
   if fields.get('variant') == 'init_from':
     if base is None:
-      raise ValueError("config.model.variant='init_from' needs config.init_from.")
+      raise ConfigError("config.model.variant='init_from' needs config.init_from.")
     fields.pop('variant')
     return make_config(base, **fields)
   return make_config(fields)
@@ -143,8 +145,8 @@ def create_initial_state(run: Run, init_weights: dict[str, np.ndarray] | None = 
         var.set_value(jnp.asarray(weights[key], var.get_value().dtype))
     return init_train_state(model, run.tx)
 
-  return jax.jit(init, in_shardings=(sharding.replicated(run.mesh),),
-                 out_shardings=run.state_shardings)(init_weights or {})
+  return compute.jit(init, platform=run.platform, in_shardings=(sharding.replicated(run.mesh),),
+                     out_shardings=run.state_shardings)(init_weights or {})
 
 
 def init_weights_from(config: ConfigDict, run: Run, source: CvT) -> dict[str, np.ndarray]:

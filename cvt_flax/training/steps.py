@@ -14,11 +14,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from cvt_flax.runtime.eval_step import split_model
 from cvt_flax.training.mixup import mixup_cutmix
-
-# Every variable of a CvT is one of these; nnx.split raises if a new kind ever appears unhandled.
-MODEL_FILTERS = (nnx.Param, nnx.BatchStat, nnx.RngState)
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -28,11 +25,6 @@ class TrainState:
   batch_stats: nnx.State   # BatchNorm running statistics and counters
   rngs: nnx.State          # the dropout / stochastic-depth RNG streams inside the model
   opt_state: Any
-
-
-def split_model(model: nnx.Module):
-  """-> (graphdef, params, batch_stats, rngs)."""
-  return nnx.split(model, *MODEL_FILTERS)
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
@@ -106,26 +98,3 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 def model_variables(state: TrainState):
   """What `eval_step` takes of a train state: (params, batch_stats, rngs)."""
   return state.params, state.batch_stats, state.rngs
-
-
-def make_eval_step(eval_graphdef) -> Callable:
-  """Returns `eval_step(variables, batch) -> sums` of masked top-1/top-5 hits, loss and example
-  count, where `variables` = (params, batch_stats, rngs) as `split_model` returns them.
-
-  `eval_graphdef` is the graphdef of the model in eval mode (running BatchNorm statistics, no
-  dropout). Sums (not means) so that padded batches and several processes add up exactly.
-  """
-
-  def eval_step(variables, batch: dict[str, jax.Array]):
-    model = nnx.merge(eval_graphdef, *variables)
-    logits = model(batch['image'])
-    labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    hit1 = (top[:, 0] == labels).astype(jnp.float32)
-    hit5 = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {'top1': jnp.sum(hit1 * mask), 'top5': jnp.sum(hit5 * mask),
-            'loss': jnp.sum(loss * mask), 'count': jnp.sum(mask)}
-
-  return eval_step

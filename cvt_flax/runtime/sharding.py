@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from cvt_flax.errors import ConfigError
+
 DATA_AXIS = 'data'
 
 
@@ -63,7 +65,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int =
   """The global batch must split evenly over processes, devices and accumulation steps."""
   n = mesh.shape[DATA_AXIS]
   if global_batch_size % (n * grad_accum_steps) or global_batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
         f'batch size {global_batch_size} must be divisible by the number of devices ({n}) times '
         f'grad_accum_steps ({grad_accum_steps}) and by the number of processes '
         f'({jax.process_count()}) (config.batch_size / config.eval_batch_size).')

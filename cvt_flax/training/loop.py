@@ -9,8 +9,8 @@ cutmix use `fold_in(key(seed), t)`, and the dropout / stochastic-depth RNG strea
 state and the BatchNorm statistics are in the checkpoint. So a run stopped at step k and resumed
 reproduces the uninterrupted run's losses bit for bit (tests/test_train_resume.py). Not bitwise
 across device counts or FSDP on/off: the same math and the same random draws, but XLA splits float
-reductions differently, so results agree to rounding (<= 1.1e-7 relative over 6 steps on 8
-simulated CPU devices, tests/test_sharding.py) and may drift apart slowly over a long run. Not
+reductions differently, so results agree to rounding (the bound is in tests/test_sharding.py,
+the measured figure in the README) and may drift apart slowly over a long run. Not
 deterministic across process counts (each process reads a different share of the data) and across
 XLA versions or backends.
 """
@@ -26,26 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from cvt_flax import data, io
-from cvt_flax.convert import ConversionError
-from cvt_flax.models import compiler_options
-from cvt_flax.models.cpu import release_freed_memory
-from cvt_flax.training import checkpointing, evaluation, init_from, metrics as metrics_lib, sharding
+from cvt_flax import data
+from cvt_flax.errors import EXPECTED_ERRORS, CvtFlaxError
+from cvt_flax.models import compute
+from cvt_flax.runtime import eval_step as eval_step_lib, evaluation, sharding
+from cvt_flax.training import checkpointing, metrics as metrics_lib
 from cvt_flax.training import config as config_lib
 from cvt_flax.training.run import Run, eval_batch_size, initial_or_restored_state, write_run_files
 from cvt_flax.training.steps import TrainState, make_train_step, model_variables
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(CvtFlaxError, RuntimeError):
   """The loss or the gradients became NaN/Inf. The message names the step and the metric."""
-
-
-# Failures caused by the input (config, files, data, disk) rather than by a bug: each message names
-# the file / key / step and what to do, so `train.py` prints it without a traceback.
-EXPECTED_ERRORS = (TrainingDivergedError, checkpointing.CheckpointSaveError,
-                   checkpointing.CheckpointRestoreError, checkpointing.WorkdirError,
-                   init_from.InitFromError, data.DataError, io.CheckpointError, ConversionError,
-                   FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,17 +105,14 @@ def _compile_train_step(run: Run):
   step_fn = make_train_step(run.graphdef, run.tx, run.schedule, num_classes=run.num_classes,
                             mixup=dict(cfg.mixup), seed=cfg.seed,
                             grad_accum_steps=cfg.grad_accum_steps, microbatch_sharding=micro_sh)
-  jitted = jax.jit(step_fn, in_shardings=(run.state_shardings, batch_sh),
-                   out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                   donate_argnums=(0,), compiler_options=compiler_options(run.platform))
   size = cfg.input.image_size
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((cfg.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
       'label': jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)}
-  compiled = jitted.lower(run.abstract_state, abstract_batch).compile()
-  if run.platform == 'cpu':
-    release_freed_memory()  # the compiler's, before the step's buffers come on top of it
-  return compiled
+  return compute.compile_ahead(step_fn, run.abstract_state, abstract_batch, platform=run.platform,
+                               in_shardings=(run.state_shardings, batch_sh),
+                               out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+                               donate_argnums=(0,))
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
@@ -169,8 +158,8 @@ def _peer_failure_hint(error: Exception, newest: int | None) -> str:
 
 
 def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> dict[str, Any]:
-  eval_step = evaluation.jit_eval_step(run.eval_graphdef, model_variables(run.state_shardings),
-                                       run.mesh)
+  eval_step = eval_step_lib.jit_eval_step(run.eval_graphdef,
+                                          model_variables(run.state_shardings), run.mesh)
   if start >= run.total_steps:  # nothing left to train: evaluate what the workdir holds
     record = _evaluate(run, state, eval_step, start, writer)
   else:

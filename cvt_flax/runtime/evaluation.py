@@ -15,18 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cvt_flax import data
-from cvt_flax.models.compute import compiler_options
-from cvt_flax.training import sharding
-from cvt_flax.training.steps import make_eval_step
-
-
-def jit_eval_step(eval_graphdef, variables_shardings, mesh) -> Callable:
-  """`make_eval_step` jitted for `mesh`: variables as sharded, batches split over 'data'."""
-  platform = mesh.devices.flat[0].platform
-  return jax.jit(make_eval_step(eval_graphdef),
-                 in_shardings=(variables_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh),
-                 compiler_options=compiler_options(platform))
+from cvt_flax.runtime import sharding
 
 
 class Progress:
@@ -70,7 +59,7 @@ def evaluate_dataset(eval_step: Callable, variables: Any, input_cfg, *, batch_si
       jax.block_until_ready(totals)
       bar.update()
   if totals is None:
-    raise ValueError(f'eval split {input_cfg.eval_split!r} of {input_cfg.dataset!r} is empty.')
+    raise data.DataError(f'eval split {input_cfg.eval_split!r} of {input_cfg.dataset!r} is empty.')
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   count = totals['count']
   return {'eval/top1': totals['top1'] / count, 'eval/top5': totals['top5'] / count,

@@ -1,0 +1,52 @@
+"""The errors a user can fix, and the one tuple every command catches.
+
+Every failure caused by the input rather than by a bug (a file, key, shape, field, flag, dataset,
+disk or missing package) raises a subclass of `CvtFlaxError` whose message names the problem and
+the fix. The commands (`train.py`, `predict`, `evaluate`, `convert`) print such a message as one
+line, without a traceback; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class CvtFlaxError(Exception):
+  """A problem with the input; the message names it (file, key, shape, field) and the fix."""
+
+
+class ConfigError(CvtFlaxError, ValueError):
+  """A config field (or command-line flag) has a value that cannot work; the message names it."""
+
+
+class MissingExtraError(CvtFlaxError, ImportError):
+  """A feature needs a package of an optional extra that is not installed."""
+
+
+# What the commands report as one line. FileNotFoundError: a path given on the command line.
+EXPECTED_ERRORS = (CvtFlaxError, FileNotFoundError)
+
+# The optional extras of pyproject.toml, by what they are for.
+EXTRAS = {
+    'train': 'training, the TFDS / tf.data input pipelines and `python -m cvt_flax.evaluate`',
+    'torch': 'reading and writing PyTorch `.pth` / `.bin` files and `convert --check`',
+}
+
+
+def missing_extra(error: ModuleNotFoundError, extra: str) -> MissingExtraError:
+  """The one-line error for a package of `extra` that an import did not find."""
+  return MissingExtraError(f'{error.name} is not installed; {EXTRAS[extra]} need it: '
+                           f"pip install 'cvt-flax[{extra}]'")
+
+
+def require(module: str, extra: str) -> ModuleType:
+  """`importlib.import_module(module)`, or one MissingExtraError naming the extra to install.
+
+  The one way cvt-flax imports what an optional extra provides, where the core install must keep
+  working without it (the only imports inside functions)."""
+  try:
+    return importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if not e.name or e.name.startswith('cvt_flax'):
+      raise  # a bug, not a missing package
+    raise missing_extra(e, extra) from e

@@ -1,0 +1,3 @@
+"""What training and evaluation share to run a model on devices: the mesh and shardings
+(`sharding`), the split model and the eval step (`eval_step`), and evaluation over a dataset
+(`evaluation`, which reads data through TensorFlow: import it only where data is read)."""
