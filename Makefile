@@ -1,20 +1,22 @@
 # Both entry points set up .venv themselves on a fresh machine (python3 must be 3.10+; 3.11 on the
-# dev/CI machines, where torch==2.13.0's CPU wheel lies on disk).
+# dev/CI machines, where torch==2.13.0's CPU wheel lies on disk: .ci/constraints.txt pins it).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PIP_INSTALL := $(PY) -m pip install -q -c .ci/constraints.txt
 
 .PHONY: train test test-slow install clean
 
-$(VENV)/.stamp-base: pyproject.toml
+# The core package plus the `train` extra (TensorFlow input pipelines, optax, ...).
+$(VENV)/.stamp-base: pyproject.toml .ci/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PIP_INSTALL) -e '.[train]'
 	touch $@
 
-$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-base
-	$(PY) -m pip install -q -e '.[test]'
+$(VENV)/.stamp-test: pyproject.toml .ci/constraints.txt $(VENV)/.stamp-base
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
 install: $(VENV)/.stamp-test

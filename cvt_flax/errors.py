@@ -8,6 +8,7 @@ line, without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 
@@ -37,6 +38,13 @@ def missing_extra(error: ModuleNotFoundError, extra: str) -> MissingExtraError:
   """The one-line error for a package of `extra` that an import did not find."""
   return MissingExtraError(f'{error.name} is not installed; {EXTRAS[extra]} need it: '
                            f"pip install 'cvt-flax[{extra}]'")
+
+
+def require_installed(extra: str, *modules: str) -> None:
+  """Raises MissingExtraError for the first of `modules` that is not installed (imports nothing)."""
+  for module in modules:
+    if importlib.util.find_spec(module) is None:
+      raise missing_extra(ModuleNotFoundError(name=module), extra)
 
 
 def require(module: str, extra: str) -> ModuleType:

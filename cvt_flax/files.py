@@ -3,26 +3,38 @@
 A file is written into a temporary sibling and renamed over its final name (a rename within a
 directory is atomic on POSIX file systems); a directory is built as a temporary sibling and renamed
 into place last. A write that fails or is killed leaves the previous version, or nothing, plus at
-most a temporary `.NAME.*.tmp` sibling that no reader mistakes for the real thing.
+most a temporary `.NAME.tmp-*` sibling that no reader mistakes for the real thing.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
+
+
+# The process's umask, read once (os.umask can only be read by setting it): a written file gets the
+# permissions a plain open() would give it, whatever the writing library chose.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _temporary_sibling(path: str, kind: str) -> str:
+  """A new name beside `path` (created by the caller, so with the usual permissions: `tempfile`'s
+  would be private to the owner)."""
+  directory, name = os.path.split(os.path.abspath(path))
+  return os.path.join(directory, f'.{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}')
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
   """Runs `write(tmp_path)` on a temporary sibling of `path`, then renames it over `path`."""
   path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  os.close(fd)
+  tmp = _temporary_sibling(path, 'tmp')
   try:
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -51,9 +63,9 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it.')
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.tmp-')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = _temporary_sibling(path, 'tmp')
+  os.mkdir(tmp)
   try:
     yield tmp
     _move_into_place(tmp, path)
@@ -67,7 +79,7 @@ def _move_into_place(tmp: str, path: str) -> None:
     os.rename(tmp, path)
     return
   # Replacing: move the old one aside first (a directory cannot be renamed over a non-empty one).
-  trash = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f'.{os.path.basename(path)}.old-')
-  os.rename(path, os.path.join(trash, 'old'))
+  old = _temporary_sibling(path, 'old')
+  os.rename(path, old)
   os.rename(tmp, path)
-  shutil.rmtree(trash, ignore_errors=True)
+  shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,7 @@ import cvt_flax
 from cvt_flax.convert import (ConversionError, config_from_hf, config_to_hf,
                               hf_to_official_state_dict, load_pytorch, official_to_hf_state_dict,
                               save_hf)
-from helpers import DATA, load_fixture, logits_and_features, perturb_
+from helpers import DATA, PARITY_ATOL, load_fixture, logits_and_features, perturb_
 
 # Not the defaults: other widths/heads, mixed qkv_bias, a stride-1 kv projection, cls token last.
 # transformers needs depth[i] > i (it indexes per-stage drop-path rates by the stage index).
@@ -185,3 +185,19 @@ def test_cli_check_on_hf_source_uses_transformers(hf_dir, tmp_path, capsys):
   assert diff < 1e-5
   assert sorted(torch.load(out, weights_only=True)) == sorted(
       hf_to_official_state_dict(safetensors.numpy.load_file(hf_dir / 'model.safetensors')))
+
+
+def test_hf_tiny_fixture_holds_the_official_fixture():
+  """tests/data/hf_tiny (the core-install test's checkpoint) is official_tiny in HF's layout: its
+  logits are the official PyTorch logits, and its tensors the official ones, renamed."""
+  model = cvt_flax.from_pretrained(DATA / 'hf_tiny')
+  _, io = load_fixture('official_tiny')
+  for i in (0, 1):
+    logits, _ = logits_and_features(model, io[f'input_{i}'].transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(logits, io[f'logits_{i}'], rtol=0, atol=PARITY_ATOL)
+  official = torch.load(DATA / 'official_tiny.pth', weights_only=True)
+  renamed = hf_to_official_state_dict(safetensors.numpy.load_file(DATA / 'hf_tiny' /
+                                                                  'model.safetensors'))
+  assert sorted(renamed) == sorted(official)
+  for key, value in renamed.items():
+    np.testing.assert_array_equal(value, official[key].numpy(), err_msg=key)

@@ -1,8 +1,11 @@
-"""The repository stands alone: nothing it tracks reads files from beside the clone."""
+"""The repository stands alone and speaks of the project: nothing it tracks reads files from beside
+the clone or points into its tracker or to the periods in which work was done; the README's
+table of released models is the registry's; every jit goes through the one compile helper."""
 import os
 import re
 import subprocess
 
+from cvt_flax.models.released import RELEASED
 from helpers import ROOT
 
 # Built from pieces so that this file does not match itself.
@@ -34,5 +37,51 @@ def test_no_tracked_file_refers_to_files_beside_the_clone():
 def test_golden_fixtures_are_tracked():
   names = {p.relative_to(ROOT).as_posix() for p in _tracked_files()}
   for name in ('official_tiny.pth', 'official_tiny_io.npz', 'official_tiny.json',
-               'official_tiny_avg.pth', 'official_manifests.json', 'README.md'):
+               'official_tiny_avg.pth', 'official_manifests.json', 'README.md',
+               'hf_tiny/config.json', 'hf_tiny/model.safetensors'):
     assert f'tests/data/{name}' in names
+
+
+# A reader of the repository has neither the tracker nor the history of how it was made: the
+# text names machines, dates and commands. (Built from pieces so that this file does not match.)
+_WORK_TALK = re.compile('|'.join([
+    r'\b' + 'issues?' + r' ?#?\d+',                  # a tracker number
+    r'\b(?:per|this|that|the|last|previous|earlier|next|later) ' + r'(?:issue|ticket)\b',
+    r'\b' + 'sess' + r'ions?\b',                      # the periods of work
+]), re.IGNORECASE)
+# pytest's own vocabulary (the scope of its shared fixtures) is allowed in the tests' code.
+_PYTEST_SESSION = re.compile(r"scope='session'|[Ss]ession fixtures|test session")
+
+
+def test_no_tracked_text_refers_to_the_tracker_or_to_work_periods():
+  offenders = []
+  for path in _tracked_files():
+    try:
+      text = path.read_text()
+    except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):
+      continue
+    for i, line in enumerate(text.splitlines(), 1):
+      if path.parts[-2:-1] == ('tests',) and _PYTEST_SESSION.search(line):
+        continue
+      if _WORK_TALK.search(line) and 'github.com/' not in line:
+        offenders.append(f'{path.relative_to(ROOT)}:{i}: {line.strip()}')
+  assert not offenders, 'the repository should speak of the project only:\n' + '\n'.join(offenders)
+
+
+def test_readme_lists_the_released_models_of_the_registry():
+  readme = (ROOT / 'README.md').read_text()
+  rows = re.findall(r'^\| `(microsoft/[\w.-]+)`([^|]*)\| (\d+) \| ([\d.]+) \|$', readme, re.M)
+  assert rows == [(r.hub_name, ' (ImageNet-22k pre-trained) ' if r.pretraining == 'ImageNet-22k'
+                   else ' ', str(r.image_size), f'{r.top1:.1f}') for r in RELEASED]
+  loop = re.search(r'^for m in (.*); do$', readme, re.M).group(1).split()
+  assert loop == [r.hub_name.split('/')[1] for r in RELEASED]
+
+
+def test_every_jit_goes_through_the_compile_helper():
+  """`cvt_flax.models.compute.jit` adds the platform's compiler options (and `compile_ahead` the CPU
+  heap release): a `jax.jit` elsewhere in the package would miss them."""
+  offenders = [f'{p.relative_to(ROOT)}:{i}' for p in (ROOT / 'cvt_flax').rglob('*.py')
+               if p.name != 'compute.py'
+               for i, line in enumerate(p.read_text().splitlines(), 1)
+               if re.search(r'\b(?:jax|nnx)\.jit\(', line)]
+  assert not offenders, offenders

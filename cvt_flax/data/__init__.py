@@ -5,8 +5,7 @@ offline TFDS dataset `digits`.
 """
 from cvt_flax import errors
 
-for _package in ('tensorflow', 'tensorflow_datasets', 'ml_collections'):
-  errors.require(_package, 'train')
+errors.require_installed('train', 'tensorflow', 'tensorflow_datasets', 'ml_collections')
 
 from cvt_flax.data import _tf  # pylint: disable=unused-import  (must come before any TF use)
 from cvt_flax.data import digits  # pylint: disable=unused-import  (registers the TFDS builder)

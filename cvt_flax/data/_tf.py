@@ -10,7 +10,15 @@ import os
 # default: a value the user set wins, and it has no effect if TF was imported before us.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+from cvt_flax import logs  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# TensorFlow's C++ start-up announces its oneDNN kernels on the raw descriptor, before any log level
+# applies; TFDS's readers call TF APIs that TF has deprecated, which TF then logs on each use.
+with logs.native_stderr_without(r'oneDNN custom operations are on',
+                                r'All log messages before absl::InitializeLog\(\) is called'):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+logs.drop_messages('tensorflow', r'^From .*/tensorflow_datasets/.* is deprecated')
+logs.drop_messages('absl', r'^Variant folder .* has no dataset_info\.json')
 
 for _device_type in ('GPU', 'TPU'):
   try:

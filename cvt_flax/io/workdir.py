@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from cvt_flax import logs
 from cvt_flax.io import trees
 from cvt_flax.io.model_dir import CheckpointError, ModelDoc, read_model_doc, write_model_doc
 from cvt_flax.models import CvT, abstract_model, finish_abstract_model
@@ -22,6 +23,17 @@ from cvt_flax.models import CvT, abstract_model, finish_abstract_model
 MODEL_CONFIG_FILE = 'model_config.json'
 CHECKPOINTS_DIR = 'checkpoints'
 STATE_ITEM = 'state'  # the Orbax item name of the train state in each checkpoint
+
+
+# Orbax notes at warning level that a read-only manager neither creates nor saves: that is the point.
+logs.drop_messages('absl', r'^CheckpointManagerOptions\.read_only=True, setting ',
+                   r'^Given directory is read only=')
+
+
+def read_only_manager(directory: str, **kwargs) -> ocp.CheckpointManager:
+  """An Orbax manager that only reads `directory` (lists and restores; creates and deletes nothing)."""
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
 
 
 def is_training_workdir(path: str) -> bool:
@@ -41,8 +53,7 @@ def load_workdir_model(workdir: str, step: int | None = None) -> CvT:
   """The model (eval mode) of a training workdir at `step` (default: its newest checkpoint)."""
   doc = read_workdir_model_doc(workdir)
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=(STATE_ITEM,))
+  manager = read_only_manager(directory, item_names=(STATE_ITEM,))
   try:
     step = manager.latest_step() if step is None else step
     if step is None:

@@ -18,7 +18,6 @@ checkpoints without deleting anything.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -32,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from cvt_flax.errors import CvtFlaxError
 from cvt_flax.io.trees import flatten, from_nested_dict, to_nested_dict
-from cvt_flax.io.workdir import STATE_ITEM as _ITEM
+from cvt_flax.io.workdir import STATE_ITEM as _ITEM, read_only_manager
 from cvt_flax.models.weights import describe_differences, shapes
 
 
@@ -66,8 +65,7 @@ def _remove_incomplete_saves(directory: str) -> None:
 
 def complete_steps(directory: str) -> list[int]:
   """The steps of the complete checkpoints in `directory`, oldest first; deletes nothing."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = read_only_manager(directory)
   try:
     return list(manager.all_steps())
   finally:
@@ -211,14 +209,6 @@ class StopSignal:
       # None means a handler not installed from Python; the default action is the closest.
       signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
       self._installed = False
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (process 0 only should call it)."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def prepare_workdir(workdir: str) -> None:

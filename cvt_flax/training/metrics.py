@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 
+from cvt_flax import files
+
 
 def _fmt_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
@@ -50,11 +52,7 @@ def _truncate_after(path: str, step: int) -> None:
   if not os.path.exists(path):
     return
   kept = [r for r in read_metrics(path) if r['step'] <= step]
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    for r in kept:
-      f.write(json.dumps(r) + '\n')
-  os.replace(tmp, path)
+  files.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
 class MetricWriter:

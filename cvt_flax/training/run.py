@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from cvt_flax import data, io
+from cvt_flax import data, files, io
 from cvt_flax.errors import ConfigError
 from cvt_flax.io import workdir as workdir_io
 from cvt_flax.models import Compute, CvT, CvTConfig, compute, make_compute, make_config
@@ -185,4 +185,5 @@ def write_run_files(run: Run, workdir: str) -> None:
   """WORKDIR/model_config.json (the model document) and train_config.json; process 0 only."""
   if jax.process_index() == 0:
     workdir_io.write_workdir_model_doc(workdir, run.model_doc())
-    checkpointing.write_json(os.path.join(workdir, 'train_config.json'), run.config.to_dict())
+    files.write_json(os.path.join(workdir, 'train_config.json'), run.config.to_dict(),
+                     sort_keys=True)
