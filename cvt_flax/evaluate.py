@@ -95,6 +95,7 @@ def _parse_args(argv):
 def main(argv=None) -> int:
   args = _parse_args(argv)
   try:
+    _input_pipeline()  # without the `train` extra: its one line, before any model is loaded
     model = with_compute(io.from_pretrained(args.checkpoint, revision=args.revision),
                          dtype=args.dtype)
     transform = preprocess_lib.from_flags(model.preprocess, args)

@@ -85,7 +85,7 @@ def test_existing_path_needs_overwrite(model, saved):
 def test_interrupted_save_leaves_nothing_loadable(model, saved, monkeypatch):
   def crash(*args, **kwargs):
     raise KeyboardInterrupt('simulated kill during the save')
-  monkeypatch.setattr(model_dir.json, 'dump', crash)
+  monkeypatch.setattr(model_dir.files.json, 'dumps', crash)  # the config.json write, the last step
   with pytest.raises(KeyboardInterrupt):
     save_model(model, saved.parent / 'new')
   with pytest.raises(KeyboardInterrupt):
