@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cvt_flax.models import layers
-from cvt_flax.models.released import paper_cost
 from cvt_flax.models import (Compute, CvTConfig, abstract_model, compute, count_params,
                              make_config)
+from cvt_flax.models.released import paper_cost
 
 # (variant, image size) -> (parameters in millions, GMACs) as printed in the paper's Table 2.
 PAPER = paper_cost()

@@ -16,10 +16,14 @@ import tempfile
 from typing import Iterator
 
 
+def _any_of(patterns) -> str:
+  return '|'.join(f'(?:{p})' for p in patterns)
+
+
 class _DropMatching(logging.Filter):
   def __init__(self, patterns: tuple[str, ...]):
     super().__init__()
-    self.pattern = re.compile('|'.join(f'(?:{p})' for p in patterns))
+    self.pattern = re.compile(_any_of(patterns))
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not self.pattern.search(record.getMessage())
@@ -44,7 +48,7 @@ def native_stderr_without(*patterns: str) -> Iterator[None]:
       os.dup2(saved, 2)
       os.close(saved)
       captured.seek(0)
-      pattern = re.compile('|'.join(f'(?:{p})' for p in patterns).encode())
+      pattern = re.compile(_any_of(patterns).encode())
       kept = [line for line in captured.read().splitlines(keepends=True)
               if not pattern.search(line)]
       if kept:

@@ -6,8 +6,9 @@ the device (TPU), so both device types are hidden before TF creates any op.
 import logging
 import os
 
-# TF's C++ INFO lines (oneDNN, CPU features) are noise in a JAX program; warnings still show. Only a
-# default: a value the user set wins, and it has no effect if TF was imported before us.
+# TF's C++ INFO lines are noise in a JAX program; warnings still show. Only a default: a value the
+# user set wins, and it has no effect if TF was imported before us. (It does not reach the lines
+# TF prints before its logging starts: those are dropped below.)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 from cvt_flax import logs  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -149,9 +149,11 @@ def block_boundary(compute: Compute, x):
 def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
   """XLA options for a CvT computation on `platform` (default: JAX's default backend); None =
   XLA's defaults."""
-  if (platform or jax.default_backend()) == 'cpu':
-    return dict(cpu.COMPILER_OPTIONS)
-  return None
+  return dict(cpu.COMPILER_OPTIONS) if _is_cpu(platform) else None
+
+
+def _is_cpu(platform: str | None) -> bool:
+  return (platform or jax.default_backend()) == 'cpu'
 
 
 def jit(fn, *, platform: str | None = None, **jit_kwargs):
@@ -163,6 +165,6 @@ def compile_ahead(fn, *abstract_args, platform: str | None = None, **jit_kwargs)
   """`jit(fn).lower(*abstract_args).compile()`; on CPU the compiler's freed heap then goes back to
   the OS, before the computation's own buffers come on top of it."""
   compiled = jit(fn, platform=platform, **jit_kwargs).lower(*abstract_args).compile()
-  if (platform or jax.default_backend()) == 'cpu':
+  if _is_cpu(platform):
     cpu.release_freed_memory()
   return compiled
