@@ -31,6 +31,7 @@ EXPECTED_ERRORS = (CvtFlaxError, FileNotFoundError)
 EXTRAS = {
     'train': 'training, the TFDS / tf.data input pipelines and `python -m cvt_flax.evaluate`',
     'torch': 'reading and writing PyTorch `.pth` / `.bin` files and `convert --check`',
+    'gcs': '`gs://` paths (workdirs, models)',
 }
 
 

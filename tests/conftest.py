@@ -7,6 +7,7 @@ import os
 import pytest
 
 import helpers
+import storage_emulator
 
 
 @pytest.fixture(scope='session')
@@ -64,3 +65,18 @@ def hub_cache(tmp_path_factory):
   snapshot = helpers.lay_out_hub_cache(cache_dir, 'microsoft/cvt-13', files, commit)
   return {'cache_dir': str(cache_dir), 'snapshot': snapshot, 'commit': commit, 'model': model,
           'processor': processor}
+
+
+@pytest.fixture(scope='session')
+def storage_emulator_server(tmp_path_factory):
+  """A Cloud Storage emulator on 127.0.0.1 for this test process (`tests/storage_emulator.py`)."""
+  server = storage_emulator.StorageEmulator(tmp_path_factory.mktemp('gcs')).start()
+  yield server
+  server.kill()
+
+
+@pytest.fixture
+def gcs(storage_emulator_server, monkeypatch):
+  """The emulator, with STORAGE_EMULATOR_HOST set: `gs://bucket/...` paths reach it."""
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', storage_emulator_server.url)
+  return storage_emulator_server

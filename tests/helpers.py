@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -156,6 +157,21 @@ def train_losses(workdir) -> dict[int, float]:
   from cvt_flax.training.metrics import read_metrics  # pylint: disable=g-import-not-at-top
   return {r['step']: r['train/loss'] for r in read_metrics(os.path.join(workdir, 'metrics.jsonl'))
           if 'train/loss' in r}
+
+
+def sigterm_before_step(monkeypatch, step):
+  """Makes training send its own process a real SIGTERM when the batch of optimizer step `step` is
+  taken (as a preemption notice would arrive)."""
+  from cvt_flax.training import loop  # pylint: disable=g-import-not-at-top
+  real = loop.data.make_train_iterator
+
+  def wrapped(*args, start_step=0, **kwargs):
+    for i, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
+      if i + 1 == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(loop.data, 'make_train_iterator', wrapped)
 
 
 def build_digits(data_dir: str) -> str:

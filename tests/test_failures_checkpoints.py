@@ -200,11 +200,6 @@ def test_unwritable_or_full_workdir_fails_before_training(digits_dir, tmp_path, 
   cfg = tiny_config(digits_dir)
   with pytest.raises(WorkdirError, match=f'workdir {tmp_path}/file/run is not writable: Not a dir'):
     loop.train_and_evaluate(cfg, str(tmp_path / 'file' / 'run'))
-  # A URL would otherwise become a local directory named 'gs:' (checkpoints lost with the machine).
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(WorkdirError, match='workdir gs://bucket/run: remote URLs are not supported'):
-    loop.train_and_evaluate(cfg, 'gs://bucket/run')
-  assert not os.path.exists(tmp_path / 'gs:')
 
   def no_space(fd):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

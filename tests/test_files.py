@@ -35,7 +35,7 @@ def test_written_files_and_directories_get_the_usual_permissions(tmp_path):
   umask = os.umask(0o022)
   try:
     files.atomic_write(tmp_path / 'weights', lambda tmp: os.close(os.open(tmp, os.O_CREAT, 0o600)))
-    with files.atomic_directory(tmp_path / 'model') as tmp:
+    with files.atomic_directory(tmp_path / 'model', commit_file='config.json') as tmp:
       files.write_text(os.path.join(tmp, 'config.json'), '{}')
   finally:
     os.umask(umask)
@@ -46,17 +46,17 @@ def test_written_files_and_directories_get_the_usual_permissions(tmp_path):
 
 def test_a_directory_is_replaced_only_once_the_new_one_is_complete(tmp_path):
   path = tmp_path / 'model'
-  with files.atomic_directory(path) as tmp:
+  with files.atomic_directory(path, commit_file='a') as tmp:
     files.write_text(os.path.join(tmp, 'a'), 'old')
   with pytest.raises(FileExistsError):
-    with files.atomic_directory(path):
+    with files.atomic_directory(path, commit_file='a'):
       pass
   with pytest.raises(RuntimeError):
-    with files.atomic_directory(path, overwrite=True) as tmp:
+    with files.atomic_directory(path, commit_file='a', overwrite=True) as tmp:
       files.write_text(os.path.join(tmp, 'a'), 'new')
       raise RuntimeError('killed')
   assert (path / 'a').read_text() == 'old' and _siblings(path) == ['model']
-  with files.atomic_directory(path, overwrite=True) as tmp:
+  with files.atomic_directory(path, commit_file='a', overwrite=True) as tmp:
     files.write_text(os.path.join(tmp, 'a'), 'new')
   assert (path / 'a').read_text() == 'new' and _siblings(path) == ['model']
 

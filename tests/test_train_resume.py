@@ -3,27 +3,13 @@ import json
 import math
 import os
 import shutil
-import signal
 
 import pytest
 
 from cvt_flax.training import loop
 from cvt_flax.training.checkpointing import CheckpointRestoreError, complete_steps
 from cvt_flax.training.metrics import read_metrics
-from helpers import tiny_config, train_losses
-
-def _sigterm_before_step(monkeypatch, step):
-  """Sends this process a real SIGTERM when the batch of optimizer step `step` is taken."""
-  real = loop.data.make_train_iterator
-
-  def wrapped(*args, start_step=0, **kwargs):
-    for i, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
-      if i + 1 == step:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-
-  monkeypatch.setattr(loop.data, 'make_train_iterator', wrapped)
-
+from helpers import sigterm_before_step, tiny_config, train_losses
 
 def test_preempted_and_crashed_runs_resume_bitwise_exact(digits_dir, tmp_path, monkeypatch):
   cfg = tiny_config(digits_dir)  # 6 steps, checkpoints every 3, dropout + drop path + mixup on
@@ -31,7 +17,7 @@ def test_preempted_and_crashed_runs_resume_bitwise_exact(digits_dir, tmp_path, m
   assert full['step'] == 6
 
   split = str(tmp_path / 'split')
-  _sigterm_before_step(monkeypatch, 5)
+  sigterm_before_step(monkeypatch, 5)
   assert loop.train_and_evaluate(cfg, split) == {'step': 5, 'preempted': True}
   monkeypatch.undo()
   # the regular one and the one saved on SIGTERM

@@ -9,4 +9,4 @@ from cvt_flax.convert.infer import infer_config
 from cvt_flax.convert.official import (ConversionError, load_official_state_dict,
                                        to_official_state_dict)
 from cvt_flax.convert.pytorch import load_pytorch, read_spec, save_hf, save_official
-from cvt_flax.convert.sources import read_source
+from cvt_flax.convert.sources import SOURCE_FILES, read_source

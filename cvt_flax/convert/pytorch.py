@@ -177,7 +177,7 @@ def save_hf(model: CvT, directory, *, id2label: Mapping[int, str] | None = None)
   config = hf.config_to_hf(model.config, id2label)
   tensors = {k: np.array(v, order='C') for k, v in
              hf.official_to_hf_state_dict(to_official_state_dict(model)).items()}
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   # 'format': 'pt' is what transformers checks before loading a safetensors file as PyTorch weights.
   files.atomic_write(os.path.join(directory, 'model.safetensors'), lambda tmp:
                      safetensors.numpy.save_file(tensors, tmp, metadata={'format': 'pt'}))

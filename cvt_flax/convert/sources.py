@@ -31,6 +31,8 @@ from cvt_flax.convert.official import ConversionError
 HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 HF_CONFIG_FILE = 'config.json'
 HF_PREPROCESSOR_FILE = 'preprocessor_config.json'
+# The files a source may consist of (what is copied of a source at a URL).
+SOURCE_FILES = HF_WEIGHT_FILES + (HF_CONFIG_FILE, HF_PREPROCESSOR_FILE)
 _WRAPPER_KEYS = ('state_dict', 'model')
 _DDP_PREFIX = 'module.'
 _OFFICIAL_KEY = re.compile(r'^stage\d+\.')

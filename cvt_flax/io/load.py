@@ -1,21 +1,21 @@
 """One checkpoint reference for every entry point: what a path or name holds, and loading it.
 
 A reference is, in this order:
-  * an existing local path:
+  * an existing local path or `gs://` URL (`cvt_flax.files`):
       - a cvt-flax model directory (config.json with format "cvt_flax.model" + state/),
       - a training workdir (model_config.json + checkpoints/): its newest checkpoint,
       - an HF checkpoint directory (config.json of a CvT + model.safetensors / pytorch_model.bin),
       - an official `.pth` (state dict or training checkpoint), or an HF weights file
         (.safetensors / .bin with config.json beside it);
   * a Hugging Face hub name, `org/name` or `org/name@revision` (`cvt_flax.io.hub`).
-An existing local path always wins over a hub name of the same spelling.
+An existing local path always wins over a hub name of the same spelling. PyTorch files at a URL are
+copied to a local temporary directory first (torch and the converters read local files).
 """
 from __future__ import annotations
 
-import json
 import os
 
-from cvt_flax import convert
+from cvt_flax import convert, files
 from cvt_flax.io import hub
 from cvt_flax.io.model_dir import CONFIG_FILE, FORMAT, STATE_DIR, CheckpointError, load_model_dir
 from cvt_flax.io.workdir import is_training_workdir, load_workdir_model
@@ -26,19 +26,18 @@ MODEL_DIR, WORKDIR, PYTORCH = 'cvt-flax model directory', 'training workdir', 'P
 
 def _is_model_dir(path: str) -> bool:
   config = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config):
+  if not files.isfile(config):
     return False
   try:
-    with open(config) as f:
-      return json.load(f).get('format') == FORMAT
+    return files.read_json(config).get('format') == FORMAT
   except (OSError, ValueError, AttributeError):  # unreadable: let the loader name the problem
-    return os.path.isdir(os.path.join(path, STATE_DIR))
+    return files.isdir(os.path.join(path, STATE_DIR))
 
 
 def detect(path: str) -> str:
-  """What the local `path` holds: MODEL_DIR, WORKDIR or PYTORCH (an official or HF file or an HF
-  directory; `cvt_flax.convert` tells those apart from the keys)."""
-  if os.path.isdir(path):
+  """What `path` holds: MODEL_DIR, WORKDIR or PYTORCH (an official or HF file or an HF directory;
+  `cvt_flax.convert` tells those apart from the keys)."""
+  if files.isdir(path):
     if _is_model_dir(path):
       return MODEL_DIR
     if is_training_workdir(path):
@@ -49,7 +48,7 @@ def detect(path: str) -> str:
 def load_local(path: str, *, spec=None, num_classes: int | None = None,
                activation: str | None = None, image_size: int | None = None,
                step: int | None = None) -> CvT:
-  """Loads an existing local path (any kind, see `detect`) in eval mode.
+  """Loads an existing path (any kind, see `detect`) in eval mode.
 
   `spec`, `num_classes`, `activation`, `image_size` apply to PyTorch sources only (see
   `cvt_flax.convert.load_pytorch`); `step` to training workdirs.
@@ -59,28 +58,29 @@ def load_local(path: str, *, spec=None, num_classes: int | None = None,
     return load_model_dir(path)
   if kind == WORKDIR:
     return load_workdir_model(path, step)
-  return convert.load_pytorch(path, spec=spec, num_classes=num_classes, activation=activation,
-                              image_size=image_size)
+  with files.local_copy(path, convert.SOURCE_FILES) as local:
+    return convert.load_pytorch(local, spec=spec, num_classes=num_classes, activation=activation,
+                                image_size=image_size)
 
 
 def load_checkpoint(path, step: int | None = None) -> CvT:
   """A cvt-flax model directory or training workdir (at `step`, default the newest), eval mode."""
   path = os.fspath(path)
-  if not os.path.isdir(path):
-    what = 'does not exist' if not os.path.exists(path) else 'is not a directory'
+  if not files.isdir(path):
+    what = 'does not exist' if not files.exists(path) else 'is not a directory'
     raise CheckpointError(f'{path} {what}; a cvt-flax model is a directory with {CONFIG_FILE} and '
                           f'{STATE_DIR}/, or a training workdir.')
-  if not os.path.exists(os.path.join(path, CONFIG_FILE)) and is_training_workdir(path):
+  if not files.exists(os.path.join(path, CONFIG_FILE)) and is_training_workdir(path):
     return load_workdir_model(path, step)
   return load_model_dir(path)
 
 
 def resolve(ref, *, revision: str | None = None, cache_dir: str | None = None,
             local_files_only: bool = False) -> str:
-  """The local path a reference stands for: itself if it exists, else a hub name's snapshot
-  directory (downloaded, or read from the local hub cache offline)."""
+  """The path a reference stands for: itself if it exists (locally or at its URL), else a hub
+  name's local snapshot directory (downloaded, or read from the local hub cache offline)."""
   ref = os.fspath(ref)
-  if os.path.exists(ref):
+  if files.exists(ref):
     return ref
   parsed = hub.parse_hub_name(ref)
   if parsed is None:

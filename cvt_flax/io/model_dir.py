@@ -15,8 +15,10 @@ what it is. Version 1 (before 2026-12) had no preprocess and class names, and ke
 settings in "config"; it still loads, with the official ImageNet eval transform at 224 px and
 ImageNet names for 1000 classes, and a one-line note.
 
-A save writes everything into a temporary sibling directory and renames it into place as the last
-step, so an interrupted save leaves no directory that loads as a model.
+A save writes config.json last (`cvt_flax.files.atomic_directory`): locally into a temporary
+sibling directory renamed into place as the last step; on Cloud Storage in place, after deleting
+the config.json of a model it replaces. Either way an interrupted save leaves no directory that
+loads as a model.
 """
 from __future__ import annotations
 
@@ -83,11 +85,10 @@ def write_model_doc(path: str, doc: ModelDoc) -> None:
 
 def read_model_doc(path: str) -> ModelDoc:
   """The document in `path` (a config.json or model_config.json), checking format and version."""
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise CheckpointError(f'{path}: missing; not a cvt-flax model (an unfinished save leaves none).')
   try:
-    with open(path) as f:
-      doc = json.load(f)
+    doc = files.read_json(path)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointError(f'{path}: corrupt, not valid JSON ({e}).') from e
   if not isinstance(doc, dict) or doc.get('format') != FORMAT:
@@ -127,17 +128,18 @@ def save_model(model: CvT, path, *, overwrite: bool = False, preprocess=None,
   `class_names` default to the model's own."""
   doc = ModelDoc.of(model, preprocess=preprocess, class_names=class_names)
   weights = {k: np.asarray(jax.device_get(v.get_value())) for k, v in flat_variables(model).items()}
-  with files.atomic_directory(path, overwrite=overwrite) as tmp:
+  with files.atomic_directory(path, commit_file=CONFIG_FILE, parts=(STATE_DIR,),
+                              overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, STATE_DIR), trees.nest(weights))
       checkpointer.wait_until_finished()
-    # config.json last: even the temporary directory only looks like a model once complete.
+    # config.json last: the directory only looks like a model once complete.
     write_model_doc(os.path.join(tmp, CONFIG_FILE), doc)
 
 
 def load_model_dir(path: str) -> CvT:
   """The model (eval mode) in a model directory written by `save_model`."""
-  path = os.path.abspath(path)  # Orbax needs absolute paths
+  path = files.absolute(path)  # Orbax needs absolute paths
   doc = read_model_doc(os.path.join(path, CONFIG_FILE))
   model = abstract_model(doc.config)
   _restore_weights(model, os.path.join(path, STATE_DIR))
@@ -148,7 +150,7 @@ def load_model_dir(path: str) -> CvT:
 def _restore_weights(model: CvT, state_dir: str) -> None:
   """Fills the model from the Orbax state after checking its keys and shapes against the model."""
   expected = flat_variables(model)
-  if not os.path.isdir(state_dir):
+  if not files.isdir(state_dir):
     raise CheckpointError(f'{state_dir}: missing; the model has a config but no weights.')
   try:
     with ocp.StandardCheckpointer() as checkpointer:

@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from cvt_flax import logs
+from cvt_flax import files, logs
 from cvt_flax.io import trees
 from cvt_flax.io.model_dir import CheckpointError, ModelDoc, read_model_doc, write_model_doc
 from cvt_flax.models import CvT, abstract_model, finish_abstract_model
@@ -32,13 +32,13 @@ logs.drop_messages('absl', r'^CheckpointManagerOptions\.read_only=True, setting 
 
 def read_only_manager(directory: str, **kwargs) -> ocp.CheckpointManager:
   """An Orbax manager that only reads `directory` (lists and restores; creates and deletes nothing)."""
-  return ocp.CheckpointManager(os.path.abspath(directory),
+  return ocp.CheckpointManager(files.absolute(directory),
                                options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
 
 
 def is_training_workdir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
-          and os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)))
+  return (files.isfile(os.path.join(path, MODEL_CONFIG_FILE))
+          and files.isdir(os.path.join(path, CHECKPOINTS_DIR)))
 
 
 def write_workdir_model_doc(workdir: str, doc: ModelDoc) -> None:
@@ -52,7 +52,7 @@ def read_workdir_model_doc(workdir: str) -> ModelDoc:
 def load_workdir_model(workdir: str, step: int | None = None) -> CvT:
   """The model (eval mode) of a training workdir at `step` (default: its newest checkpoint)."""
   doc = read_workdir_model_doc(workdir)
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  directory = os.path.join(files.absolute(workdir), CHECKPOINTS_DIR)
   manager = read_only_manager(directory, item_names=(STATE_ITEM,))
   try:
     step = manager.latest_step() if step is None else step

@@ -15,6 +15,11 @@ does not match. A save killed mid-way leaves only `<step>.orbax-checkpoint-tmp`,
 read and which the next run deletes when it opens the directory (synchronously: Orbax's own
 background cleanup raced with other readers of the directory). `complete_steps` lists the
 checkpoints without deleting anything.
+
+On Cloud Storage (a `gs://` workdir) Orbax writes `<step>/` in place and marks it complete with
+`<step>/commit_success.txt` last; a step without it is never listed or restored, and the next run
+deletes it the same way. There is no free-space figure there: the workdir probe (a write and a
+delete) is the test.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cvt_flax import files
 from cvt_flax.errors import CvtFlaxError
 from cvt_flax.io.trees import flatten, from_nested_dict, to_nested_dict
 from cvt_flax.io.workdir import STATE_ITEM as _ITEM, read_only_manager
@@ -48,19 +54,27 @@ class WorkdirError(CvtFlaxError, OSError):
 
 
 _INCOMPLETE_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax's name for a save not yet renamed
+_COMMIT_FILE = 'commit_success.txt'  # written last into a step on Cloud Storage, which cannot rename
+
+
+def _is_incomplete_save(directory: str, name: str) -> bool:
+  if _INCOMPLETE_SUFFIX in name:
+    return True
+  return (files.is_remote(directory) and name.isdigit()
+          and not files.exists(os.path.join(directory, name, _COMMIT_FILE)))
 
 
 def _remove_incomplete_saves(directory: str) -> None:
-  """Deletes `<step>.orbax-checkpoint-tmp` directories: saves that were killed, never checkpoints.
+  """Deletes the saves that were killed (never checkpoints; see the module docstring).
 
-  Without this they would pile up on disk. Run before the manager exists, so nothing else in this
-  process is reading the directory.
+  Without this they would pile up. Run before the manager exists, so nothing else in this process
+  is reading the directory.
   """
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     return
-  for name in os.listdir(directory):
-    if _INCOMPLETE_SUFFIX in name:
-      shutil.rmtree(os.path.join(directory, name))
+  for name in files.listdir(directory):
+    if _is_incomplete_save(directory, name):
+      files.rmtree(os.path.join(directory, name))
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -76,7 +90,7 @@ class Checkpointer:
   """Keeps the newest `keep` checkpoints of the train state in `directory`."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.absolute(directory)
     if jax.process_index() == 0:
       _remove_incomplete_saves(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -142,7 +156,8 @@ class Checkpointer:
   def _restore_error(self, step: int, why: str) -> CheckpointRestoreError:
     path = os.path.join(self.directory, str(step))
     older = [s for s in self._manager.all_steps() if s < step]
-    action = (f'Move it out of the way (mv {path} {path}.bad) to resume from step {older[-1]}, or '
+    mv = 'gcloud storage mv' if files.is_remote(path) else 'mv'
+    action = (f'Move it out of the way ({mv} {path} {path}.bad) to resume from step {older[-1]}, or '
               if older else '') + 'use a new workdir.'
     return CheckpointRestoreError(f'{path}: cannot restore the training checkpoint of step {step}: '
                                   f'{why}\n{action}')
@@ -213,14 +228,11 @@ class StopSignal:
 
 def prepare_workdir(workdir: str) -> None:
   """Creates `workdir` and writes (then removes) a probe file in it, so that an unwritable
-  directory fails before any data is read or anything is compiled."""
-  if '://' in workdir:
-    # os.makedirs would silently create a *local* directory named like the URL, and everything
-    # (checkpoints too) would be written to the machine's disk, lost with it.
-    raise WorkdirError(f'workdir {workdir}: remote URLs are not supported; metrics, configs and '
-                       'checkpoints are written with local file APIs. Use a local or mounted path '
-                       '(e.g. a gcsfuse mount).')
+  directory (or a missing bucket) fails before any data is read or anything is compiled."""
   probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}.{os.getpid()}')
+  if files.is_remote(workdir):
+    _probe_remote(workdir, probe)
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     try:
@@ -237,6 +249,19 @@ def prepare_workdir(workdir: str) -> None:
                        'another --workdir or fix its permissions / free space.') from e
 
 
+def _probe_remote(workdir: str, probe: str) -> None:
+  try:
+    files.write_text(probe, 'cvt-flax write probe\n')
+    files.remove(probe)
+  except CvtFlaxError:
+    raise  # a missing extra says so itself
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs: OSError, HttpError, auth errors
+    cause = ' '.join(str(e).split())[:300].rstrip('.')
+    raise WorkdirError(f'workdir {workdir} is not writable: {type(e).__name__}: {cause}. Check that the bucket exists and that this machine\'s '
+                       'service account may create and delete objects in it (or use another '
+                       '--workdir).') from e
+
+
 def state_nbytes(abstract_state: Any) -> int:
   """Bytes of the arrays in a train state (about the size of one checkpoint on disk)."""
   leaves = jax.tree.leaves(to_nested_dict(abstract_state))
@@ -244,7 +269,10 @@ def state_nbytes(abstract_state: Any) -> int:
 
 
 def check_free_space(directory: str, needed_bytes: int) -> None:
-  """Fails before training if the disk holding `directory` cannot take one more checkpoint."""
+  """Fails before training if the disk holding `directory` cannot take one more checkpoint
+  (Cloud Storage has no such figure: nothing to check)."""
+  if files.is_remote(directory):
+    return
   free = shutil.disk_usage(directory).free
   if free < needed_bytes:
     mib = 2 ** 20

@@ -133,18 +133,26 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
              f'{jax.process_count()} processes; ' + (f'resuming at step {start}' if start else
                                                     'starting at step 0'))
   stop = checkpointing.StopSignal()
+  failing = True
   try:
-    return _train_loop(run, state, start, ckpt, writer, stop)
+    result = _train_loop(run, state, start, ckpt, writer, stop)
+    failing = False
+    return result
   except Exception as e:  # pylint: disable=broad-except
     if jax.process_count() > 1 and not isinstance(e, EXPECTED_ERRORS):
       # Printed now: the cleanup below may wait on the dead peer until JAX ends this process.
       print(_peer_failure_hint(e, ckpt.latest_step()), file=sys.stderr, flush=True)
     raise
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    stop.restore_handler()
+    try:
+      ckpt.wait()
+      ckpt.close()
+    except BaseException:
+      failing = True
+      raise
+    finally:
+      writer.close(failing=failing)
+      stop.restore_handler()
 
 
 def _peer_failure_hint(error: Exception, newest: int | None) -> str:
@@ -206,9 +214,11 @@ def _run_steps(run: Run, state: TrainState, start: int, ckpt, writer, stop, eval
         writer.write(step, record)
       if step % cfg.checkpoint_every_steps == 0 or step == total:
         _save(ckpt, step, state, step_metrics)
+        writer.sync()
       if step < total and stop.should_stop(ckpt, step):
         _save(ckpt, step, state, step_metrics)
         ckpt.wait()
+        writer.sync()
         writer.log(f'Preempted: saved a checkpoint at step {step}; rerun the same command to '
                    'resume.')
         return {'step': step, 'preempted': True}

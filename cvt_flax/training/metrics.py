@@ -3,13 +3,21 @@
 Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step (`step` = optimizer
 steps completed). On resume from step k the file is kept, minus any records of steps after k (a run
 killed after its last checkpoint logged steps that the resumed run computes again, identically).
+
+A Cloud Storage object cannot be appended to, so for a `gs://` workdir both files are written in
+a local staging directory and uploaded whole (`_StagedFiles`): at most every `SYNC_EVERY_S`
+seconds, after each checkpoint and at the end. The workdir's copy is then never half a record,
+and it holds every step up to the newest checkpoint; a killed run loses only what it logged after
+that, which its resumed run logs again.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -33,8 +41,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   A last line without its newline that does not parse is a record whose write was cut short (the
   process was killed mid-write, or is writing it now); it is skipped. Any other bad line raises.
   """
-  with open(path) as f:
-    lines = f.readlines()
+  lines = files.read_text(path).splitlines(keepends=True)
   records = []
   for i, line in enumerate(lines):
     if not line.strip():
@@ -49,10 +56,54 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def _truncate_after(path: str, step: int) -> None:
-  if not os.path.exists(path):
+  if not files.exists(path):
     return
   kept = [r for r in read_metrics(path) if r['step'] <= step]
   files.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
+
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+SYNC_EVERY_S = 30.0
+
+
+class _StagedFiles:
+  """A local directory whose files are uploaded whole to a remote workdir, changed ones only."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.local = workdir, tempfile.mkdtemp(prefix='cvt-flax-workdir-')
+    self._uploaded: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) uploaded
+    self._last_sync = time.monotonic()
+
+  def download(self, name: str) -> None:
+    remote = os.path.join(self.workdir, name)
+    if files.exists(remote):
+      files.write_text(os.path.join(self.local, name), files.read_text(remote))
+      self._uploaded[name] = self._stamp(name)
+
+  def _stamp(self, name: str) -> tuple[int, int]:
+    stat = os.stat(os.path.join(self.local, name))
+    return stat.st_size, stat.st_mtime_ns
+
+  def sync(self, *, force: bool = True) -> None:
+    if not force and time.monotonic() - self._last_sync < SYNC_EVERY_S:
+      return
+    for root, _, names in os.walk(self.local):
+      for name in names:
+        local = os.path.join(root, name)
+        relative = os.path.relpath(local, self.local)
+        stamp = self._stamp(relative)
+        if self._uploaded.get(relative) != stamp:
+          files.atomic_write(os.path.join(self.workdir, relative),
+                             lambda tmp, src=local: shutil.copyfile(src, tmp))
+          self._uploaded[relative] = stamp
+    self._last_sync = time.monotonic()
+
+  def close(self) -> None:
+    try:
+      self.sync()
+    finally:
+      shutil.rmtree(self.local, ignore_errors=True)
 
 
 class MetricWriter:
@@ -62,15 +113,18 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.total_steps, self.start_step = total_steps, start_step
     self._t0 = time.perf_counter()
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._staged = None
     if not self.enabled:
       return
-    path = os.path.join(workdir, 'metrics.jsonl')
-    _truncate_after(path, start_step)
-    self._jsonl = open(path, 'a')
+    _truncate_after(os.path.join(workdir, METRICS_FILE), start_step)
+    if files.is_remote(workdir):
+      self._staged = _StagedFiles(workdir)
+      self._staged.download(METRICS_FILE)
+      workdir = self._staged.local
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # purge_step hides events of steps > start_step left by the interrupted run.
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+    self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
                              purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -82,6 +136,13 @@ class MetricWriter:
     for k, v in metrics.items():
       self._tb.add_scalar(k, float(v), int(step))
     self._tb.flush()
+    if self._staged:
+      self._staged.sync(force=False)
+
+  def sync(self) -> None:
+    """Uploads what was written to a remote workdir (nothing to do for a local one)."""
+    if self._staged:
+      self._staged.sync()
 
   def progress(self, step: int, metrics: dict[str, float]) -> None:
     """One console line: bar, step, loss, lr, throughput, MFU, ETA (from the rate since start)."""
@@ -104,11 +165,22 @@ class MetricWriter:
     if self.enabled:
       print(message, file=sys.stdout, flush=True)
 
-  def close(self) -> None:
+  def close(self, *, failing: bool = False) -> None:
+    """Closes the files (and uploads them to a remote workdir). `failing`: the run is already
+    failing with its own error, so an upload error is printed, not raised over it."""
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._staged is not None:
+      staged, self._staged = self._staged, None
+      try:
+        staged.close()
+      except Exception as e:  # pylint: disable=broad-except  # storage client errors
+        if not failing:
+          raise
+        print(f'warning: the metrics of this run could not be uploaded to {staged.workdir} '
+              f'({type(e).__name__}: {str(e)[:200]})', file=sys.stderr, flush=True)
 
 
 def compiled_flops(compiled) -> float | None:
