@@ -225,6 +225,19 @@ _TRAIN_WORKER = textwrap.dedent('''
           time.sleep(3600)
         return await rename(src, dst, *args, **kwargs)
       atomicity.async_path.rename = hanging_rename
+    hold_step = os.environ.get('FAILTEST_HOLD_COMMIT_OF_STEP')
+    if hold_step:
+      # On Cloud Storage: holds the save of that step just before its commit_success.txt is
+      # written (every other file is), until the file FAILTEST_RELEASE exists.
+      from orbax.checkpoint._src.path import atomicity
+      finalize = atomicity.CommitFileTemporaryPath.finalize
+      async def held_finalize(self, *args, **kwargs):
+        if self._final_path.name == hold_step:
+          open(os.environ['FAILTEST_MARKER'], 'w').close()
+          while not os.path.exists(os.environ['FAILTEST_RELEASE']):
+            time.sleep(0.1)
+        return await finalize(self, *args, **kwargs)
+      atomicity.CommitFileTemporaryPath.finalize = held_finalize
     delay = float(os.environ.get('FAILTEST_BATCH_DELAY', '0'))  # slows every step down
     mark_step = int(os.environ.get('FAILTEST_MARK_STEP', '0'))  # creates FAILTEST_MARKER then
     if delay or mark_step:

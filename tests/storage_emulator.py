@@ -93,3 +93,9 @@ class StorageEmulator:
 
   def url_of(self, name: str) -> str:
     return f'gs://{BUCKET}/{name}'
+
+
+if __name__ == '__main__':  # by hand: python tests/storage_emulator.py [PORT]  (in memory)
+  os.execv(sys.executable, [sys.executable, '-c', _SERVER, 'start', '--host', '127.0.0.1',
+                            '--port', sys.argv[1] if len(sys.argv) > 1 else '9023', '--in-memory',
+                            '--default-bucket', BUCKET])

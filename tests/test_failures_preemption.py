@@ -1,4 +1,5 @@
-"""Preemption and crashes of a real `train.py` process: SIGKILL during an async save, SIGTERM.
+"""Preemption and crashes of a real `train.py` process: SIGKILL during an async save, SIGTERM, the
+storage of a `gs://` workdir lost during a save.
 
 Each run is a subprocess (`train.py` on a 12-step tiny digits config, checkpoints every 3 steps),
 optionally with a fault hook installed before `train.py` starts. Resumed runs must reproduce the
@@ -11,6 +12,7 @@ import signal
 
 import pytest
 
+import storage_emulator
 from helpers import TrainProcess, train_losses, write_config_file
 
 # `slow` (CI's make test-slow): real train.py processes; on 2 cores each launch costs ~1 min of
@@ -99,3 +101,35 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(
   losses, final = reference
   assert train_losses(workdir) == losses
   assert _final_line(out) == final
+
+
+def test_storage_lost_during_an_async_save_to_a_bucket_fails_once_then_resumes(
+    tmp_path, config_file, reference, compile_cache, monkeypatch):
+  """A `gs://` workdir whose storage goes away while the save of step 9 is being committed."""
+  emulator = storage_emulator.StorageEmulator(tmp_path / 'gcs').start()
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', emulator.url)
+  workdir = emulator.url_of('run')
+  marker, release = tmp_path / 'committing_9', tmp_path / 'release'
+  env = {**compile_cache, **emulator.env}
+  run = TrainProcess(tmp_path, 'lost', config_file, workdir, env,
+                     FAILTEST_HOLD_COMMIT_OF_STEP='9', FAILTEST_MARKER=str(marker),
+                     FAILTEST_RELEASE=str(release))
+  try:
+    run.wait_for(marker.exists, 'the commit of step 9')
+    emulator.kill()
+    release.touch()
+    run.finish(expect_returncode=1)
+    errors = [line for line in run.stderr().splitlines() if line.startswith('ERROR')]
+    assert len(errors) == 1, run.stderr()[-3000:]
+    assert errors[0].startswith(f'ERROR: Saving the training checkpoint of step 9 in {workdir}/'
+                                'checkpoints failed:')
+    assert 'The newest complete checkpoint is step 6' in errors[0]
+
+    emulator.start()  # the same bucket, as the lost save left it
+    out = TrainProcess(tmp_path, 'resumed', config_file, workdir, env).finish()
+    assert 'resuming at step 6' in out
+    losses, final = reference
+    assert train_losses(workdir) == losses  # every step, exactly
+    assert _final_line(out) == final
+  finally:
+    emulator.kill()

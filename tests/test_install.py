@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # Packages of the extras: none may be importable in the core install (optax and absl are there:
 # flax and orbax-checkpoint themselves require them).
 EXTRA_PACKAGES = ('tensorflow', 'tensorflow_datasets', 'torch', 'transformers', 'ml_collections',
-                  'tensorboardX', 'sklearn')
+                  'tensorboardX', 'sklearn', 'gcsfs')
 
 _CORE_USE = '''
 import importlib, json, sys
@@ -106,6 +106,7 @@ def test_core_install_loads_predicts_saves_without_the_extras(core_venv, tmp_pat
      2),
     (['-m', 'cvt_flax.convert', DATA / 'official_tiny.pth', 'out'], 'torch', 2),
     (['train.py', '--config', 'digits.py', '--workdir', 'run'], 'train', 1),
+    (['-m', 'cvt_flax.convert', 'gs://bucket/model', 'out'], 'gcs', 2),
 ])
 def test_core_install_names_the_missing_extra_in_one_line(core_venv, tmp_path, command, extra,
                                                           status):

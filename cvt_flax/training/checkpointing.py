@@ -121,14 +121,17 @@ class Checkpointer:
 
   def _save_error(self, step: int, error: Exception) -> CheckpointSaveError:
     self._failure_reported = True
-    self._manager.reload()  # the step list as on disk, not as this manager last saw it
+    try:
+      self._manager.reload()  # the step list as on disk, not as this manager last saw it
+    except Exception:  # pylint: disable=broad-except  # the storage itself may be what failed
+      pass  # then the list as this manager last saw it
     complete = [s for s in self._manager.all_steps() if s != step]
     newest = f'step {complete[-1]}' if complete else 'none (no checkpoint was completed)'
     return CheckpointSaveError(
         f'Saving the training checkpoint of step {step} in {self.directory} failed: '
         f'{type(error).__name__}: {error}. Training stopped. The newest complete checkpoint is '
-        f'{newest}; it was not modified. Free disk space or fix the directory\'s permissions, '
-        'then rerun the same command to resume from it.')
+        f'{newest}; it was not modified. {_fix(self.directory)}, then rerun the same command '
+        'to resume from it.')
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding).
@@ -181,6 +184,12 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       if not self._failure_reported:  # a failure already reported is raised again by Orbax
         raise
+
+
+def _fix(directory: str) -> str:
+  if files.is_remote(directory):
+    return 'Check that the bucket is reachable and writable by this machine'
+  return 'Free disk space or fix the directory\'s permissions'
 
 
 def _short(error: Exception, limit: int = 300) -> str:
