@@ -21,6 +21,7 @@ from cvt_flax.models.weights import flat_variables
 from cvt_flax.preprocess import load_image
 from cvt_flax.training import loop
 from cvt_flax.training.checkpointing import WorkdirError, complete_steps
+from cvt_flax.training.init_from import load_source_model
 from cvt_flax.training.metrics import read_metrics
 from helpers import (DATA, ROOT, photos, sigterm_before_step, subprocess_env, tiny_config,
                      train_losses)
@@ -121,6 +122,7 @@ def test_a_bucket_workdir_serves_its_model_to_every_entry_point(gcs, digits_dir,
   assert (evaluated['top1'], evaluated['top5']) == (result['eval/top1'], result['eval/top5'])
 
   model = cvt_flax.from_pretrained(url)
+  assert _same_weights(load_source_model(url), model)  # --config.init_from=gs://...
   model_url = _fresh(gcs, 'model')
   cvt_flax.save_model(model, model_url)
   loaded = cvt_flax.load_checkpoint(model_url)
