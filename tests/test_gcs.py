@@ -16,6 +16,7 @@ import pytest
 
 import cvt_flax
 from cvt_flax import files, predict
+from cvt_flax.convert.__main__ import main as convert_main
 from cvt_flax.io import CheckpointError
 from cvt_flax.models.weights import flat_variables
 from cvt_flax.preprocess import load_image
@@ -146,18 +147,20 @@ def test_a_bucket_workdir_serves_its_model_to_every_entry_point(gcs, digits_dir,
   assert _same_weights(model, cvt_flax.load_checkpoint(model_url))
 
 
-def test_convert_reads_and_writes_urls(gcs):
-  source = _fresh(gcs, 'hf')
+def test_convert_reads_and_writes_urls(gcs, capsys):
+  root = _fresh(gcs, 'convert')
   for name in os.listdir(DATA / 'hf_tiny'):
-    files.atomic_write(f'{source}/{name}',
+    files.atomic_write(f'{root}/hf/{name}',
                        lambda tmp, n=name: shutil.copyfile(DATA / 'hf_tiny' / n, tmp))
-  out = _fresh(gcs, 'converted')
-  proc = subprocess.run([sys.executable, '-m', 'cvt_flax.convert', source, out], cwd=ROOT,
-                        env=subprocess_env({'STORAGE_EMULATOR_HOST': gcs.url}),
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _same_weights(cvt_flax.load_checkpoint(out),
-                       cvt_flax.from_pretrained(str(DATA / 'hf_tiny')))
+  local = cvt_flax.from_pretrained(str(DATA / 'hf_tiny'))
+  assert convert_main([f'{root}/hf', f'{root}/flax']) == 0
+  assert _same_weights(cvt_flax.load_checkpoint(f'{root}/flax'), local)
+  # A PyTorch source at a URL is --check'ed against PyTorch from the same local copy.
+  assert convert_main([f'{root}/hf', f'{root}/small.pth', '--format', 'official', '--check',
+                       '--check-size', '32']) == 0
+  printed = capsys.readouterr().out
+  assert float(printed.split('max |logit difference| = ')[1].split()[0]) < 1e-5
+  assert files.isfile(f'{root}/small.pth')
 
 
 class _Refusing(http.server.BaseHTTPRequestHandler):

@@ -19,12 +19,13 @@ batch, prints the largest absolute logit difference, and exits with status 1 if 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import numpy as np
 from flax import nnx
 
-from cvt_flax import errors, io
+from cvt_flax import errors, files, io
 from cvt_flax.convert import hf, pytorch, sources
 from cvt_flax.convert.official import ConversionError
 from cvt_flax.models import compute
@@ -109,6 +110,18 @@ def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
   return diff
 
 
+def _save(model, args) -> None:
+  if args.format == 'flax':
+    io.save_model(model, args.out, overwrite=args.overwrite)
+  elif args.format == 'official':
+    pytorch.save_official(model, args.out)
+  else:
+    pytorch.save_hf(model, args.out)
+  cfg = model.config
+  print(f'wrote {args.out} ({args.format}): {cfg.num_stages} stages, widths {list(cfg.dim_embed)}, '
+        f'depths {list(cfg.depth)}, {cfg.num_classes} classes, activation {cfg.activation}')
+
+
 def main(argv=None) -> int:
   args = _parse_args(argv)
   try:
@@ -116,20 +129,16 @@ def main(argv=None) -> int:
     pytorch_source = io.detect(src) == io.PYTORCH
     if args.check and not pytorch_source:
       raise ConversionError(f'--check compares with PyTorch; {args.src} is a cvt-flax checkpoint.')
-    model = io.load_local(src, spec=args.spec, num_classes=args.num_classes,
-                               activation=args.activation, image_size=args.image_size)
-    if args.format == 'flax':
-      io.save_model(model, args.out, overwrite=args.overwrite)
-    elif args.format == 'official':
-      pytorch.save_official(model, args.out)
-    else:
-      pytorch.save_hf(model, args.out)
-    cfg = model.config
-    print(f'wrote {args.out} ({args.format}): {cfg.num_stages} stages, widths {list(cfg.dim_embed)}, '
-          f'depths {list(cfg.depth)}, {cfg.num_classes} classes, activation {cfg.activation}')
-    if args.check and check_logits(src, model, args.check_size) > CHECK_TOLERANCE:
-      print('check FAILED: the converted model does not reproduce PyTorch', file=sys.stderr)
-      return 1
+    # A PyTorch source at a URL is read (and --check'ed) from one local copy.
+    local = (files.local_copy(src, sources.SOURCE_FILES) if pytorch_source
+             else contextlib.nullcontext(src))
+    with local as src:
+      model = io.load_local(src, spec=args.spec, num_classes=args.num_classes,
+                            activation=args.activation, image_size=args.image_size)
+      _save(model, args)
+      if args.check and check_logits(src, model, args.check_size) > CHECK_TOLERANCE:
+        print('check FAILED: the converted model does not reproduce PyTorch', file=sys.stderr)
+        return 1
   except (*errors.EXPECTED_ERRORS, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
