@@ -107,11 +107,17 @@ def makedirs(path) -> None:
 
 
 def remove(path) -> None:
-  _url(path).unlink() if is_remote(path) else os.remove(path)
+  if is_remote(path):
+    _url(path).unlink()
+  else:
+    os.remove(path)
 
 
 def rmtree(path) -> None:
-  _url(path).rmtree() if is_remote(path) else shutil.rmtree(path)
+  if is_remote(path):
+    _url(path).rmtree()
+  else:
+    shutil.rmtree(path)
 
 
 def read_text(path) -> str:
