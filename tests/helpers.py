@@ -88,6 +88,15 @@ def float64_reference(name):
   return model.double().eval()
 
 
+def assert_same_weights(a, b):
+  """The two models hold the same weights, bit for bit and of the same dtypes."""
+  from cvt_flax.convert import to_official_state_dict  # pylint: disable=g-import-not-at-top
+  wa, wb = to_official_state_dict(a), to_official_state_dict(b)
+  assert sorted(wa) == sorted(wb)
+  for key in wa:
+    assert wa[key].dtype == wb[key].dtype and np.array_equal(wa[key], wb[key]), key
+
+
 def perturb_(model, seed):
   """Moves every tensor of a torch model away from its init, so that a wrong mapping shows."""
   import torch  # pylint: disable=g-import-not-at-top

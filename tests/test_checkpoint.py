@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 import cvt_flax
-from cvt_flax.convert import load_pytorch, to_official_state_dict
+from cvt_flax.convert import load_pytorch
 from cvt_flax.io import CheckpointError, FormatNote, load_checkpoint, model_dir, save_model
 from cvt_flax.preprocess import Preprocess
-from helpers import DATA, load_fixture, logits_and_features
+from helpers import DATA, assert_same_weights, load_fixture, logits_and_features
 
 
 @pytest.fixture(scope='module')
@@ -28,13 +28,6 @@ def saved(model, tmp_path):
   return path
 
 
-def _assert_same_weights(a, b):
-  wa, wb = to_official_state_dict(a), to_official_state_dict(b)
-  assert sorted(wa) == sorted(wb)
-  for key in wa:
-    assert wa[key].dtype == wb[key].dtype and np.array_equal(wa[key], wb[key]), key
-
-
 def test_round_trip_is_exact(model, saved):
   assert sorted(os.listdir(saved)) == ['config.json', 'state']
   doc = json.loads((saved / 'config.json').read_text())
@@ -46,7 +39,7 @@ def test_round_trip_is_exact(model, saved):
   assert loaded.config == model.config
   assert (loaded.preprocess, loaded.class_names) == (model.preprocess, None)
   assert loaded.stage2.blocks[1].attn.conv_proj_k.bn.use_running_average  # eval mode
-  _assert_same_weights(model, loaded)
+  assert_same_weights(model, loaded)
   _, io = load_fixture('official_tiny')
   images = io['input_1'].transpose(0, 2, 3, 1)
   np.testing.assert_array_equal(logits_and_features(loaded, images)[0],
@@ -70,7 +63,7 @@ def test_training_mode_model_and_nondefault_config(tmp_path):
   assert loaded.config == cfg and loaded.stage1.blocks[0].drop_path.deterministic
   assert loaded.compute.dtype == 'float32'  # compute settings are not saved: the loader's default
   assert (loaded.preprocess, loaded.class_names) == (prep, ('cat', 'dog', 'emu'))
-  _assert_same_weights(trained, loaded)
+  assert_same_weights(trained, loaded)
   assert int(loaded.stage1.blocks[0].attn.conv_proj_q.bn.num_batches_tracked.get_value()) == 1
 
 
@@ -78,7 +71,7 @@ def test_existing_path_needs_overwrite(model, saved):
   with pytest.raises(FileExistsError, match='overwrite=True'):
     save_model(model, saved)
   save_model(model, saved, overwrite=True)
-  _assert_same_weights(model, load_checkpoint(saved))
+  assert_same_weights(model, load_checkpoint(saved))
   assert sorted(os.listdir(saved.parent)) == ['ckpt']  # no temporary or old copies left
 
 
@@ -92,7 +85,7 @@ def test_interrupted_save_leaves_nothing_loadable(model, saved, monkeypatch):
     save_model(model, saved, overwrite=True)
   assert sorted(os.listdir(saved.parent)) == ['ckpt']  # no 'new', no temporary directories
   monkeypatch.undo()
-  _assert_same_weights(model, load_checkpoint(saved))  # the old checkpoint is intact
+  assert_same_weights(model, load_checkpoint(saved))  # the old checkpoint is intact
 
 
 def test_not_a_checkpoint_directory(tmp_path):
@@ -172,5 +165,5 @@ def test_version_1_directory_as_main_wrote_it_loads_and_predicts_as_before(fixtu
     old = load_checkpoint(fixtures_dir / 'v1_official_tiny')
   assert old.preprocess == Preprocess(224) and old.class_names is None  # 10 classes: no names
   new = load_pytorch(DATA / 'official_tiny.pth', spec=DATA / 'official_tiny.json')
-  _assert_same_weights(old, new)
+  assert_same_weights(old, new)
   assert old.config == new.config

@@ -11,35 +11,24 @@ import sys
 import threading
 import uuid
 
-import numpy as np
 import pytest
 
 import cvt_flax
 from cvt_flax import files, predict
 from cvt_flax.convert.__main__ import main as convert_main
 from cvt_flax.io import CheckpointError
-from cvt_flax.models.weights import flat_variables
 from cvt_flax.preprocess import load_image
 from cvt_flax.training import loop
 from cvt_flax.training.checkpointing import WorkdirError, complete_steps
 from cvt_flax.training.init_from import load_source_model
 from cvt_flax.training.metrics import read_metrics
-from helpers import (DATA, ROOT, photos, sigterm_before_step, subprocess_env, tiny_config,
-                     train_losses)
+from helpers import (DATA, ROOT, assert_same_weights, photos, sigterm_before_step, subprocess_env,
+                     tiny_config, train_losses)
 
 
 def _fresh(gcs, name: str) -> str:
   """A URL no other test uses (one emulator serves every test of this process)."""
   return gcs.url_of(f'{name}-{uuid.uuid4().hex[:8]}')
-
-
-def _weights(model) -> dict[str, np.ndarray]:
-  return {k: np.asarray(v.get_value()) for k, v in flat_variables(model).items()}
-
-
-def _same_weights(a, b) -> bool:
-  wa, wb = _weights(a), _weights(b)
-  return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
 def test_remote_files_basics(gcs, tmp_path):
@@ -123,11 +112,11 @@ def test_a_bucket_workdir_serves_its_model_to_every_entry_point(gcs, digits_dir,
   assert (evaluated['top1'], evaluated['top5']) == (result['eval/top1'], result['eval/top5'])
 
   model = cvt_flax.from_pretrained(url)
-  assert _same_weights(load_source_model(url), model)  # --config.init_from=gs://...
+  assert_same_weights(load_source_model(url), model)  # --config.init_from=gs://...
   model_url = _fresh(gcs, 'model')
   cvt_flax.save_model(model, model_url)
   loaded = cvt_flax.load_checkpoint(model_url)
-  assert _same_weights(model, loaded)
+  assert_same_weights(model, loaded)
   assert (loaded.preprocess, loaded.class_names) == (model.preprocess, model.class_names)
   images = [str(p) for p in photos(tmp_path)[:2]]
   capsys.readouterr()
@@ -144,7 +133,7 @@ def test_a_bucket_workdir_serves_its_model_to_every_entry_point(gcs, digits_dir,
   with pytest.raises(CheckpointError, match='config.json: missing'):
     cvt_flax.load_checkpoint(model_url)
   cvt_flax.save_model(model, model_url)
-  assert _same_weights(model, cvt_flax.load_checkpoint(model_url))
+  assert_same_weights(model, cvt_flax.load_checkpoint(model_url))
 
 
 def test_convert_reads_and_writes_urls(gcs, capsys):
@@ -154,7 +143,7 @@ def test_convert_reads_and_writes_urls(gcs, capsys):
                        lambda tmp, n=name: shutil.copyfile(DATA / 'hf_tiny' / n, tmp))
   local = cvt_flax.from_pretrained(str(DATA / 'hf_tiny'))
   assert convert_main([f'{root}/hf', f'{root}/flax']) == 0
-  assert _same_weights(cvt_flax.load_checkpoint(f'{root}/flax'), local)
+  assert_same_weights(cvt_flax.load_checkpoint(f'{root}/flax'), local)
   # A PyTorch source at a URL is --check'ed against PyTorch from the same local copy.
   assert convert_main([f'{root}/hf', f'{root}/small.pth', '--format', 'official', '--check',
                        '--check-size', '32']) == 0
