@@ -266,9 +266,9 @@ def _probe_remote(workdir: str, probe: str) -> None:
     raise  # a missing extra says so itself
   except Exception as e:  # pylint: disable=broad-except  # gcsfs: OSError, HttpError, auth errors
     cause = ' '.join(str(e).split())[:300].rstrip('.')
-    raise WorkdirError(f'workdir {workdir} is not writable: {type(e).__name__}: {cause}. Check that the bucket exists and that this machine\'s '
-                       'service account may create and delete objects in it (or use another '
-                       '--workdir).') from e
+    raise WorkdirError(f'workdir {workdir} is not writable: {type(e).__name__}: {cause}. Check '
+                       'that the bucket exists and that this machine\'s service account may '
+                       'create and delete objects in it (or use another --workdir).') from e
 
 
 def state_nbytes(abstract_state: Any) -> int:

@@ -116,11 +116,13 @@ class MetricWriter:
     self._jsonl = self._tb = self._staged = None
     if not self.enabled:
       return
-    _truncate_after(os.path.join(workdir, METRICS_FILE), start_step)
-    if files.is_remote(workdir):
+    if files.is_remote(workdir):  # truncated in the local copy, which is then uploaded
       self._staged = _StagedFiles(workdir)
       self._staged.download(METRICS_FILE)
       workdir = self._staged.local
+    _truncate_after(os.path.join(workdir, METRICS_FILE), start_step)
+    if self._staged:
+      self._staged.sync()
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # purge_step hides events of steps > start_step left by the interrupted run.
