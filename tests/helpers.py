@@ -17,6 +17,7 @@ the bounds below come from measured noise floors, not from what happened to pass
 """
 import functools
 import json
+import importlib.util
 import os
 import pathlib
 import signal
@@ -122,6 +123,14 @@ TINY_MODEL = dict(
     kernel_qkv=(3, 3), stride_kv=(2, 2), stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1),
     qkv_bias=(True, True), mlp_ratio=(2.0, 2.0), drop_rate=(0.0, 0.1),
     attn_drop_rate=(0.0, 0.0), drop_path_rate=(0.0, 0.2))
+
+
+def load_config_module(name: str):
+  """configs/<name>.py as a module (its get_config(arg) builds the config)."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_config(data_dir: str, **overrides):

@@ -1,5 +1,4 @@
 """The config files: every variant resolves, the official recipe values, locked overrides."""
-import importlib.util
 import subprocess
 import sys
 
@@ -7,14 +6,7 @@ import pytest
 
 from cvt_flax.training.run import resolve_model_config
 from cvt_flax.training.config import validate_config
-from helpers import ROOT
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from helpers import ROOT, load_config_module as _load
 
 
 @pytest.mark.parametrize('arg,wd,drop_path,fsdp,eval_resize', [

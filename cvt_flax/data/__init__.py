@@ -11,5 +11,5 @@ from cvt_flax.data import _tf  # pylint: disable=unused-import  (must come befor
 from cvt_flax.data import digits  # pylint: disable=unused-import  (registers the TFDS builder)
 from cvt_flax.data.checks import DataError
 from cvt_flax.data.config import default_input_config, eval_preprocess, with_eval_preprocess
-from cvt_flax.data.pipeline import (DatasetInfo, get_dataset_info, make_eval_iterator,
-                                    make_train_iterator, num_eval_batches)
+from cvt_flax.data.pipeline import (DatasetInfo, get_dataset_info, get_dataset_info_unprepared,
+                                    make_eval_iterator, make_train_iterator, num_eval_batches)

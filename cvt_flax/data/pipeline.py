@@ -115,6 +115,18 @@ def get_dataset_info(input_cfg) -> DatasetInfo:
       class_names=names or None)
 
 
+def get_dataset_info_unprepared(input_cfg) -> DatasetInfo:
+  """What TFDS knows of the configured dataset without its data: the classes from the dataset's
+  definition; split sizes only if prepared, else 0 (for compiling ahead of time, where only the
+  shapes matter)."""
+  builder = _builder(input_cfg)
+  if isinstance(builder, tfds.folder_dataset.ImageFolder) or builder.is_prepared():
+    return get_dataset_info(input_cfg)
+  names = tuple(_label_feature(builder).names)
+  return DatasetInfo(num_classes=_num_classes(builder), num_train_examples=0,
+                     num_eval_examples=0, class_names=names or None)
+
+
 def _local_batch_size(global_batch_size, process_index, process_count):
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')

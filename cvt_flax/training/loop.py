@@ -98,7 +98,9 @@ class _StepMetrics:
             '(--config.dtype=float32).')
 
 
-def _compile_train_step(run: Run):
+def compile_train_step(run: Run):
+  """The train step compiled for the run's mesh: state and batch sharded as the run says, the
+  state donated."""
   cfg = run.config
   batch_sh = sharding.batch_sharding(run.mesh)
   micro_sh = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
@@ -186,7 +188,7 @@ def _run_steps(run: Run, state: TrainState, start: int, ckpt, writer, stop, eval
   """Steps start+1..total; returns the last step's metrics record, or {'preempted': True, ...}."""
   cfg, total = run.config, run.total_steps
   t_compile = time.perf_counter()
-  train_step = _compile_train_step(run)
+  train_step = compile_train_step(run)
   flops = metrics_lib.compiled_flops(train_step)
   writer.log(f'train step compiled in {time.perf_counter() - t_compile:.1f}s'
              + (f', {flops / 1e9:.3g} GFLOP per step and device' if flops else ''))

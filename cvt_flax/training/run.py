@@ -97,13 +97,14 @@ def eval_batch_size(cfg: ConfigDict) -> int:
 
 
 def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | None = None,
-              devices=None) -> Run:
+              devices=None, dataset: data.DatasetInfo | None = None) -> Run:
   """Resolves steps, model, compute, optimizer, mesh and shardings (nothing is allocated yet).
 
   `devices`: the mesh's devices (default: all devices of all processes); the compute settings'
-  'auto' choices are made for their platform.
+  'auto' choices are made for their platform. `dataset`: the dataset's classes and sizes
+  (default: read from the configured dataset).
   """
-  info = data.get_dataset_info(config.input)
+  info = dataset or data.get_dataset_info(config.input)
   total_steps, steps_per_epoch = resolve_num_steps(config, info.num_train_examples)
   model_config = resolve_model_config(config, info.num_classes, base_model_config)
   mesh = sharding.make_mesh(devices)

@@ -1,0 +1,124 @@
+"""What XLA made of a step, read from the compiled HLO text: collectives and the costliest ops.
+
+XLA:TPU writes its own cost model's estimate into each fusion's backend config
+(`"estimated_cycles"`); the top costs are ranked by it. Bytes are each op's operands plus its
+result, as HLO shapes give them (what an op reads and writes in HBM if nothing stays on chip). Ops
+inside a loop body count once, not once per iteration.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2,
+                'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
+                'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<type>.*?) '
+                          r'(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)(?P<attrs>.*)$')
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r'calls=%([\w.\-]+)')
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+
+def array_bytes(hlo_type: str) -> list[int]:
+  """Bytes of each array in an HLO type ('f32[8,64]{1,0}' or a tuple of them)."""
+  sizes = []
+  for dtype, dims in _ARRAY.findall(hlo_type):
+    count = 1
+    for d in filter(None, dims.split(',')):
+      count *= int(d)
+    sizes.append(count * _DTYPE_BYTES[dtype])
+  return sizes
+
+
+@dataclasses.dataclass
+class Op:
+  name: str
+  opcode: str
+  result_bytes: int
+  operand_bytes: int
+  cycles: int
+  source: str  # the JAX op it came from (metadata op_name), shortened
+  fused: str   # the fused computation it calls ('' if none)
+
+  @property
+  def bytes(self) -> int:
+    return self.result_bytes + self.operand_bytes
+
+
+def _short_source(op_name: str) -> str:
+  """'jit(train_step)/jvp(conv_proj)/reduce_sum' -> 'jvp(conv_proj)/reduce_sum'."""
+  parts = [p for p in op_name.split('/') if not p.startswith('jit(train_step)')
+           and not p.startswith('jit(eval_step)')]
+  return '/'.join(parts[-4:])
+
+
+def parse_ops(hlo_text: str) -> tuple[list[Op], set[str]]:
+  """(every instruction outside fused computations, the names of fused computations)."""
+  result_bytes: dict[str, int] = {}
+  lines = []
+  in_fused, fused_names = False, set()
+  for line in hlo_text.splitlines():
+    if line and not line.startswith(' '):  # a computation header or its closing brace
+      header = line.lstrip('%').split(' ', 1)[0]
+      in_fused = 'fused' in header or header.startswith('wrapped_')
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    result_bytes[match['name']] = sum(array_bytes(match['type']))
+    if in_fused:
+      fused_names.add(match['name'])
+    else:
+      lines.append(match)
+  ops = []
+  for m in lines:
+    operands = re.findall(r'%([\w.\-]+)', m['args'])
+    cycles = _CYCLES.search(m['attrs'])
+    source = _OP_NAME.search(m['attrs'])
+    calls = _CALLS.search(m['attrs'])
+    ops.append(Op(m['name'], m['op'], result_bytes[m['name']],
+                  sum(result_bytes.get(o, 0) for o in operands), int(cycles[1]) if cycles else 0,
+                  _short_source(source[1]) if source else '', calls[1] if calls else ''))
+  return ops, fused_names
+
+
+@dataclasses.dataclass
+class CollectiveSummary:
+  kind: str
+  count: int
+  bytes: int  # result bytes, summed over the ops
+
+
+def collectives(ops: list[Op]) -> list[CollectiveSummary]:
+  """Collectives by kind (an async pair counts once, at its `-start`)."""
+  count, size = collections.Counter(), collections.Counter()
+  for op in ops:
+    kind = op.opcode.removesuffix('-start')
+    if kind in COLLECTIVES and not op.opcode.endswith('-done'):
+      count[kind] += 1
+      size[kind] += op.result_bytes
+  return [CollectiveSummary(k, count[k], size[k]) for k in COLLECTIVES if count[k]]
+
+
+def top_costs(ops: list[Op], n: int = 10) -> list[tuple[str, int, int, int]]:
+  """The n sources (JAX ops) with the most estimated cycles: (source, ops, cycles, bytes)."""
+  cycles, size, count = collections.Counter(), collections.Counter(), collections.Counter()
+  for op in ops:
+    if op.cycles or op.opcode in ('copy', 'transpose', 'fusion', 'convolution', 'dot'):
+      key = f'{op.opcode}: {op.source or op.name}'
+      cycles[key] += op.cycles
+      size[key] += op.bytes
+      count[key] += 1
+  return [(key, count[key], cycles[key], size[key]) for key, _ in cycles.most_common(n)]
+
+
+def layout_changes(ops: list[Op]) -> tuple[int, int, int]:
+  """(count, estimated cycles, bytes) of the ops that only move data: copies and transposes,
+  also as fusions XLA names after them."""
+  moves = [op for op in ops if op.opcode in ('copy', 'transpose') or
+           (op.opcode == 'fusion' and re.match(r'(copy|transpose)[_.]', op.name))]
+  return len(moves), sum(op.cycles for op in moves), sum(op.bytes for op in moves)

@@ -1,0 +1,162 @@
+"""The capacity report of a compiled config: HBM per chip and whether it fits, FLOPs and bytes per
+step, collectives, and a roofline estimate of the step time.
+
+Roofline: step time = max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), both per chip
+and from XLA:TPU's cost analysis; MFU = the model's analytic training FLOPs (3x the forward
+multiply-adds, 2 FLOPs each: `cvt_flax.flops`) over that time at peak. An estimate from the
+compiler, not a measurement: it ignores overlap limits, collectives' time and the input pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from cvt_flax import flops as flops_lib
+from cvt_flax.aot import hlo
+from cvt_flax.aot.compile import Compiled, CompiledStep
+from cvt_flax.aot.tpus import GiB
+
+TRAIN_FLOPS_PER_MAC = 6  # forward 2 FLOPs per multiply-add, backward twice the forward
+
+
+@dataclasses.dataclass
+class Estimate:
+  step_seconds: float
+  bound: str  # 'compute' | 'memory'
+  images_per_sec_per_chip: float
+  mfu: float
+  schedule_days: float
+
+
+def model_train_flops_per_chip(compiled: Compiled) -> float:
+  cfg = compiled.run.model_config
+  macs = flops_lib.analytic_macs(cfg, compiled.run.config.input.image_size)['total']
+  return TRAIN_FLOPS_PER_MAC * macs * compiled.per_chip_batch
+
+
+def estimate(compiled: Compiled) -> Estimate | None:
+  """The roofline estimate of the train step; None if XLA refused to compile it."""
+  chip, train = compiled.slice.chip, compiled.train
+  if train.out_of_memory:
+    return None
+  compute_s = train.flops / chip.peak_bf16_flops
+  memory_s = train.bytes_accessed / chip.hbm_bytes_per_s
+  step = max(compute_s, memory_s)
+  mfu = model_train_flops_per_chip(compiled) / (step * chip.peak_bf16_flops)
+  return Estimate(step, 'compute' if compute_s >= memory_s else 'memory',
+                  compiled.per_chip_batch / step, mfu,
+                  compiled.run.total_steps * step / 86400)
+
+
+def hbm_needed(compiled: Compiled, step: CompiledStep) -> int:
+  """A step's HBM per chip; for one XLA refused, the train state plus the temporaries it asked
+  for (a lower bound)."""
+  if step.out_of_memory:
+    return compiled.state_bytes_per_chip + step.temp_bytes
+  return step.hbm_bytes
+
+
+def _steps(compiled: Compiled) -> list[CompiledStep]:
+  return [compiled.train] + ([compiled.eval] if compiled.eval else [])
+
+
+def fits(compiled: Compiled) -> bool:
+  return all(not s.out_of_memory and s.hbm_bytes <= compiled.slice.chip.hbm_bytes
+             for s in _steps(compiled))
+
+
+def _gib(n: float) -> str:
+  return f'{n / GiB:.2f} GiB'
+
+
+def advice(compiled: Compiled) -> str:
+  """The one message for a run that does not fit: what takes the memory, what to change."""
+  cfg, chip = compiled.run.config, compiled.slice.chip
+  step = max(_steps(compiled), key=lambda s: hbm_needed(compiled, s))
+  which = 'train' if step is compiled.train else 'eval'
+  needed = hbm_needed(compiled, step)
+  fixes = []
+  if not cfg.fsdp:
+    fixes.append('--config.fsdp=True (shards parameters and optimizer state over the chips)')
+  if cfg.remat == 'none':
+    fixes.append('--config.remat=block (keeps one activation per block)')
+  if compiled.per_chip_batch > 1:
+    fixes.append(f'--config.grad_accum_steps={2 * cfg.grad_accum_steps} (halves the activations '
+                 f'per chip; same global batch) or a smaller --config.batch_size '
+                 f'(now {compiled.per_chip_batch} images per chip)')
+  if which == 'eval':
+    fixes.append('a smaller --config.eval_batch_size')
+  compiler = f' XLA:TPU said: {step.out_of_memory}' if step.out_of_memory else ''
+  return (f'does not fit: the {which} step needs {"at least " if step.out_of_memory else ""}'
+          f'{_gib(needed)} per chip, {_gib(needed - chip.hbm_bytes)} more than the '
+          f'{_gib(chip.hbm_bytes)} of a {chip.name}. Parameters, optimizer state and BatchNorm '
+          f'statistics take {_gib(compiled.state_bytes_per_chip)}; activations and temporaries '
+          f'{_gib(step.temp_bytes)}. Try: ' + '; '.join(fixes) + '.' + compiler)
+
+
+def to_json(compiled: Compiled) -> dict:
+  est, train, sl = estimate(compiled), compiled.train, compiled.slice
+  out = {
+      'topology': sl.name, 'libtpu_topology': sl.topology, 'chips': sl.num_chips,
+      'chip': sl.chip.name, 'per_chip_batch': compiled.per_chip_batch,
+      'fsdp': compiled.run.config.fsdp, 'remat': compiled.run.config.remat,
+      'fits': fits(compiled), 'hbm_bytes_per_chip': hbm_needed(compiled, train),
+      'hbm_capacity_bytes': sl.chip.hbm_bytes,
+      'param_and_opt_bytes_per_chip': compiled.state_bytes_per_chip,
+      'train_argument_bytes': train.argument_bytes, 'train_output_bytes': train.output_bytes,
+      'train_alias_bytes': train.alias_bytes, 'train_temp_bytes': train.temp_bytes,
+      'train_code_bytes': train.code_bytes, 'train_out_of_memory': train.out_of_memory,
+      'train_flops_per_step_per_chip': train.flops,
+      'train_bytes_per_step_per_chip': train.bytes_accessed,
+      'model_train_flops_per_step_per_chip': model_train_flops_per_chip(compiled),
+      'estimated_step_seconds': est and est.step_seconds, 'bound': est and est.bound,
+      'estimated_images_per_sec': est and est.images_per_sec_per_chip * sl.num_chips,
+      'estimated_images_per_sec_per_chip': est and est.images_per_sec_per_chip,
+      'estimated_mfu': est and est.mfu, 'estimated_schedule_days': est and est.schedule_days,
+      'total_steps': compiled.run.total_steps,
+      'compile_seconds': sum(s.compile_seconds for s in _steps(compiled)),
+      'collectives': {c.kind: {'count': c.count, 'bytes': c.bytes}
+                      for c in hlo.collectives(hlo.parse_ops(train.hlo_text)[0])},
+  }
+  if compiled.eval:
+    out['eval_hbm_bytes_per_chip'] = hbm_needed(compiled, compiled.eval)
+  return out
+
+
+def to_text(compiled: Compiled) -> str:
+  """The human-readable report (per chip)."""
+  j, sl, train, cfg = to_json(compiled), compiled.slice, compiled.train, compiled.run.config
+  lines = [
+      f'{sl.name} ({sl.num_chips} x {sl.chip.name}, libtpu topology {sl.topology}, '
+      f'{sl.num_hosts} host(s)); global batch {cfg.batch_size} = {compiled.per_chip_batch} per '
+      f'chip; fsdp={cfg.fsdp}, remat={cfg.remat}, grad_accum_steps={cfg.grad_accum_steps}, '
+      f'dtype={cfg.dtype}',
+      f'compile (this CPU): train {train.compile_seconds:.0f}s'
+      + (f', eval {compiled.eval.compile_seconds:.0f}s' if compiled.eval else ''),
+      f'parameters + optimizer state + BatchNorm statistics per chip: '
+      f'{_gib(compiled.state_bytes_per_chip)}',
+  ]
+  if not train.out_of_memory:
+    lines.append(
+        f'HBM per chip (train step): arguments {_gib(train.argument_bytes)}, outputs '
+        f'{_gib(train.output_bytes)} ({_gib(train.alias_bytes)} of them in donated buffers), '
+        f'temporaries {_gib(train.temp_bytes)}, program {_gib(train.code_bytes)}: total '
+        f'{_gib(train.hbm_bytes)} of {_gib(sl.chip.hbm_bytes)}')
+  if compiled.eval and not compiled.eval.out_of_memory:
+    lines.append(f'HBM per chip (eval step): {_gib(compiled.eval.hbm_bytes)}')
+  lines.append(f'fits: yes, {_gib(sl.chip.hbm_bytes - train.hbm_bytes)} to spare' if j['fits']
+               else f'fits: NO, {advice(compiled)}')
+  est = estimate(compiled)
+  if est is None:
+    return '\n'.join(lines)
+  colls = ', '.join(f'{kind} x{c["count"]} ({c["bytes"] / 1e6:.1f} MB)'
+                    for kind, c in j['collectives'].items()) or 'none'
+  lines += [
+      f'per step and chip: {train.flops / 1e12:.3f} TFLOP (model: '
+      f'{j["model_train_flops_per_step_per_chip"] / 1e12:.3f}), '
+      f'{train.bytes_accessed / 1e9:.1f} GB accessed',
+      f'collectives (train step, loop bodies once): {colls}',
+      f'roofline estimate (not a measurement): {est.step_seconds * 1e3:.1f} ms per step, '
+      f'{est.bound}-bound; {est.images_per_sec_per_chip:.0f} images/s per chip, '
+      f'{j["estimated_images_per_sec"]:.0f} on the slice; MFU {est.mfu:.1%}; '
+      f'{compiled.run.total_steps} steps = {est.schedule_days * 24:.1f} hours']
+  return '\n'.join(lines)

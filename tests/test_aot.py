@@ -1,0 +1,133 @@
+"""`python -m cvt_flax.aot`: the trainer's steps compiled for TPU slices on this CPU (libtpu, no TPU).
+
+The compiles here are of TINY_MODEL at 16 px on `v5e-4` (libtpu's `v5e:2x2`); a CvT-13 train step
+takes minutes, so the full-size configs are in `benchmarks/RESULTS.md`'s capacity plan instead.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+from cvt_flax import errors, flops
+from cvt_flax.aot import compile as aot_compile, hlo, report, tpus
+from cvt_flax.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                reason="needs libtpu (pip install 'cvt-flax[tpu]')")
+
+V5E_4 = tpus.parse_slice('v5e-4')
+
+
+@pytest.mark.parametrize('name, chips, topology, hosts', [
+    ('v4-8', 4, 'v4:2x2x1', 1), ('v4-32', 16, 'v4:2x2x4', 4), ('v5p-128', 64, 'v5p:4x4x4', 16),
+    ('v5e-8', 8, 'v5e:2x4', 1), ('v5e-16', 16, 'v5e:4x4', 4), ('v6e-256', 256, 'v6e:16x16', 64)])
+def test_slice_names_map_to_libtpu_topologies(name, chips, topology, hosts):
+  tpu_slice = tpus.parse_slice(name)
+  assert (tpu_slice.num_chips, tpu_slice.topology, tpu_slice.num_hosts) == (chips, topology, hosts)
+  devices = aot_compile.slice_devices(tpu_slice)
+  assert len(devices) == chips  # one JAX device per chip, megacore on v4 / v5p
+  assert len({d.process_index for d in devices}) == hosts
+  assert name in tpus.describe_slices()
+
+
+@pytest.mark.parametrize('name', ['v5e-3', 'v4-2', 'v5e-512', 'x9-8', 'v5e'])
+def test_bad_slice_name_says_what_is_valid(name):
+  with pytest.raises(ConfigError, match='--topology=.*(valid|expected)'):
+    tpus.parse_slice(name)
+
+
+def test_without_libtpu_one_error_names_the_extra(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'libtpu' else real(name, *a))
+  with pytest.raises(errors.MissingExtraError, match=r"pip install 'cvt-flax\[tpu\]'"):
+    aot_compile.slice_devices(V5E_4)
+
+
+def test_jax_starts_silently_on_cpu_with_libtpu_installed():
+  """No TPU chips here: JAX must not start libtpu's runtime (its error block on stderr)."""
+  env = helpers.subprocess_env()
+  env.pop('JAX_PLATFORMS')
+  code = 'import cvt_flax, jax; print(jax.devices()[0].platform)'
+  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        timeout=120, check=True)
+  assert proc.stdout.strip() == 'cpu'
+  assert proc.stderr == ''
+
+
+def digits_config(digits_dir, **overrides):
+  config = helpers.load_config_module('digits').get_config()
+  config.input.data_dir = digits_dir
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def compiled(digits_dir):
+  """`make train`'s model (configs/digits.py: widths 32/64/128 at 32 px, 16 images per chip):
+  train and eval steps for v5e-4, float32, without and with FSDP."""
+  return {fsdp: aot_compile.compile_for_slice(
+      digits_config(digits_dir, fsdp=fsdp, fsdp_min_size=256), V5E_4) for fsdp in (False, True)}
+
+
+def test_tiny_model_fits_v5e_and_report_says_so(compiled):
+  for result in compiled.values():
+    assert report.fits(result)
+    assert result.per_chip_batch == 16
+    assert result.run.compute.platform == 'tpu' and result.run.compute.dwconv_impl == 'xla'
+    text = report.to_text(result)
+    assert 'fits: yes' in text and 'v5e:2x2' in text
+    assert 0 < result.train.hbm_bytes < result.slice.chip.hbm_bytes
+    assert result.eval.hbm_bytes > 0
+
+
+# XLA's FLOPs / the analytic 6 x multiply-adds. Below 1 only by the input gradient of the first
+# conv, which no one computes (2 of its 6 FLOPs per MAC). Above 1 by what the MAC count leaves out
+# (`cvt_flax.flops`): normalisations, activations, softmax, residual adds, the loss and the AdamW
+# update. Counted per block, that is at most ~100 FLOPs per activation element (LayerNorm and GELU
+# forward and backward are ~20 each) against 72 x width FLOPs of the block's matmuls per element
+# (q/k/v/out and the 4x MLP: 12 x width MACs, x 6): 100 / (72 x 32) = 4.3% at the narrowest stage
+# here; the softmax's ~10 FLOPs per score against 6 x 2 x head width (32) per score: 2.6%; plus ~20
+# FLOPs per parameter for AdamW (< 1% here). Hence [1 - first conv, 1.10]. (TINY_MODEL at 16 px is
+# too small for this: there the Mixup/CutMix sampling and the 16-wide stage weigh more than the
+# matmuls.)
+def test_compiled_flops_agree_with_the_analytic_count(compiled):
+  for result in compiled.values():
+    cfg = result.run.model_config
+    macs = flops.analytic_macs(cfg, result.run.config.input.image_size)
+    analytic = report.model_train_flops_per_chip(result)
+    first_conv = 2 * macs['conv_embed'] * result.per_chip_batch  # upper bound of its input grad
+    ratio = result.train.flops / analytic
+    assert 1 - first_conv / analytic <= ratio <= 1.10, ratio
+
+
+def test_fsdp_divides_state_bytes_by_about_the_chip_count(compiled):
+  replicated, sharded = compiled[False], compiled[True]
+  ratio = replicated.state_bytes_per_chip / sharded.state_bytes_per_chip
+  # Arrays below fsdp_min_size elements (biases, norms) stay whole on every chip.
+  assert 3.0 < ratio <= V5E_4.num_chips, ratio
+  kinds = {c.kind for c in hlo.collectives(hlo.parse_ops(sharded.train.hlo_text)[0])}
+  assert 'all-gather' in kinds  # the sharded weights are gathered for the forward pass
+  assert {c.kind for c in hlo.collectives(hlo.parse_ops(replicated.train.hlo_text)[0])} == {
+      'all-reduce'}  # data parallel: only the gradients (and BatchNorm statistics) are reduced
+
+
+def test_cli_reports_a_run_that_cannot_fit(digits_dir, tmp_path):
+  """TINY_MODEL at 512 px, 64 images per chip: the first stage's attention scores alone take
+  65,536 queries x 16,385 keys x 4 bytes = 4.3 GB per image."""
+  config = helpers.write_config_file(tmp_path, 'huge', digits_dir,
+                                     **{'input.image_size': 512, 'batch_size': 256})
+  proc = subprocess.run(
+      [sys.executable, '-m', 'cvt_flax.aot', f'--config={config}', '--topology=v5e-4', '--json',
+       '--noeval'], env=helpers.subprocess_env(), cwd=helpers.ROOT, capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['fits'] is False and result['hbm_bytes_per_chip'] > result['hbm_capacity_bytes']
+  assert 'fits: NO, does not fit' in proc.stdout
+  for fix in ('--config.fsdp=True', '--config.remat=block', '--config.grad_accum_steps=2'):
+    assert fix in proc.stdout
+  assert 'Failed to find host bounds' not in proc.stderr
