@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -14,6 +15,7 @@ import helpers
 from cvt_flax import errors, flops
 from cvt_flax.aot import compile as aot_compile, hlo, report, tpus
 from cvt_flax.errors import ConfigError
+from cvt_flax.runtime import tpu_backend
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                 reason="needs libtpu (pip install 'cvt-flax[tpu]')")
@@ -63,6 +65,22 @@ def digits_config(digits_dir, **overrides):
   config.input.data_dir = digits_dir
   config.update(overrides)
   return config
+
+
+def test_tpu_backend_is_left_alone_where_there_are_chips_or_a_choice(monkeypatch):
+  registered = []
+  monkeypatch.setattr(tpu_backend.jax_backend, 'register_backend_factory',
+                      lambda *a, **k: registered.append(a))
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.setattr(tpu_backend, 'jax', types.SimpleNamespace(
+      config=types.SimpleNamespace(jax_platforms=None)))  # as JAX starts without JAX_PLATFORMS
+  monkeypatch.setattr(tpu_backend, 'tpu_chips_on_this_machine', lambda: 4)  # a TPU VM
+  assert not tpu_backend.skip_tpu_backend_without_chips()
+  monkeypatch.setattr(tpu_backend, 'tpu_chips_on_this_machine', lambda: 0)
+  monkeypatch.setenv('JAX_PLATFORMS', 'tpu,cpu')  # the user's choice
+  assert not tpu_backend.skip_tpu_backend_without_chips()
+  monkeypatch.delenv('JAX_PLATFORMS')
+  assert tpu_backend.skip_tpu_backend_without_chips() and registered[0][0] == 'tpu'
 
 
 @pytest.fixture(scope='module')

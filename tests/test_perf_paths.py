@@ -66,7 +66,7 @@ ATTENTION_CASES = [
 
 
 @pytest.mark.parametrize('shape,block_bytes', ATTENTION_CASES)
-@pytest.mark.parametrize('impl', ['deferred', 'blocked'])
+@pytest.mark.parametrize('impl', ['deferred', 'recompute', 'blocked'])
 def test_attention_impls_match_softmax_forward_and_gradient(monkeypatch, shape, block_bytes, impl):
   monkeypatch.setattr(cpu, 'ATTENTION_BLOCK_BYTES', block_bytes)
   monkeypatch.setattr(cpu, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
@@ -108,7 +108,7 @@ def test_attention_dropout_and_recording_use_the_probabilities():
   np.testing.assert_array_equal(dropped, 0.0)
 
 
-@pytest.mark.parametrize('impl', ['softmax', 'deferred', 'blocked'])
+@pytest.mark.parametrize('impl', ['softmax', 'deferred', 'recompute', 'blocked'])
 def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
   # Small blocks so that 'blocked' really loops on the tiny fixture model.
   monkeypatch.setattr(cpu, 'ATTENTION_BLOCK_BYTES', 1024)
@@ -143,7 +143,7 @@ def test_compute_settings_are_not_architecture():
 
 @pytest.mark.parametrize('platform,dwconv,attention,barrier', [
     ('cpu', 'shifts', 'blocked', True), ('gpu', 'xla', 'deferred', False),
-    ('tpu', 'xla', 'deferred', False)])
+    ('tpu', 'xla', 'recompute', False)])
 def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, barrier):
   resolved = Compute(platform=platform).resolved()
   assert (resolved.dwconv_impl, resolved.attention_impl, resolved.fusion_barrier) == (

@@ -28,7 +28,7 @@ except ModuleNotFoundError as _missing:
   from cvt_flax import errors  # pylint: disable=g-import-not-at-top
   sys.exit(f'ERROR: {errors.missing_extra(_missing, "train")}')
 
-from cvt_flax import errors  # pylint: disable=g-import-not-at-top
+from cvt_flax import errors, files  # pylint: disable=g-import-not-at-top
 from cvt_flax.aot import compile as aot_compile, report, tpus  # pylint: disable=g-import-not-at-top
 from cvt_flax.training import config as config_lib  # pylint: disable=g-import-not-at-top
 
@@ -42,6 +42,8 @@ _EVAL = flags.DEFINE_bool('eval', True, 'Also compile the eval step.')
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     'num_train_examples', None, 'Train-split size for the schedule when the dataset is not '
     'prepared here and cvt_flax.aot does not know it.')
+_TOP_COSTS = flags.DEFINE_integer('top_costs', 0, "Also print the train step's N costliest ops.")
+_HLO_OUT = flags.DEFINE_string('hlo_out', None, "Write the train step's compiled HLO text here.")
 flags.mark_flags_as_required(['topology'])
 
 
@@ -65,6 +67,10 @@ def main(argv):
     print(f'ERROR: {e}', file=sys.stderr)
     sys.exit(1)
   print(report.to_text(compiled), flush=True)
+  if _TOP_COSTS.value and compiled.train.hlo_text:
+    print(report.costs_text(compiled, _TOP_COSTS.value))
+  if _HLO_OUT.value:
+    files.write_text(_HLO_OUT.value, compiled.train.hlo_text)
   if _JSON.value:
     print(json.dumps(report.to_json(compiled), sort_keys=True))
   if not report.fits(compiled):

@@ -104,8 +104,9 @@ def collectives(ops: list[Op]) -> list[CollectiveSummary]:
   return [CollectiveSummary(k, count[k], size[k]) for k in COLLECTIVES if count[k]]
 
 
-def top_costs(ops: list[Op], n: int = 10) -> list[tuple[str, int, int, int]]:
-  """The n sources (JAX ops) with the most estimated cycles: (source, ops, cycles, bytes)."""
+def top_costs(ops: list[Op], n: int = 10, by: int = 2) -> list[tuple[str, int, int, int]]:
+  """The n sources (opcode: JAX op) that cost the most: (source, ops, cycles, bytes), ranked by
+  estimated cycles (`by=2`) or bytes (`by=3`)."""
   cycles, size, count = collections.Counter(), collections.Counter(), collections.Counter()
   for op in ops:
     if op.cycles or op.opcode in ('copy', 'transpose', 'fusion', 'convolution', 'dot'):
@@ -113,7 +114,8 @@ def top_costs(ops: list[Op], n: int = 10) -> list[tuple[str, int, int, int]]:
       cycles[key] += op.cycles
       size[key] += op.bytes
       count[key] += 1
-  return [(key, count[key], cycles[key], size[key]) for key, _ in cycles.most_common(n)]
+  rows = [(key, count[key], cycles[key], size[key]) for key in cycles]
+  return sorted(rows, key=lambda row: -row[by])[:n]
 
 
 def layout_changes(ops: list[Op]) -> tuple[int, int, int]:

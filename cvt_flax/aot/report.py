@@ -160,3 +160,20 @@ def to_text(compiled: Compiled) -> str:
       f'{j["estimated_images_per_sec"]:.0f} on the slice; MFU {est.mfu:.1%}; '
       f'{compiled.run.total_steps} steps = {est.schedule_days * 24:.1f} hours']
   return '\n'.join(lines)
+
+
+def costs_text(compiled: Compiled, n: int) -> str:
+  """The train step's n costliest sources by XLA:TPU's estimated cycles, then by bytes, and its
+  layout changes (a Markdown table each; `hlo` says how they are counted)."""
+  ops, _ = hlo.parse_ops(compiled.train.hlo_text)
+  total_cycles = sum(op.cycles for op in ops) or 1
+  lines = []
+  for title, key in (('estimated cycles', 2), ('bytes (operands + result)', 3)):
+    lines += [f'top {n} by {title}:', '| op: source | ops | share of cycles | GB |',
+              '|---|---:|---:|---:|']
+    for source, count, cycles, size in hlo.top_costs(ops, n, by=key):
+      lines.append(f'| {source} | {count} | {cycles / total_cycles:.1%} | {size / 1e9:.2f} |')
+  moves, cycles, size = hlo.layout_changes(ops)
+  lines.append(f'layout changes (copies, transposes): {moves} ops, {cycles / total_cycles:.1%} of '
+               f'the cycles, {size / 1e9:.2f} GB')
+  return '\n'.join(lines)

@@ -10,6 +10,7 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   statistics and softmax run in float32 either way.
   dwconv_impl     'xla' (one grouped conv) | 'shifts' (CPU: shifted multiply-adds)
   attention_impl  'softmax' (official order) | 'deferred' (normalise after the product with v) |
+                  'recompute' ('deferred' whose backward pass recomputes the probabilities) |
                   'blocked' (CPU: 'deferred' in cache-sized blocks) | 'xla_fused' / 'cudnn'
                   (`jax.nn.dot_product_attention` with the official scale width**-0.5, XLA's or
                   cuDNN's fused kernel; cuDNN only takes bf16/fp16 and head dims that are
@@ -20,12 +21,12 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
 
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier; GPU 'xla' + 'cudnn' for bf16/fp16
-('deferred' for float32); TPU and others 'xla' + 'deferred'. On TPU, Pallas flash/splash attention
-would not pay: CvT's sequences are short (50 to 3136 queries against 50 to 784 keys), so the whole
-score matrix of a head (at most 3136 x 784, 4.9 MB in bf16 per image and head) is a few tiles
-that XLA already fuses with the softmax, and the first stage has a single head of width 64, too
-narrow for the MXU-bound regime where flash attention's recomputation wins; the stride-2 key/value
-projection already cuts the quadratic cost 4x.
+('deferred' for float32); TPU 'xla' + 'recompute'; others 'xla' + 'deferred'. The TPU choices
+come from XLA:TPU's own cost analysis of the compiled train step (`python -m cvt_flax.aot`,
+benchmarks/RESULTS.md): 'recompute' moves fewer bytes than 'deferred', and 'shifts' more than one
+grouped conv. XLA does not fuse the score matrix into its matmuls: each head's (q, k) scores
+(at most 3136 x 785 per image) go through HBM several times per step, which a Pallas flash-
+attention kernel would avoid; that is the largest avoidable traffic left on TPU.
 """
 from __future__ import annotations
 
@@ -39,13 +40,14 @@ from cvt_flax.models import cpu, layers
 
 DTYPES = ('float32', 'bfloat16')
 DWCONV_IMPLS = ('auto', 'xla', 'shifts')
-ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'blocked', 'xla_fused', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'recompute', 'blocked', 'xla_fused', 'cudnn')
 REMAT = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
          'everything_saveable', 'nothing_saveable')
 # The choice of 'auto' per platform; platforms not listed take 'default'.
 _AUTO = {
     'cpu': {'dwconv_impl': 'shifts', 'attention_impl': 'blocked', 'fusion_barrier': True},
     'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'fusion_barrier': False},
+    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'recompute', 'fusion_barrier': False},
     'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'fusion_barrier': False},
 }
 _PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}  # jax.export's names for GPU platforms
@@ -111,6 +113,8 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
     return layers.softmax_attention(q, k, v, scale, dropout=dropout, record=record)
   if impl == 'blocked':
     return cpu.attention(q, k, v, scale)
+  if impl == 'recompute':
+    return layers.recompute_attention(q, k, v, scale)
   if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
     return _fused_attention(q, k, v, scale, 'xla' if impl == 'xla_fused' else 'cudnn')
   return layers.deferred_attention(q, k, v, scale)[0]

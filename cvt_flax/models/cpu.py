@@ -216,12 +216,8 @@ def _blocked_pairs_bwd(scale, pairs_per_step, residuals, grad):
     def block(carry, xs):
       dk, dv = carry
       q, out, logsumexp, grad = (t.astype(f32) for t in xs)
-      probs = jnp.exp(jnp.einsum('qd,kd->qk', q, k) * scale - logsumexp)
-      dv = dv + jnp.einsum('qk,qd->kd', probs, grad)
-      d_scores = probs * (jnp.einsum('qd,kd->qk', grad, v)
-                          - jnp.sum(grad * out, axis=-1, keepdims=True)) * scale
-      dk = dk + jnp.einsum('qk,qd->kd', d_scores, q)
-      return (dk, dv), jnp.einsum('qk,kd->qd', d_scores, k)
+      dq, dk_block, dv_block = layers.attention_grads(q, k, v, out, logsumexp, grad, scale)
+      return (dk + dk_block, dv + dv_block), dq
 
     zeros = jnp.zeros(k.shape, f32)
     (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (q_blocks, out, logsumexp, grad))

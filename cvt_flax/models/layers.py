@@ -4,6 +4,7 @@ All tensors are NHWC (images, feature maps) or (batch, tokens, channels).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -74,21 +75,65 @@ def softmax_attention(q, k, v, scale, *, dropout=None, record=None):
   return jnp.einsum('bhqk,bhkd->bhqd', probs.astype(v.dtype), v)
 
 
+def attention_scores(q, k, scale):
+  """q k^T * scale, as float32. The matmul's result keeps the inputs' dtype: with bf16 compute the
+  (q, k) scores are stored as bf16 and widened where they are used (the widening fuses into the
+  softmax; a float32 result would double the largest tensor's traffic)."""
+  return jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32) * scale
+
+
 def deferred_attention(q, k, v, scale):
   """Softmax attention normalised late: v times the unnormalised exp(scores - max), then the
   (q, d) result divided by the row sums. For CvT's first stage (3136 queries x 784 keys, d = 64)
   that saves a pass over, and a saved-for-backward copy of, a 12x larger tensor.
 
   (..., q, d) queries against (..., k, d) keys and values -> the output, and each query row's
-  log-sum-exp of the scores (float32; the CPU's blocked backward pass recomputes probabilities
-  from it)."""
-  scores = jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32) * scale
+  log-sum-exp of the scores (float32; `recompute_attention`'s backward pass recomputes
+  probabilities from it)."""
+  scores = attention_scores(q, k, scale)
   # The max only keeps exp in range; softmax does not depend on it, so no gradient flows into it.
   row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
   unnormalised = jnp.exp(scores - row_max)
   row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
   out = jnp.einsum('...qk,...kd->...qd', unnormalised.astype(v.dtype), v)
   return (out.astype(jnp.float32) / row_sum).astype(v.dtype), row_max + jnp.log(row_sum)
+
+
+def attention_grads(q, k, v, out, logsumexp, grad, scale):
+  """(dq, dk, dv) of softmax attention from its inputs, output and row log-sum-exp: the
+  probabilities are recomputed, as flash attention does, instead of kept from the forward pass.
+  Float32 results; the matmuls take the inputs' dtype and accumulate in float32."""
+  f32 = jnp.float32
+  # The (q, k) tensors in the inputs' dtype, as the forward pass's: widened only inside fusions.
+  probs = jnp.exp(attention_scores(q, k, scale) - logsumexp).astype(grad.dtype)
+  dv = jnp.einsum('...qk,...qd->...kd', probs, grad, preferred_element_type=f32)
+  d_probs = jnp.einsum('...qd,...kd->...qk', grad, v).astype(f32)
+  row_dot = jnp.sum(grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+  d_scores = (probs.astype(f32) * (d_probs - row_dot) * scale).astype(q.dtype)
+  dq = jnp.einsum('...qk,...kd->...qd', d_scores, k, preferred_element_type=f32)
+  dk = jnp.einsum('...qk,...qd->...kd', d_scores, q, preferred_element_type=f32)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def recompute_attention(q, k, v, scale):
+  """`deferred_attention`'s output, with a backward pass that keeps only q, k, v, the output and
+  the row log-sum-exp: no (q, k)-sized tensor stays in memory between the passes."""
+  return deferred_attention(q, k, v, scale)[0]
+
+
+def _recompute_attention_fwd(q, k, v, scale):
+  out, logsumexp = deferred_attention(q, k, v, scale)
+  return out, (q, k, v, out, logsumexp)
+
+
+def _recompute_attention_bwd(scale, residuals, grad):
+  q, k, v, _, _ = residuals
+  dq, dk, dv = attention_grads(*residuals, grad, scale)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+recompute_attention.defvjp(_recompute_attention_fwd, _recompute_attention_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------

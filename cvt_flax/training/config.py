@@ -26,7 +26,8 @@ def default_config() -> ConfigDict:
   # checkpointed model, so they may change when a run resumes. 'auto' = the fast path for the
   # platform of the mesh's devices.
   c.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 master weights, LayerNorm/softmax float32.
-  c.attention_impl = 'auto'  # 'softmax' | 'deferred' | 'blocked' (CPU) | 'xla_fused' | 'cudnn'
+  # 'softmax' | 'deferred' | 'recompute' | 'blocked' (CPU) | 'xla_fused' | 'cudnn'
+  c.attention_impl = 'auto'
   c.dwconv_impl = 'auto'  # 'xla' | 'shifts' (CPU)
   # Recompute activations in the backward pass: 'none', 'block' (keep only each block's input) or
   # a jax.checkpoint_policies name per block ('dots_saveable', ...). For W24 or large batches.
