@@ -125,12 +125,17 @@ TINY_MODEL = dict(
     attn_drop_rate=(0.0, 0.0), drop_path_rate=(0.0, 0.2))
 
 
-def load_config_module(name: str):
-  """configs/<name>.py as a module (its get_config(arg) builds the config)."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+def load_module(path: pathlib.Path):
+  """A Python file that is not in a package (a config, a benchmark) as a module."""
+  spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_config_module(name: str):
+  """configs/<name>.py as a module (its get_config(arg) builds the config)."""
+  return load_module(ROOT / 'configs' / f'{name}.py')
 
 
 def tiny_config(data_dir: str, **overrides):

@@ -68,23 +68,37 @@ def _gib(n: float) -> str:
   return f'{n / GiB:.2f} GiB'
 
 
+def _halvings_to_fit(temp_bytes: int, room: int, limit: int) -> int:
+  """The power of 2 (at most `limit`) by which temporaries must shrink to fit in `room`, taking
+  them as proportional to the batch (about right: activations dominate)."""
+  factor = 2
+  while factor < limit and temp_bytes / factor > room:
+    factor *= 2
+  return factor
+
+
 def advice(compiled: Compiled) -> str:
   """The one message for a run that does not fit: what takes the memory, what to change."""
   cfg, chip = compiled.run.config, compiled.slice.chip
   step = max(_steps(compiled), key=lambda s: hbm_needed(compiled, s))
   which = 'train' if step is compiled.train else 'eval'
   needed = hbm_needed(compiled, step)
+  room = chip.hbm_bytes - (needed - step.temp_bytes)
+  micro = compiled.per_chip_batch // cfg.grad_accum_steps
+  factor = _halvings_to_fit(step.temp_bytes, room, max(micro, 1))
   fixes = []
-  if not cfg.fsdp:
+  if which == 'train' and not cfg.fsdp:
     fixes.append('--config.fsdp=True (shards parameters and optimizer state over the chips)')
-  if cfg.remat == 'none':
+  if which == 'train' and cfg.remat == 'none':
     fixes.append('--config.remat=block (keeps one activation per block)')
-  if compiled.per_chip_batch > 1:
-    fixes.append(f'--config.grad_accum_steps={2 * cfg.grad_accum_steps} (halves the activations '
-                 f'per chip; same global batch) or a smaller --config.batch_size '
-                 f'(now {compiled.per_chip_batch} images per chip)')
+  if which == 'train' and micro > 1:
+    fixes.append(f'--config.grad_accum_steps={factor * cfg.grad_accum_steps} (the same global '
+                 f'batch in microbatches of {max(micro // factor, 1)} images per chip: '
+                 f'activations shrink about {factor}x) or a smaller --config.batch_size')
   if which == 'eval':
-    fixes.append('a smaller --config.eval_batch_size')
+    eval_batch = compiled.run.config.eval_batch_size
+    eval_batch = eval_batch if eval_batch > 0 else cfg.batch_size
+    fixes.append(f'--config.eval_batch_size={max(eval_batch // factor, compiled.slice.num_chips)}')
   compiler = f' XLA:TPU said: {step.out_of_memory}' if step.out_of_memory else ''
   return (f'does not fit: the {which} step needs {"at least " if step.out_of_memory else ""}'
           f'{_gib(needed)} per chip, {_gib(needed - chip.hbm_bytes)} more than the '
