@@ -27,7 +27,8 @@ ROWS = {
     'w24_384_v5e8_nofsdp': ('v5e-8', f'{IMAGENET}:cvt-w24,384', ('--config.fsdp=False',)),
     'w24_384_v5e8_fsdp_remat_acc8': ('v5e-8', f'{IMAGENET}:cvt-w24,384', (
         '--config.remat=block', '--config.grad_accum_steps=8', '--config.eval_batch_size=256')),
-    'ft21_384_v5e8': ('v5e-8', 'configs/finetune.py:imagenet384', ('--config.model.variant=cvt-21',)),
+    'ft21_384_v5e8': ('v5e-8', 'configs/finetune.py:imagenet384',
+                      ('--config.model.variant=cvt-21',)),
     'c13_224_v6e8': ('v6e-8', f'{IMAGENET}:cvt-13,224', ()),
     'c21_224_v6e8': ('v6e-8', f'{IMAGENET}:cvt-21,224', ()),
     'c13_384_v6e8': ('v6e-8', f'{IMAGENET}:cvt-13,384', ()),

@@ -1,4 +1,5 @@
-"""`python -m cvt_flax.aot`: the trainer's steps compiled for TPU slices on this CPU (libtpu, no TPU).
+"""`python -m cvt_flax.aot`: the trainer's steps compiled for TPU slices on this CPU (libtpu, no
+TPU).
 
 The compiles here are of TINY_MODEL at 16 px on `v5e-4` (libtpu's `v5e:2x2`); a CvT-13 train step
 takes minutes, so the full-size configs are in `benchmarks/RESULTS.md`'s capacity plan instead.

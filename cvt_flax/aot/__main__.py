@@ -1,5 +1,5 @@
-r"""Compiles a training config for a TPU slice on this machine (no TPU needed) and reports whether it
-fits and how fast it should run.
+r"""Compiles a training config for a TPU slice on this machine (no TPU needed) and reports whether
+it fits and how fast it should run.
 
     python -m cvt_flax.aot --config configs/imagenet.py:cvt-13,224 --topology v5e-8
     python -m cvt_flax.aot --config configs/imagenet.py:cvt-w24,384 --topology v5e-8 \

@@ -85,7 +85,6 @@ def slice_devices(tpu_slice: Slice) -> list:
     # libtpu takes a machine-wide lock file when it starts, which protects the chips; without
     # chips it only keeps a second compiling process (a test worker, another plan) from starting.
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-
   with logs.native_stderr_without(*_LIBTPU_NOISE):
     return topologies.get_topology_desc(tpu_slice.topology, 'tpu',
                                         **dict(tpu_slice.topology_kwargs)).devices
