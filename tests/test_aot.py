@@ -123,6 +123,17 @@ def test_compiled_flops_agree_with_the_analytic_count(compiled):
     assert 1 - first_conv / analytic <= ratio <= 1.10, ratio
 
 
+def test_grad_accumulation_loop_is_counted_once_per_microbatch(compiled, digits_dir):
+  """XLA's cost analysis counts a loop body once: with 2 microbatches the raw count halves, and the
+  report scales it back (to within the optimizer update, counted twice)."""
+  accumulated = aot_compile.compile_for_slice(
+      digits_config(digits_dir, grad_accum_steps=2), V5E_4, with_eval=False)
+  single = compiled[False]
+  assert 0.4 < accumulated.train.flops / single.train.flops < 0.6
+  scaled = report.step_costs(accumulated)[0] / report.step_costs(single)[0]
+  assert 0.95 < scaled < 1.1, scaled
+
+
 def test_fsdp_divides_state_bytes_by_about_the_chip_count(compiled):
   replicated, sharded = compiled[False], compiled[True]
   ratio = replicated.state_bytes_per_chip / sharded.state_bytes_per_chip

@@ -27,6 +27,14 @@ class Estimate:
   schedule_days: float
 
 
+def step_costs(compiled: Compiled) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) of one train step per chip. With grad_accum_steps = A the step is a
+  loop over A microbatches, whose body XLA's cost analysis counts once: its figures are scaled by A
+  (the optimizer update outside the loop is then counted A times, a small overestimate)."""
+  loops = compiled.run.config.grad_accum_steps
+  return compiled.train.flops * loops, compiled.train.bytes_accessed * loops
+
+
 def model_train_flops_per_chip(compiled: Compiled) -> float:
   cfg = compiled.run.model_config
   macs = flops_lib.analytic_macs(cfg, compiled.run.config.input.image_size)['total']
@@ -38,8 +46,9 @@ def estimate(compiled: Compiled) -> Estimate | None:
   chip, train = compiled.slice.chip, compiled.train
   if train.out_of_memory:
     return None
-  compute_s = train.flops / chip.peak_bf16_flops
-  memory_s = train.bytes_accessed / chip.hbm_bytes_per_s
+  flops, bytes_accessed = step_costs(compiled)
+  compute_s = flops / chip.peak_bf16_flops
+  memory_s = bytes_accessed / chip.hbm_bytes_per_s
   step = max(compute_s, memory_s)
   mfu = model_train_flops_per_chip(compiled) / (step * chip.peak_bf16_flops)
   return Estimate(step, 'compute' if compute_s >= memory_s else 'memory',
@@ -119,8 +128,9 @@ def to_json(compiled: Compiled) -> dict:
       'train_argument_bytes': train.argument_bytes, 'train_output_bytes': train.output_bytes,
       'train_alias_bytes': train.alias_bytes, 'train_temp_bytes': train.temp_bytes,
       'train_code_bytes': train.code_bytes, 'train_out_of_memory': train.out_of_memory,
-      'train_flops_per_step_per_chip': train.flops,
-      'train_bytes_per_step_per_chip': train.bytes_accessed,
+      'train_flops_per_step_per_chip': step_costs(compiled)[0],
+      'train_bytes_per_step_per_chip': step_costs(compiled)[1],
+      'grad_accum_steps': compiled.run.config.grad_accum_steps,
       'model_train_flops_per_step_per_chip': model_train_flops_per_chip(compiled),
       'estimated_step_seconds': est and est.step_seconds, 'bound': est and est.bound,
       'estimated_images_per_sec': est and est.images_per_sec_per_chip * sl.num_chips,
@@ -165,10 +175,12 @@ def to_text(compiled: Compiled) -> str:
   colls = ', '.join(f'{kind} x{c["count"]} ({c["bytes"] / 1e6:.1f} MB)'
                     for kind, c in j['collectives'].items()) or 'none'
   lines += [
-      f'per step and chip: {train.flops / 1e12:.3f} TFLOP (model: '
+      f'per step and chip: {j["train_flops_per_step_per_chip"] / 1e12:.3f} TFLOP (model: '
       f'{j["model_train_flops_per_step_per_chip"] / 1e12:.3f}), '
-      f'{train.bytes_accessed / 1e9:.1f} GB accessed',
-      f'collectives (train step, loop bodies once): {colls}',
+      f'{j["train_bytes_per_step_per_chip"] / 1e9:.1f} GB accessed'
+      + (f' (the accumulation loop\'s body x{cfg.grad_accum_steps})'
+         if cfg.grad_accum_steps > 1 else ''),
+      f'collectives (train step, a loop body once): {colls}',
       f'roofline estimate (not a measurement): {est.step_seconds * 1e3:.1f} ms per step, '
       f'{est.bound}-bound; {est.images_per_sec_per_chip:.0f} images/s per chip, '
       f'{j["estimated_images_per_sec"]:.0f} on the slice; MFU {est.mfu:.1%}; '
