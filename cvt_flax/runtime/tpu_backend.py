@@ -7,12 +7,12 @@ worker hostname ... TPU_WORKER_HOSTNAMES") before JAX falls back to the CPU. Whe
 on the PCI bus, the TPU backend's factory is replaced by one that declines at once, so JAX moves
 on to the other backends in silence. Compiling for a TPU topology (`jax.experimental.topologies`)
 loads libtpu by another route and is unaffected. Nothing changes on a TPU VM (chips present),
-when the user has chosen platforms (`JAX_PLATFORMS`) or forced TPU start-up (`JAX_FORCE_TPU_INIT`),
-or when libtpu is not installed.
+or when the user has chosen platforms (`JAX_PLATFORMS`) or forced TPU start-up
+(`JAX_FORCE_TPU_INIT`). It applies whether or not this environment has libtpu: a process that has
+loaded libtpu exports `TPU_LIBRARY_PATH` to its children, whose JAX then loads that library too.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax
@@ -40,9 +40,8 @@ def _no_tpu_here():
 
 def skip_tpu_backend_without_chips() -> bool:
   """Replaces the TPU backend factory when it cannot find a TPU; True if it did."""
-  if (importlib.util.find_spec('libtpu') is None or os.environ.get('JAX_PLATFORMS')
-      or jax.config.jax_platforms or 'JAX_FORCE_TPU_INIT' in os.environ
-      or tpu_chips_on_this_machine() > 0):
+  if (os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms
+      or 'JAX_FORCE_TPU_INIT' in os.environ or tpu_chips_on_this_machine() > 0):
     return False
   try:
     jax_backend.register_backend_factory('tpu', _no_tpu_here, priority=_TPU_PRIORITY,
