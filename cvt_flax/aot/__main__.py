@@ -19,18 +19,20 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-try:
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-except ModuleNotFoundError as _missing:
-  from cvt_flax import errors  # pylint: disable=g-import-not-at-top
-  sys.exit(f'ERROR: {errors.missing_extra(_missing, "train")}')
+from cvt_flax import errors, files
 
-from cvt_flax import errors, files  # pylint: disable=g-import-not-at-top
-from cvt_flax.aot import compile as aot_compile, report, tpus  # pylint: disable=g-import-not-at-top
-from cvt_flax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+try:
+  errors.require_installed('train', 'absl', 'ml_collections', 'tensorflow')
+except errors.MissingExtraError as _missing:
+  sys.exit(f'ERROR: {_missing}')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cvt_flax.aot import compile as aot_compile, report, tpus
+from cvt_flax.training import config as config_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                           lock_config=True)

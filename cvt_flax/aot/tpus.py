@@ -32,7 +32,7 @@ CHIPS = {
     'v4': Chip('TPU v4', 275e12, 32 * GiB, 1200e9, 'https://cloud.google.com/tpu/docs/v4'),
     'v5e': Chip('TPU v5e', 197e12, 16 * GiB, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
     'v5p': Chip('TPU v5p', 459e12, 95 * GiB, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
-    'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1640e9, 'https://cloud.google.com/tpu/docs/v6e'),
+    'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1638e9, 'https://cloud.google.com/tpu/docs/v6e'),
 }
 _CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}  # what the slice name counts
 _SINGLE_HOST_CHIPS = {'v4': 4, 'v5p': 4, 'v5e': 8, 'v6e': 8}
