@@ -1,8 +1,10 @@
 """`python -m cvt_flax.aot`: the trainer's steps compiled for TPU slices on this CPU (libtpu, no
 TPU).
 
-The compiles here are of TINY_MODEL at 16 px on `v5e-4` (libtpu's `v5e:2x2`); a CvT-13 train step
-takes minutes, so the full-size configs are in `benchmarks/RESULTS.md`'s capacity plan instead.
+The compiles here are of small models on `v5e-4` (libtpu's `v5e:2x2`); a CvT-13 train step takes
+minutes, so the full-size configs are in `benchmarks/RESULTS.md`'s capacity plan instead. The fast
+tests share one fixture of three compiles (about 75 s on 2 cores); the two that compile more are
+`slow`.
 """
 import importlib.util
 import json
@@ -87,9 +89,10 @@ def test_tpu_backend_is_left_alone_where_there_are_chips_or_a_choice(monkeypatch
 @pytest.fixture(scope='module')
 def compiled(digits_dir):
   """`make train`'s model (configs/digits.py: widths 32/64/128 at 32 px, 16 images per chip):
-  train and eval steps for v5e-4, float32, without and with FSDP."""
+  train steps for v5e-4, float32, without and with FSDP, and the eval step without."""
   return {fsdp: aot_compile.compile_for_slice(
-      digits_config(digits_dir, fsdp=fsdp, fsdp_min_size=256), V5E_4) for fsdp in (False, True)}
+      digits_config(digits_dir, fsdp=fsdp, fsdp_min_size=256), V5E_4, with_eval=not fsdp)
+          for fsdp in (False, True)}  # one eval step is enough
 
 
 def test_tiny_model_fits_v5e_and_report_says_so(compiled):
@@ -100,7 +103,7 @@ def test_tiny_model_fits_v5e_and_report_says_so(compiled):
     text = report.to_text(result)
     assert 'fits: yes' in text and 'v5e:2x2' in text
     assert 0 < result.train.hbm_bytes < result.slice.chip.hbm_bytes
-    assert result.eval.hbm_bytes > 0
+  assert 0 < compiled[False].eval.hbm_bytes < compiled[False].train.hbm_bytes
 
 
 # XLA's FLOPs / the analytic 6 x multiply-adds. Below 1 only by the input gradient of the first
@@ -123,6 +126,7 @@ def test_compiled_flops_agree_with_the_analytic_count(compiled):
     assert 1 - first_conv / analytic <= ratio <= 1.10, ratio
 
 
+@pytest.mark.slow  # another compile (~20 s)
 def test_grad_accumulation_loop_is_counted_once_per_microbatch(compiled, digits_dir):
   """XLA's cost analysis counts a loop body once: with 2 microbatches the raw count halves, and the
   report scales it back (to within the optimizer update, counted twice)."""
@@ -145,6 +149,7 @@ def test_fsdp_divides_state_bytes_by_about_the_chip_count(compiled):
       'all-reduce'}  # data parallel: only the gradients (and BatchNorm statistics) are reduced
 
 
+@pytest.mark.slow  # a process that compiles (~25 s)
 def test_cli_reports_a_run_that_cannot_fit(digits_dir, tmp_path):
   """TINY_MODEL at 512 px, 64 images per chip: the first stage's attention scores alone take
   65,536 queries x 16,385 keys x 4 bytes = 4.3 GB per image."""
