@@ -75,8 +75,7 @@ def _flax(args, mode):
   start = time.perf_counter()
   compiled = fn.lower(*inputs).compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get('flops', 0.0))
+  flops = float(compute_lib.cost_analysis(compiled).get('flops', 0.0))
   carry = list(inputs)
 
   def run():

@@ -88,9 +88,7 @@ def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float
   graphdef, state = nnx.split(model)
   forward = compute.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, cfg.in_chans), jnp.float32)
-  cost = forward.lower(state, images).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax versions return one dict per device
-    cost = cost[0]
+  cost = compute.cost_analysis(forward.lower(state, images).compile())
   return {key: float(cost[key]) / batch for key in ('flops', 'transcendentals') if key in cost}
 
 

@@ -165,6 +165,15 @@ def jit(fn, *, platform: str | None = None, **jit_kwargs):
   return jax.jit(fn, compiler_options=compiler_options(platform), **jit_kwargs)
 
 
+def cost_analysis(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled executable ('flops', 'bytes accessed', ...) for one device:
+  a dict whatever the jax version (older ones return a list of one dict per device)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return cost or {}
+
+
 def compile_ahead(fn, *abstract_args, platform: str | None = None, **jit_kwargs):
   """`jit(fn).lower(*abstract_args).compile()`; on CPU the compiler's freed heap then goes back to
   the OS, before the computation's own buffers come on top of it."""

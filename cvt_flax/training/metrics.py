@@ -24,6 +24,7 @@ from typing import Any
 import jax
 
 from cvt_flax import files
+from cvt_flax.models import compute
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -192,12 +193,9 @@ def compiled_flops(compiled) -> float | None:
   (Measured: a step costing 49.7 MFLOP on one CPU device reports 7.7 MFLOP per device on eight.)
   """
   try:
-    analysis = compiled.cost_analysis()
+    flops = compute.cost_analysis(compiled).get('flops')
   except Exception:  # pylint: disable=broad-except  # backends may not implement it
     return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get('flops')
   return float(flops) if flops and flops > 0 else None
 
 
