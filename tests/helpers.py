@@ -16,8 +16,8 @@ the bounds below come from measured noise floors, not from what happened to pass
     computes to ~1e-15) the fixtures' own float32 error is a constant, 2.9e-6 at most.
 """
 import functools
-import json
 import importlib.util
+import json
 import os
 import pathlib
 import signal

@@ -143,9 +143,9 @@ def test_fsdp_divides_state_bytes_by_about_the_chip_count(compiled):
   ratio = replicated.state_bytes_per_chip / sharded.state_bytes_per_chip
   # Arrays below fsdp_min_size elements (biases, norms) stay whole on every chip.
   assert 3.0 < ratio <= V5E_4.num_chips, ratio
-  kinds = {c.kind for c in hlo.collectives(hlo.parse_ops(sharded.train.hlo_text)[0])}
+  kinds = {c.kind for c in hlo.collectives(sharded.train.ops)}
   assert 'all-gather' in kinds  # the sharded weights are gathered for the forward pass
-  assert {c.kind for c in hlo.collectives(hlo.parse_ops(replicated.train.hlo_text)[0])} == {
+  assert {c.kind for c in hlo.collectives(replicated.train.ops)} == {
       'all-reduce'}  # data parallel: only the gradients (and BatchNorm statistics) are reduced
 
 

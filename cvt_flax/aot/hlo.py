@@ -56,11 +56,11 @@ def _short_source(op_name: str) -> str:
   return '/'.join(parts[-4:])
 
 
-def parse_ops(hlo_text: str) -> tuple[list[Op], set[str]]:
-  """(every instruction outside fused computations, the names of fused computations)."""
+def parse_ops(hlo_text: str) -> list[Op]:
+  """Every instruction outside fused computations (operands' sizes looked up across all)."""
   result_bytes: dict[str, int] = {}
   lines = []
-  in_fused, fused_names = False, set()
+  in_fused = False
   for line in hlo_text.splitlines():
     if line and not line.startswith(' '):  # a computation header or its closing brace
       header = line.lstrip('%').split(' ', 1)[0]
@@ -70,9 +70,7 @@ def parse_ops(hlo_text: str) -> tuple[list[Op], set[str]]:
     if not match:
       continue
     result_bytes[match['name']] = sum(array_bytes(match['type']))
-    if in_fused:
-      fused_names.add(match['name'])
-    else:
+    if not in_fused:
       lines.append(match)
   ops = []
   for m in lines:
@@ -83,7 +81,7 @@ def parse_ops(hlo_text: str) -> tuple[list[Op], set[str]]:
     ops.append(Op(m['name'], m['op'], result_bytes[m['name']],
                   sum(result_bytes.get(o, 0) for o in operands), int(cycles[1]) if cycles else 0,
                   _short_source(source[1]) if source else '', calls[1] if calls else ''))
-  return ops, fused_names
+  return ops
 
 
 @dataclasses.dataclass

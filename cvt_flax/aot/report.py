@@ -14,6 +14,7 @@ from cvt_flax import flops as flops_lib
 from cvt_flax.aot import hlo
 from cvt_flax.aot.compile import Compiled, CompiledStep
 from cvt_flax.aot.tpus import GiB
+from cvt_flax.training import run as run_lib
 
 TRAIN_FLOPS_PER_MAC = 6  # forward 2 FLOPs per multiply-add, backward twice the forward
 
@@ -105,8 +106,7 @@ def advice(compiled: Compiled) -> str:
                  f'batch in microbatches of {max(micro // factor, 1)} images per chip: '
                  f'activations shrink about {factor}x) or a smaller --config.batch_size')
   if which == 'eval':
-    eval_batch = compiled.run.config.eval_batch_size
-    eval_batch = eval_batch if eval_batch > 0 else cfg.batch_size
+    eval_batch = run_lib.eval_batch_size(cfg)
     fixes.append(f'--config.eval_batch_size={max(eval_batch // factor, compiled.slice.num_chips)}')
   compiler = f' XLA:TPU said: {step.out_of_memory}' if step.out_of_memory else ''
   return (f'does not fit: the {which} step needs {"at least " if step.out_of_memory else ""}'
@@ -139,7 +139,7 @@ def to_json(compiled: Compiled) -> dict:
       'total_steps': compiled.run.total_steps,
       'compile_seconds': sum(s.compile_seconds for s in _steps(compiled)),
       'collectives': {c.kind: {'count': c.count, 'bytes': c.bytes}
-                      for c in hlo.collectives(hlo.parse_ops(train.hlo_text)[0])},
+                      for c in hlo.collectives(train.ops)},
   }
   if compiled.eval:
     out['eval_hbm_bytes_per_chip'] = hbm_needed(compiled, compiled.eval)
@@ -191,7 +191,7 @@ def to_text(compiled: Compiled) -> str:
 def costs_text(compiled: Compiled, n: int) -> str:
   """The train step's n costliest sources by XLA:TPU's estimated cycles, then by bytes, and its
   layout changes (a Markdown table each; `hlo` says how they are counted)."""
-  ops, _ = hlo.parse_ops(compiled.train.hlo_text)
+  ops = compiled.train.ops
   total_cycles = sum(op.cycles for op in ops) or 1
   lines = []
   for title, key in (('estimated cycles', 2), ('bytes (operands + result)', 3)):

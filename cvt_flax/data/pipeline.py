@@ -104,15 +104,7 @@ def _num_classes(builder):
 
 def get_dataset_info(input_cfg) -> DatasetInfo:
   """Classes and split sizes of the configured dataset (as the pipelines will read them)."""
-  builder = _builder(input_cfg)
-  names = tuple(_label_feature(builder).names)
-  train_split = input_cfg.train_split
-  return DatasetInfo(
-      num_classes=_num_classes(builder),
-      num_train_examples=(_num_records(_read(builder, train_split, False), 'train split')
-                          if train_split else 0),
-      num_eval_examples=_num_records(_read(builder, input_cfg.eval_split, False), 'eval split'),
-      class_names=names or None)
+  return _dataset_info(_builder(input_cfg), input_cfg, count=True)
 
 
 def get_dataset_info_unprepared(input_cfg) -> DatasetInfo:
@@ -120,11 +112,20 @@ def get_dataset_info_unprepared(input_cfg) -> DatasetInfo:
   definition; split sizes only if prepared, else 0 (for compiling ahead of time, where only the
   shapes matter)."""
   builder = _builder(input_cfg)
-  if isinstance(builder, tfds.folder_dataset.ImageFolder) or builder.is_prepared():
-    return get_dataset_info(input_cfg)
+  prepared = isinstance(builder, tfds.folder_dataset.ImageFolder) or builder.is_prepared()
+  return _dataset_info(builder, input_cfg, count=prepared)
+
+
+def _dataset_info(builder, input_cfg, count: bool) -> DatasetInfo:
   names = tuple(_label_feature(builder).names)
-  return DatasetInfo(num_classes=_num_classes(builder), num_train_examples=0,
-                     num_eval_examples=0, class_names=names or None)
+  train_split = input_cfg.train_split
+  return DatasetInfo(
+      num_classes=_num_classes(builder),
+      num_train_examples=(_num_records(_read(builder, train_split, False), 'train split')
+                          if count and train_split else 0),
+      num_eval_examples=(_num_records(_read(builder, input_cfg.eval_split, False), 'eval split')
+                         if count else 0),
+      class_names=names or None)
 
 
 def _local_batch_size(global_batch_size, process_index, process_count):
