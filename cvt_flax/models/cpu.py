@@ -8,7 +8,8 @@ or TPU, where each of them would be slower (sequential loops, opaque conditional
     written out the same way (XLA:CPU's grouped-conv kernel is an order of magnitude slower).
   * `blocked_attention`: attention in cache-sized blocks of queries, with a recomputing backward.
   * `gradient_fusion_barrier`: stops XLA:CPU's fusion of the residual gradient across blocks.
-  * `COMPILER_OPTIONS`, `release_freed_memory`: the scheduler choice and glibc heap release.
+  * `COMPILER_OPTIONS`, `release_freed_memory`: the scheduler and library choices, and glibc heap
+    release.
 """
 from __future__ import annotations
 
@@ -26,7 +27,18 @@ from cvt_flax.models import layers
 # it materialises the depthwise convolutions' shifted input windows in the forward pass and holds
 # them until the backward pass reads them. The memory-optimised scheduler does not (the memory it
 # saves: benchmarks/RESULTS.md). Same computation, same numbers.
-COMPILER_OPTIONS = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+#
+# Which ops XLA:CPU hands to the YNNPACK library is a default that differs between XLA builds and
+# CPUs; here it is stated. Its reductions, not XLA's own loops: CvT's training step is full of
+# column reductions (bias, LayerNorm and BatchNorm gradients, BatchNorm batch statistics), which
+# XLA's emitter runs far slower (the step took twice as long without them). Its matmuls and
+# convolutions, no: XLA's own (Eigen) run the step's GEMMs and the patch embeddings' weight
+# gradients faster (benchmarks/RESULTS.md). A reduction that consumes a dot may still take the dot
+# into its YNNPACK fusion.
+COMPILER_OPTIONS = {
+    'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE',
+}
 
 
 def release_freed_memory() -> None:

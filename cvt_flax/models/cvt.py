@@ -33,6 +33,19 @@ def _linear(din, dout, cfg: CvTConfig, dtype, rngs, use_bias=True):
                     kernel_init=layers.linear_kernel_init(cfg.init), rngs=rngs)
 
 
+def _per_token(fn, x):
+  """`fn` of (batch, tokens, channels) `x` applied to it as one (batch * tokens, channels) matrix.
+
+  The same function; what changes is the weight gradient's matmul, which then contracts one axis
+  instead of two. XLA:CPU reorders a two-axis contraction by copying the whole activation
+  transposed first (a pass as slow as the matmul: benchmarks/RESULTS.md); a one-axis one it
+  hands to the matmul as is. Free on every platform (the reshapes are bitcasts).
+  """
+  b, n, c = x.shape
+  y = fn(x.reshape(b * n, c))
+  return y.reshape(b, n, y.shape[-1])
+
+
 class DepthwiseConv(nnx.Module):
   """Depthwise conv without bias. `kernel` is (k, k, 1, C): torch's (C, 1, k, k) transposed (2, 3, 1, 0)."""
 
@@ -116,8 +129,8 @@ class Attention(nnx.Module):
   def __call__(self, x, h, w):
     q, k, v = self._spatial_qkv(x, h, w)
     with jax.named_scope('qkv_linear'):
-      q, k, v = (self._heads(self.proj_q(q)), self._heads(self.proj_k(k)),
-                 self._heads(self.proj_v(v)))
+      q, k, v = (self._heads(_per_token(self.proj_q, q)), self._heads(_per_token(self.proj_k, k)),
+                 self._heads(_per_token(self.proj_v, v)))
     record = None
     if self.record_attention:  # for visualisation; see `attention_maps`
       record = lambda probs: self.sow(nnx.Intermediate, 'attention_weights', probs)
@@ -129,7 +142,7 @@ class Attention(nnx.Module):
     b, nh, n, d = out.shape
     with jax.named_scope('attn_out_linear'):
       out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
-      return self.proj_drop(self.proj(out))
+      return self.proj_drop(_per_token(self.proj, out))
 
 
 class Mlp(nnx.Module):
@@ -142,7 +155,7 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     with jax.named_scope('mlp'):
-      return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+      return _per_token(lambda x: self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), x)
 
 
 class Block(nnx.Module):
