@@ -201,3 +201,34 @@ def test_cpu_compiler_options_shrink_the_training_temporaries():
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp_bytes(cvt_flax.models.compiler_options('cpu')) < 0.8 * temp_bytes(None)
+
+
+def test_cpu_compiler_options_give_reductions_not_matmuls_to_ynnpack():
+  # XLA's own default of what goes to YNNPACK differs between CPUs; the CPU options state it:
+  # reductions yes (XLA's column reductions are slow), matmuls no (XLA's are faster).
+  fn = lambda a, b: (a @ b, jnp.sum(a * 2, axis=0))
+  hlo = jax.jit(fn, compiler_options=cvt_flax.models.compiler_options('cpu')).lower(
+      jnp.ones((512, 256)), jnp.ones((256, 128))).compile().as_text()
+  entry = hlo[hlo.index('ENTRY'):]
+  assert re.search(r'= f32\[512,128\]\{1,0\} dot\(', entry), 'the matmul is not XLA\'s own dot'
+  assert re.search(r'= f32\[256\]\{0\} fusion\([^\n]*"kind":"__ynn_fusion"', entry), \
+      'the reduction is not a YNNPACK fusion'
+
+
+def test_linear_weight_gradients_need_no_transposed_copy():
+  # The model's linear layers see (batch * tokens, channels); on (batch, tokens, channels) the
+  # weight gradient contracts two axes, which XLA:CPU prepares with transposing copies.
+  mlp = cvt_flax.models.cvt.Mlp(16, 64, 0.0, cvt_flax.models.make_config('cvt-13'), jnp.float32,
+                                nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
+  x = _normal(0, (2, 50, 16))
+
+  def weight_grads_hlo(call):
+    loss = lambda p: jnp.sum(call(nnx.merge(graphdef, p, rest)) ** 2)
+    return compute.jit(jax.grad(loss), platform='cpu').lower(params).compile().as_text()
+
+  assert ' transpose(' in weight_grads_hlo(lambda m: m.fc2(m.act(m.fc1(x))))
+  assert ' transpose(' not in weight_grads_hlo(lambda m: m(x))
+  # and the reshaped form is the same function
+  m = nnx.merge(graphdef, params, rest)
+  np.testing.assert_allclose(m(x), m.fc2(m.act(m.fc1(x))), atol=ATOL, rtol=0)
