@@ -53,6 +53,16 @@ def test_profile_labels_each_op_by_its_innermost_named_scope(op_name, mode, labe
   assert _profile_ops()._label(op_name, mode) == label  # pylint: disable=protected-access
 
 
+def test_profile_times_are_wall_clock_with_gaps_given_to_the_last_matmul():
+  # (start, end, category, is a matmul), in ns * 1e3 (ps): two thunks overlap, then nothing runs
+  # while an asynchronous matmul finishes, then one more thunk.
+  intervals = [(0, 4000, 'mlp', True), (2000, 6000, 'layer_norm', False),
+               (10000, 12000, 'other', False)]
+  ms = _profile_ops()._wall_clock_ms(intervals)  # pylint: disable=protected-access
+  assert ms == pytest.approx({'mlp': 3e-6 + 4e-6, 'layer_norm': 3e-6, 'other': 2e-6})
+  assert sum(ms.values()) == pytest.approx(12e-6)  # the whole span, counted once
+
+
 @pytest.mark.slow  # four profiled processes of CvT-13 at 64 px: ~2 min on 2 cores (CI runs it)
 def test_profile_ops_tables_cover_both_frameworks():
   proc = subprocess.run(
