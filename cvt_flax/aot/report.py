@@ -118,6 +118,7 @@ def advice(compiled: Compiled) -> str:
 
 def to_json(compiled: Compiled) -> dict:
   est, train, sl = estimate(compiled), compiled.train, compiled.slice
+  flops, bytes_accessed = step_costs(compiled)
   out = {
       'topology': sl.name, 'libtpu_topology': sl.topology, 'chips': sl.num_chips,
       'chip': sl.chip.name, 'per_chip_batch': compiled.per_chip_batch,
@@ -128,8 +129,8 @@ def to_json(compiled: Compiled) -> dict:
       'train_argument_bytes': train.argument_bytes, 'train_output_bytes': train.output_bytes,
       'train_alias_bytes': train.alias_bytes, 'train_temp_bytes': train.temp_bytes,
       'train_code_bytes': train.code_bytes, 'train_out_of_memory': train.out_of_memory,
-      'train_flops_per_step_per_chip': step_costs(compiled)[0],
-      'train_bytes_per_step_per_chip': step_costs(compiled)[1],
+      'train_flops_per_step_per_chip': flops,
+      'train_bytes_per_step_per_chip': bytes_accessed,
       'grad_accum_steps': compiled.run.config.grad_accum_steps,
       'model_train_flops_per_step_per_chip': model_train_flops_per_chip(compiled),
       'estimated_step_seconds': est and est.step_seconds, 'bound': est and est.bound,
