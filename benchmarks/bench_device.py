@@ -31,19 +31,13 @@ from bench_model import _time_runs  # pylint: disable=g-import-not-at-top,wrong-
 
 # (variant, image size, batch): CvT-13 and -21 at ImageNet training batch sizes per chip, W24 at 384.
 CASES = (('cvt-13', 224, 256), ('cvt-21', 224, 256), ('cvt-w24', 384, 32))
-TINY = dict(dim_embed=(16, 32), num_heads=(1, 2), depth=(1, 2), patch_size=(7, 3),
-            patch_stride=(4, 2), patch_padding=(2, 1), cls_token=(False, True),
-            qkv_proj_method=('dw_bn', 'dw_bn'), kernel_qkv=(3, 3), stride_kv=(2, 2),
-            stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(True, True),
-            mlp_ratio=(4.0, 4.0), drop_rate=(0.0, 0.0), attn_drop_rate=(0.0, 0.0),
-            drop_path_rate=(0.0, 0.1))
 PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0}  # dense bf16
 NUM_CLASSES = 1000
 
 
 def _model_config(args):
   from cvt_flax.models import make_config  # pylint: disable=import-outside-toplevel
-  return make_config(TINY if args.tiny else args.variant, num_classes=NUM_CLASSES)
+  return make_config('tiny' if args.tiny else args.variant, num_classes=NUM_CLASSES)
 
 
 def _batch(args):
@@ -57,7 +51,8 @@ def _flax(args, mode):
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from cvt_flax.models import CvT, compute as compute_lib, make_compute  # pylint: disable=import-outside-toplevel
+  from cvt_flax.models import CvT, make_compute  # pylint: disable=import-outside-toplevel
+  from cvt_flax.runtime import compiler  # pylint: disable=import-outside-toplevel
   from cvt_flax.training import steps  # pylint: disable=import-outside-toplevel
   compute = make_compute(dtype='bfloat16', remat=args.remat)
   model = CvT(_model_config(args), rngs=nnx.Rngs(0), compute=compute)
@@ -65,17 +60,17 @@ def _flax(args, mode):
   if mode == 'infer':
     model.eval()
     graphdef, variables = nnx.split(model)
-    fn, inputs = compute_lib.jit(lambda v, x: nnx.merge(graphdef, v)(x)), (variables, images)
+    fn, inputs = compiler.jit(lambda v, x: nnx.merge(graphdef, v)(x)), (variables, images)
   else:
     tx = optax.adamw(1e-3, weight_decay=0.05)
     step = steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
                                  num_classes=NUM_CLASSES, mixup=dict(prob=0.0), seed=0)
-    fn = compute_lib.jit(step, donate_argnums=(0,))
+    fn = compiler.jit(step, donate_argnums=(0,))
     inputs = (steps.init_train_state(model, tx), {'image': images, 'label': labels})
   start = time.perf_counter()
   compiled = fn.lower(*inputs).compile()
   compile_s = time.perf_counter() - start
-  flops = float(compute_lib.cost_analysis(compiled).get('flops', 0.0))
+  flops = float(compiler.cost_analysis(compiled).get('flops', 0.0))
   carry = list(inputs)
 
   def run():

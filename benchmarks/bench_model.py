@@ -85,12 +85,12 @@ def _export_weights(args):
 def compiled_flax_step(model, images, labels, mode, *, donate):
   """cvt-flax's eval-mode forward ('infer') or one AdamW training step ('train': returns params,
   rest, opt_state, loss; with `donate` its first three arguments are donated), compiled with the
-  trainer's compiler settings (`cvt_flax.models.compute.compile_ahead`). Returns (compiled, its
+  trainer's compiler settings (`cvt_flax.runtime.compiler.compile_ahead`). Returns (compiled, its
   arguments, compile seconds)."""
   import jax
   import optax
   from flax import nnx
-  from cvt_flax.models import compute
+  from cvt_flax.runtime import compiler
   if mode == 'infer':
     model.eval()
     graphdef, state = nnx.split(model)
@@ -114,7 +114,7 @@ def compiled_flax_step(model, images, labels, mode, *, donate):
     fn, jit_kwargs = train_step, dict(donate_argnums=(0, 1, 2) if donate else ())
     call_args = (params, rest, tx.init(params), images, labels)
   start = time.perf_counter()
-  compiled = compute.compile_ahead(fn, *call_args, **jit_kwargs)
+  compiled = compiler.compile_ahead(fn, *call_args, **jit_kwargs)
   return compiled, call_args, time.perf_counter() - start
 
 

@@ -1,9 +1,8 @@
-"""cvt-flax: CvT in JAX/Flax NNX with exact PyTorch weight parity."""
-# First, before anything starts a JAX backend (see the module).
-from cvt_flax.runtime.tpu_backend import skip_tpu_backend_without_chips
+"""cvt-flax: CvT in JAX/Flax NNX with exact PyTorch weight parity.
 
-skip_tpu_backend_without_chips()
-
+Importing it changes nothing global: JAX's platforms are the caller's (the commands choose theirs
+with `cvt_flax.runtime.platforms`), and TensorFlow is imported only by `cvt_flax.data`.
+"""
 from cvt_flax.models import (VARIANTS, Compute, CvT, CvTConfig, configs_from_official_yaml,
                              count_params, create_model, make_config, with_compute)
 from cvt_flax.preprocess import Preprocess

@@ -26,7 +26,7 @@ from cvt_flax import errors, io
 from cvt_flax import preprocess as preprocess_lib
 from cvt_flax.models import with_compute
 from cvt_flax.models.compute import DTYPES
-from cvt_flax.runtime import eval_step as eval_step_lib, sharding
+from cvt_flax.runtime import eval_step as eval_step_lib, platforms, sharding
 
 
 class EvaluateError(errors.CvtFlaxError, ValueError):
@@ -94,6 +94,7 @@ def _parse_args(argv):
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
+  platforms.skip_tpu_without_chips()
   try:
     _input_pipeline()  # without the `train` extra: its one line, before any model is loaded
     model = with_compute(io.from_pretrained(args.checkpoint, revision=args.revision),

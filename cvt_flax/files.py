@@ -16,7 +16,7 @@ What a reader can see:
     which readers reject and the next save replaces.
 
 Emulators: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`, the convention of Google's client
-libraries, is the one setting. `use_storage_emulator_if_set` maps it onto the settings of the
+libraries, is the one setting. `prepare_url_clients` maps it onto the settings of the
 libraries that have their own (tensorstore, which writes Orbax's arrays, and gcsfs).
 """
 from __future__ import annotations
@@ -34,17 +34,10 @@ from etils import epath
 from cvt_flax import logs
 from cvt_flax.errors import require_installed
 
-# etils.epath picks tf.io.gfile for URLs whenever TensorFlow is installed, and decides once per
-# process, at its first use. tf.io.gfile ignores STORAGE_EMULATOR_HOST, and TensorFlow only feeds
-# the input pipeline here; so URLs go through gcsfs unless the user chose otherwise before import.
-os.environ.setdefault('EPATH_USE_TF', 'false')
-
-# gcsfs logs a request it gives up on, with its traceback, then raises it: the raised error is
-# what the caller reports, once.
-logs.drop_messages('gcsfs', r'out of retries on exception', r'non-retriable exception')
-
-# The process's umask, read once (os.umask can only be read by setting it): a written file gets the
-# permissions a plain open() would give it, whatever the writing library chose.
+# The process's umask, read once, at import (os.umask can only be read by setting it and setting it
+# back, which later, beside Orbax's writer threads, would race with their file creation): a
+# written file gets the permissions a plain open() would give it, whatever the writing library
+# chose.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -60,12 +53,21 @@ def absolute(path) -> str:
   return path if is_remote(path) else os.path.abspath(path)
 
 
-def use_storage_emulator_if_set() -> None:
-  """Points every storage client at STORAGE_EMULATOR_HOST, if it is set.
+def prepare_url_clients() -> None:
+  """Sets up the storage clients before cvt-flax's first URL (nothing runs at import: a process
+  that never reads a URL is left as it was).
 
-  tensorstore reads its own variable and needs a token to skip the credential lookup; gcsfs's
-  default file system asks the storage-control API, which emulators lack, for the bucket type.
+  etils.epath picks tf.io.gfile for URLs whenever TensorFlow is installed, and decides once per
+  process, at its first use; tf.io.gfile ignores STORAGE_EMULATOR_HOST, and TensorFlow only feeds
+  the input pipeline here, so URLs (Orbax's too) go through gcsfs unless the user set
+  EPATH_USE_TF. gcsfs logs a request it gives up on, with its traceback, then raises it: the raised
+  error is what the caller reports, once. Then every storage client is pointed at
+  STORAGE_EMULATOR_HOST, if it is set: tensorstore reads its own variable and needs a token to skip
+  the credential lookup; gcsfs's default file system asks the storage-control API, which emulators
+  lack, for the bucket type.
   """
+  os.environ.setdefault('EPATH_USE_TF', 'false')
+  logs.drop_messages('gcsfs', r'out of retries on exception', r'non-retriable exception')
   host = os.environ.get('STORAGE_EMULATOR_HOST')
   if not host:
     return
@@ -76,8 +78,8 @@ def use_storage_emulator_if_set() -> None:
 
 
 def _url(path):
-  """The epath.Path of a URL, with the client library checked and the emulator mapped."""
-  use_storage_emulator_if_set()
+  """The epath.Path of a URL, with the client library checked and the clients set up."""
+  prepare_url_clients()
   if os.fspath(path).startswith('gs://'):
     require_installed('gcs', 'gcsfs')
   return epath.Path(os.fspath(path))

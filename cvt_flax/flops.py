@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cvt_flax.models import layers
-from cvt_flax.models import (Compute, CvTConfig, abstract_model, compute, count_params,
+from cvt_flax.models import (Compute, CvTConfig, abstract_model, count_params,
                              make_config)
 from cvt_flax.models.released import paper_cost
+from cvt_flax.runtime import compiler, platforms
 
 # (variant, image size) -> (parameters in millions, GMACs) as printed in the paper's Table 2.
 PAPER = paper_cost()
@@ -86,9 +87,9 @@ def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float
   model = abstract_model(cfg, Compute(attention_impl='deferred'))
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = compute.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  forward = compiler.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, cfg.in_chans), jnp.float32)
-  cost = compute.cost_analysis(forward.lower(state, images).compile())
+  cost = compiler.cost_analysis(forward.lower(state, images).compile())
   return {key: float(cost[key]) / batch for key in ('flops', 'transcendentals') if key in cost}
 
 
@@ -114,6 +115,7 @@ def main(argv=None):
   parser.add_argument('--sizes', default='224,384', help='image sizes used with --variants')
   parser.add_argument('--no-xla', action='store_true', help="skip XLA's cost analysis (compiles)")
   args = parser.parse_args(argv)
+  platforms.skip_tpu_without_chips()
   if args.variants:
     rows = [(v, int(s)) for v in args.variants.split(',') for s in args.sizes.split(',')]
   else:

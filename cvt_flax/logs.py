@@ -23,6 +23,7 @@ def _any_of(patterns) -> str:
 class _DropMatching(logging.Filter):
   def __init__(self, patterns: tuple[str, ...]):
     super().__init__()
+    self.patterns = patterns
     self.pattern = re.compile(_any_of(patterns))
 
   def filter(self, record: logging.LogRecord) -> bool:
@@ -30,8 +31,12 @@ class _DropMatching(logging.Filter):
 
 
 def drop_messages(logger_name: str, *patterns: str) -> None:
-  """Drops the records of `logger_name` whose message matches one of the regular expressions."""
-  logging.getLogger(logger_name).addFilter(_DropMatching(patterns))
+  """Drops the records of `logger_name` whose message matches one of the regular expressions.
+  Called where the messages arise, not at import; calling it again with the same patterns adds
+  nothing."""
+  logger = logging.getLogger(logger_name)
+  if not any(getattr(f, 'patterns', None) == patterns for f in logger.filters):
+    logger.addFilter(_DropMatching(patterns))
 
 
 @contextlib.contextmanager

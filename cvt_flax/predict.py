@@ -23,7 +23,7 @@ from flax import nnx
 
 from cvt_flax import errors, io, labels
 from cvt_flax import preprocess as preprocess_lib
-from cvt_flax.models import compute
+from cvt_flax.runtime import compiler, platforms
 
 BATCH = 8  # images per call: any number of images runs one compiled program per input size
 
@@ -35,7 +35,7 @@ def _softmax_logits(graphdef, state, images):
 @functools.cache
 def _probabilities():
   """The jitted forward pass; built on first use, so importing this module starts no backend."""
-  return compute.jit(_softmax_logits, static_argnums=0)
+  return compiler.jit(_softmax_logits, static_argnums=0)
 
 
 def predict(model, images: np.ndarray, top_k: int = 5):
@@ -78,6 +78,7 @@ def _parse_args(argv):
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
+  platforms.skip_tpu_without_chips()
   try:
     images = [preprocess_lib.load_image(p) for p in args.images]
     model = io.from_pretrained(args.checkpoint, revision=args.revision)

@@ -8,6 +8,11 @@ import pytest
 
 import helpers
 import storage_emulator
+from cvt_flax.runtime import platforms
+
+# The test process is an entry point: it chooses JAX's platforms before any test starts a backend
+# (the CPU alone where libtpu is installed without TPU chips, as the commands do).
+platforms.skip_tpu_without_chips()
 
 
 @pytest.fixture(scope='session')

@@ -117,12 +117,7 @@ def perturb_(model, seed):
 
 # Two stages (16x16 px -> 8x8 -> 4x4 tokens), BatchNorm projections, a cls token, stochastic depth
 # and dropout, so every kind of state (params, batch stats, RNG streams) is exercised.
-TINY_MODEL = dict(
-    dim_embed=(16, 32), num_heads=(1, 2), depth=(1, 1), patch_size=(3, 3), patch_stride=(2, 2),
-    patch_padding=(1, 1), cls_token=(False, True), qkv_proj_method=('dw_bn', 'dw_bn'),
-    kernel_qkv=(3, 3), stride_kv=(2, 2), stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1),
-    qkv_bias=(True, True), mlp_ratio=(2.0, 2.0), drop_rate=(0.0, 0.1),
-    attn_drop_rate=(0.0, 0.0), drop_path_rate=(0.0, 0.2))
+TINY_MODEL = dict(variant='tiny', drop_rate=(0.0, 0.1), drop_path_rate=(0.0, 0.2))
 
 
 def load_module(path: pathlib.Path):
@@ -198,9 +193,8 @@ def sigterm_before_step(monkeypatch, step):
 
 
 def build_digits(data_dir: str) -> str:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import cvt_flax.data  # pylint: disable=g-import-not-at-top,unused-import  (registers `digits`)
-  tfds.builder('digits', data_dir=data_dir).download_and_prepare()
+  from cvt_flax.data import digits  # pylint: disable=g-import-not-at-top
+  digits.Digits(data_dir=data_dir).download_and_prepare()
   return data_dir
 
 

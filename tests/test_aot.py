@@ -10,7 +10,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -18,7 +17,6 @@ import helpers
 from cvt_flax import errors, flops
 from cvt_flax.aot import compile as aot_compile, hlo, report, tpus
 from cvt_flax.errors import ConfigError
-from cvt_flax.runtime import tpu_backend
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                 reason="needs libtpu (pip install 'cvt-flax[tpu]')")
@@ -52,38 +50,11 @@ def test_without_libtpu_one_error_names_the_extra(monkeypatch):
     aot_compile.slice_devices(V5E_4)
 
 
-def test_jax_starts_silently_on_cpu_with_libtpu_installed():
-  """No TPU chips here: JAX must not start libtpu's runtime (its error block on stderr)."""
-  env = helpers.subprocess_env()
-  env.pop('JAX_PLATFORMS')
-  code = 'import cvt_flax, jax; print(jax.devices()[0].platform)'
-  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                        timeout=120, check=True)
-  assert proc.stdout.strip() == 'cpu'
-  assert proc.stderr == ''
-
-
 def digits_config(digits_dir, **overrides):
   config = helpers.load_config_module('digits').get_config()
   config.input.data_dir = digits_dir
   config.update(overrides)
   return config
-
-
-def test_tpu_backend_is_left_alone_where_there_are_chips_or_a_choice(monkeypatch):
-  registered = []
-  monkeypatch.setattr(tpu_backend.jax_backend, 'register_backend_factory',
-                      lambda *a, **k: registered.append(a))
-  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
-  monkeypatch.setattr(tpu_backend, 'jax', types.SimpleNamespace(
-      config=types.SimpleNamespace(jax_platforms=None)))  # as JAX starts without JAX_PLATFORMS
-  monkeypatch.setattr(tpu_backend, 'tpu_chips_on_this_machine', lambda: 4)  # a TPU VM
-  assert not tpu_backend.skip_tpu_backend_without_chips()
-  monkeypatch.setattr(tpu_backend, 'tpu_chips_on_this_machine', lambda: 0)
-  monkeypatch.setenv('JAX_PLATFORMS', 'tpu,cpu')  # the user's choice
-  assert not tpu_backend.skip_tpu_backend_without_chips()
-  monkeypatch.delenv('JAX_PLATFORMS')
-  assert tpu_backend.skip_tpu_backend_without_chips() and registered[0][0] == 'tpu'
 
 
 @pytest.fixture(scope='module')

@@ -17,12 +17,8 @@ from cvt_flax.training import steps
 from helpers import PARITY_ATOL, TINY_MODEL, fixture_model, logits_and_features, run_python
 
 # Enough width per head (64) for the paths a released model takes, small enough to lower quickly.
-SMALL = dict(dim_embed=(64, 128), num_heads=(1, 2), depth=(1, 1), patch_size=(7, 3),
-             patch_stride=(4, 2), patch_padding=(2, 1), cls_token=(False, True),
-             qkv_proj_method=('dw_bn', 'dw_bn'), kernel_qkv=(3, 3), stride_kv=(2, 2),
-             stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(True, True),
-             mlp_ratio=(4.0, 4.0), drop_rate=(0.0, 0.0), attn_drop_rate=(0.0, 0.0),
-             drop_path_rate=(0.0, 0.1))
+# The other fields: the 2-stage defaults (`cvt_flax.models.config.stage_defaults`).
+SMALL = dict(dim_embed=(64, 128), num_heads=(1, 2), depth=(1, 1))
 IMAGES = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)  # stage 0: 3136 queries, 784 keys
 
 

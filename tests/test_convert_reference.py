@@ -71,11 +71,8 @@ def test_reference_state_dict_matches_official_manifests():
 
 
 _SMALL = dict(dim_embed=(8, 16, 24), num_heads=(1, 2, 3), depth=(1, 1, 2), patch_size=(5, 3, 3),
-              patch_stride=(2, 2, 2), patch_padding=(2, 1, 1), cls_token=(False, False, True),
-              kernel_qkv=(3, 3, 3), stride_kv=(2, 2, 2), stride_q=(1, 1, 1),
-              padding_kv=(1, 1, 1), padding_q=(1, 1, 1), qkv_bias=(True, False, True),
-              mlp_ratio=(2.0, 3.0, 4.0), drop_rate=(0.0,) * 3, attn_drop_rate=(0.0,) * 3,
-              drop_path_rate=(0.0,) * 3, num_classes=6)
+              patch_stride=(2, 2, 2), patch_padding=(2, 1, 1), qkv_bias=(True, False, True),
+              mlp_ratio=(2.0, 3.0, 4.0), drop_path_rate=(0.0,) * 3, num_classes=6)
 
 
 @pytest.mark.parametrize('methods,activation,cls_last', [

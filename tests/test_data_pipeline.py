@@ -81,7 +81,7 @@ def test_digits_builder(auto_prepared_dir):
   cfg = _config('digits', auto_prepared_dir)
   assert data.get_dataset_info(cfg) == data.DatasetInfo(  # Builds on first use.
       10, 1437, 360, tuple(str(i) for i in range(10)))
-  builder = tfds.builder('digits', data_dir=auto_prepared_dir)
+  builder = digits.Digits(data_dir=auto_prepared_dir)
   assert builder.info.features['image'].shape == (8, 8, 1)
   splits = {name: tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
             for name in ('train', 'test')}

@@ -28,13 +28,13 @@ from flax import nnx
 from PIL import Image
 import cvt_flax
 from cvt_flax import predict
-from cvt_flax.models import compute
+from cvt_flax.runtime import compiler
 
 hf_dir, io_path, image_path, out_dir, extra_packages = sys.argv[1:]
 model = cvt_flax.from_pretrained(hf_dir)
 golden = np.load(io_path)
 graphdef, state = nnx.split(model)
-forward = compute.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+forward = compiler.jit(lambda state, x: nnx.merge(graphdef, state)(x))
 diff = max(float(np.max(np.abs(np.asarray(forward(state, golden[f'input_{i}'].transpose(0, 2, 3, 1)))
                                - golden[f'logits_{i}']))) for i in (0, 1))
 top = predict.classify(model, [Image.open(image_path)], top_k=3)[0]

@@ -38,10 +38,24 @@ def test_batch_of_one_matches_batch():
 
 
 @pytest.mark.parametrize('variant,count', [('cvt-13', 19_997_480), ('cvt-21', 31_622_696),
-                                           ('cvt-w24', 277_196_392)])
+                                           ('cvt-w24', 277_196_392), ('tiny', 50_632)])
 def test_exact_parameter_counts(variant, count):
   abstract = nnx.eval_shape(lambda: cvt_flax.create_model(variant, rngs=nnx.Rngs(0)))
   assert cvt_flax.count_params(abstract) == count
+
+
+def test_per_stage_defaults_for_any_stage_count():
+  """A field left out takes the official default's first entry in the first stage, its last in
+  the last stage and its middle one between; three stages get the official defaults."""
+  assert cvt_flax.make_config(dict(dim_embed=(8, 16, 24), num_heads=(1, 1, 1))) == \
+      cvt_flax.make_config(dict(dim_embed=(8, 16, 24), num_heads=(1, 1, 1), depth=(1, 2, 10),
+                                patch_size=(7, 3, 3), cls_token=(False, False, True)))
+  one = cvt_flax.make_config(dict(dim_embed=(8,), num_heads=(1,)))
+  assert (one.patch_size, one.patch_stride, one.cls_token, one.depth) == ((7,), (4,), (False,), (1,))
+  four = cvt_flax.make_config(dict(dim_embed=(8, 16, 24, 32), num_heads=(1, 1, 1, 1)))
+  assert four.patch_stride == (4, 2, 2, 2) and four.depth == (1, 2, 2, 10)
+  assert four.cls_token == (False, False, False, True)
+  assert four.drop_path_rate == (0.0, 0.0, 0.0, 0.1)
 
 
 def test_official_manifest_keys_and_shapes():
@@ -79,12 +93,7 @@ def test_train_eval_modes_and_stochastic_depth_schedule():
 
 
 def _tiny(**overrides):
-  fields = dict(dim_embed=(8, 16), num_heads=(1, 2), depth=(1, 1), patch_size=(3, 3),
-                patch_stride=(2, 2), patch_padding=(1, 1), cls_token=(False, True),
-                qkv_proj_method=('dw_bn', 'dw_bn'), kernel_qkv=(3, 3), stride_kv=(2, 2),
-                stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(True, True),
-                mlp_ratio=(2.0, 2.0), drop_rate=(0.0, 0.0), attn_drop_rate=(0.0, 0.0),
-                drop_path_rate=(0.0, 0.0), num_classes=5)
+  fields = dict(variant='tiny', dim_embed=(8, 16), drop_path_rate=(0.0, 0.0), num_classes=5)
   fields.update(overrides)
   return cvt_flax.create_model(fields, rngs=nnx.Rngs(0))
 

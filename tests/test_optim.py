@@ -9,12 +9,7 @@ from flax import nnx
 from cvt_flax.models import create_model
 from cvt_flax.training import optim
 
-TINY = dict(dim_embed=(8, 16), num_heads=(1, 2), depth=(1, 1), patch_size=(3, 3),
-            patch_stride=(2, 2), patch_padding=(1, 1), cls_token=(False, True),
-            qkv_proj_method=('dw_bn', 'dw_bn'), kernel_qkv=(3, 3), stride_kv=(2, 2),
-            stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(True, True),
-            mlp_ratio=(2.0, 2.0), drop_rate=(0.0, 0.0), attn_drop_rate=(0.0, 0.0),
-            drop_path_rate=(0.0, 0.0))
+TINY = dict(variant='tiny', dim_embed=(8, 16), drop_path_rate=(0.0, 0.0))
 
 
 def _flat(tree):

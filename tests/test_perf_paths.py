@@ -14,6 +14,7 @@ from flax import nnx
 
 import cvt_flax
 from cvt_flax.models import Compute, compute, cpu
+from cvt_flax.runtime import compiler
 from helpers import PARITY_ATOL, fixture_model
 
 # Two float32 computations of the same function that differ only in summation order, on values of
@@ -68,8 +69,8 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize('shape,block_bytes', ATTENTION_CASES)
 @pytest.mark.parametrize('impl', ['deferred', 'recompute', 'blocked'])
 def test_attention_impls_match_softmax_forward_and_gradient(monkeypatch, shape, block_bytes, impl):
-  monkeypatch.setattr(cpu, 'ATTENTION_BLOCK_BYTES', block_bytes)
-  monkeypatch.setattr(cpu, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
+  monkeypatch.setattr(cpu, 'attention_block_bytes', lambda: block_bytes)
+  monkeypatch.setattr(cpu, 'BLOCKING_MIN_BLOCKS', 0)
   b, h, nq, nk = shape
   q, k, v = _normal(0, (b, h, nq, 8)), _normal(1, (b, h, nk, 8)), _normal(2, (b, h, nk, 8))
   cotangent = _normal(3, (b, h, nq, 8))
@@ -111,8 +112,8 @@ def test_attention_dropout_and_recording_use_the_probabilities():
 @pytest.mark.parametrize('impl', ['softmax', 'deferred', 'recompute', 'blocked'])
 def test_fixture_logits_with_each_attention_impl(monkeypatch, impl):
   # Small blocks so that 'blocked' really loops on the tiny fixture model.
-  monkeypatch.setattr(cpu, 'ATTENTION_BLOCK_BYTES', 1024)
-  monkeypatch.setattr(cpu, 'ATTENTION_BLOCKING_MIN_BYTES', 0)
+  monkeypatch.setattr(cpu, 'attention_block_bytes', lambda: 1024)
+  monkeypatch.setattr(cpu, 'BLOCKING_MIN_BLOCKS', 0)
   model, _, io = fixture_model('official_tiny', attention_impl=impl)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
@@ -128,7 +129,7 @@ def test_attention_blocks_are_sized_from_the_reported_l2_cache(tmp_path):
     (tmp_path / f'index{index}' / 'size').write_text(size + '\n')
   assert cpu.l2_cache_bytes(str(tmp_path)) == 512 * 2 ** 10
   assert cpu.l2_cache_bytes(str(tmp_path / 'missing')) == 2 ** 20  # the OS does not say
-  assert cpu.ATTENTION_BLOCK_BYTES == cpu.l2_cache_bytes()
+  assert cpu.attention_block_bytes() == cpu.l2_cache_bytes()
 
 
 def test_unknown_attention_impl_is_a_clear_error():
@@ -157,10 +158,8 @@ def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, barri
 def _largest_backward_fusion(depth, barrier=True):
   """Most operands of any fusion XLA builds for the gradient of a one-stage CvT `depth` blocks deep."""
   fields = dict(dim_embed=(32,), num_heads=(1,), depth=(depth,), patch_size=(3,),
-                patch_stride=(2,), patch_padding=(1,), cls_token=(True,),
-                qkv_proj_method=('dw_bn',), kernel_qkv=(3,), stride_kv=(2,), stride_q=(1,),
-                padding_kv=(1,), padding_q=(1,), qkv_bias=(True,), mlp_ratio=(2.0,),
-                drop_rate=(0.0,), attn_drop_rate=(0.0,), drop_path_rate=(0.0,), num_classes=3)
+                patch_stride=(2,), patch_padding=(1,), cls_token=(True,), mlp_ratio=(2.0,),
+                num_classes=3)
   model = cvt_flax.create_model(fields, rngs=nnx.Rngs(0), fusion_barrier=barrier)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x))
@@ -188,7 +187,7 @@ def test_gradient_fusion_barrier_is_the_identity_both_ways():
 def test_cpu_compiler_options_shrink_the_training_temporaries():
   # XLA:CPU's default scheduler keeps the depthwise convs' shifted windows alive from the forward
   # to the backward pass; `compiler_options()` (used by every jit in cvt-flax) avoids that.
-  assert cvt_flax.models.compiler_options('tpu') is None
+  assert compiler.compiler_options('tpu') is None
   model = cvt_flax.create_model('cvt-13', num_classes=10, rngs=nnx.Rngs(0), depth=(1, 1, 2),
                                 dim_embed=(16, 32, 64), num_heads=(1, 1, 1))
   model.train()
@@ -200,14 +199,14 @@ def test_cpu_compiler_options_shrink_the_training_temporaries():
     compiled = jax.jit(grad, compiler_options=options).lower(params, rest, images).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(cvt_flax.models.compiler_options('cpu')) < 0.8 * temp_bytes(None)
+  assert temp_bytes(compiler.compiler_options('cpu')) < 0.8 * temp_bytes(None)
 
 
 def test_cpu_compiler_options_give_reductions_not_matmuls_to_ynnpack():
   # XLA's own default of what goes to YNNPACK differs between CPUs; the CPU options state it:
   # reductions yes (XLA's column reductions are slow), matmuls no (XLA's are faster).
   fn = lambda a, b: (a @ b, jnp.sum(a * 2, axis=0))
-  hlo = jax.jit(fn, compiler_options=cvt_flax.models.compiler_options('cpu')).lower(
+  hlo = jax.jit(fn, compiler_options=compiler.compiler_options('cpu')).lower(
       jnp.ones((512, 256)), jnp.ones((256, 128))).compile().as_text()
   entry = hlo[hlo.index('ENTRY'):]
   assert re.search(r'= f32\[512,128\]\{1,0\} dot\(', entry), 'the matmul is not XLA\'s own dot'
@@ -225,7 +224,7 @@ def test_linear_weight_gradients_need_no_transposed_copy():
 
   def weight_grads_hlo(call):
     loss = lambda p: jnp.sum(call(nnx.merge(graphdef, p, rest)) ** 2)
-    return compute.jit(jax.grad(loss), platform='cpu').lower(params).compile().as_text()
+    return compiler.jit(jax.grad(loss), platform='cpu').lower(params).compile().as_text()
 
   assert ' transpose(' in weight_grads_hlo(lambda m: m.fc2(m.act(m.fc1(x))))
   assert ' transpose(' not in weight_grads_hlo(lambda m: m(x))

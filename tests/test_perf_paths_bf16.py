@@ -29,13 +29,7 @@ def test_bf16_logits_within_bound_of_fp32(name):
 
 
 def test_bf16_training_steps_run_and_reduce_loss():
-  fields = dict(dim_embed=(16, 32), num_heads=(1, 2), depth=(1, 1), patch_size=(3, 3),
-                patch_stride=(2, 2), patch_padding=(1, 1), cls_token=(False, True),
-                qkv_proj_method=('dw_bn', 'dw_bn'), kernel_qkv=(3, 3), stride_kv=(2, 2),
-                stride_q=(1, 1), padding_kv=(1, 1), padding_q=(1, 1), qkv_bias=(True, True),
-                mlp_ratio=(2.0, 2.0), drop_rate=(0.0, 0.0), attn_drop_rate=(0.0, 0.0),
-                drop_path_rate=(0.0, 0.1), num_classes=4)
-  model = cvt_flax.create_model(fields, rngs=nnx.Rngs(0), dtype='bfloat16')
+  model = cvt_flax.create_model('tiny', num_classes=4, rngs=nnx.Rngs(0), dtype='bfloat16')
   model.train()
   # Four classes told apart by which image quadrant is bright.
   rng = np.random.default_rng(0)

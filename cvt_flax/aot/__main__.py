@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cvt_flax.aot import compile as aot_compile, report, tpus
+from cvt_flax.runtime import platforms
 from cvt_flax.training import config as config_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -52,6 +53,7 @@ flags.mark_flags_as_required(['topology'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  platforms.skip_tpu_without_chips()  # the compile-only TPU devices load libtpu themselves
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   if _TOPOLOGY.value == 'help':

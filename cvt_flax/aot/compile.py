@@ -19,12 +19,11 @@ from jax.experimental import topologies
 import numpy as np
 from ml_collections import ConfigDict
 
-from cvt_flax import data, errors, logs
+from cvt_flax import accelerators, data, errors, logs
 from cvt_flax.aot import hlo
 from cvt_flax.aot.tpus import Slice
 from cvt_flax.errors import ConfigError
-from cvt_flax.models import compute
-from cvt_flax.runtime import eval_step as eval_step_lib, sharding, tpu_backend
+from cvt_flax.runtime import compiler, eval_step as eval_step_lib, sharding
 from cvt_flax.training import loop, run as run_lib
 from cvt_flax.training.steps import model_variables
 
@@ -89,7 +88,7 @@ class Compiled:
 def slice_devices(tpu_slice: Slice) -> list:
   """The slice's compile-only devices; a clear error without libtpu."""
   errors.require_installed('tpu', 'libtpu')
-  if tpu_backend.tpu_chips_on_this_machine() == 0:
+  if accelerators.tpu_chips() == 0:
     # libtpu takes a machine-wide lock file when it starts, which protects the chips; without
     # chips it only keeps a second compiling process (a test worker, another plan) from starting.
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -113,7 +112,7 @@ def dataset_info(config: ConfigDict, num_train_examples: int | None = None) -> d
 
 def _analyse(compiled, seconds: float) -> CompiledStep:
   memory = compiled.memory_analysis()
-  cost = compute.cost_analysis(compiled)
+  cost = compiler.cost_analysis(compiled)
   return CompiledStep(
       argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,

@@ -28,7 +28,7 @@ from flax import nnx
 from cvt_flax import errors, files, io
 from cvt_flax.convert import hf, pytorch, sources
 from cvt_flax.convert.official import ConversionError
-from cvt_flax.models import compute
+from cvt_flax.runtime import compiler, platforms
 
 CHECK_TOLERANCE = 1e-4
 
@@ -102,7 +102,7 @@ def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
     out = reference(torch.from_numpy(images))
   want = (out.logits if hasattr(out, 'logits') else out).numpy()
   graphdef, state = nnx.split(model)
-  forward = compute.jit(lambda state, x: nnx.merge(graphdef, state)(x))  # one compile, not per op
+  forward = compiler.jit(lambda state, x: nnx.merge(graphdef, state)(x))  # one compile, not per op
   got = np.asarray(forward(state, images.transpose(0, 2, 3, 1)))
   diff = float(np.max(np.abs(got - want)))
   print(f'check: max |logit difference| = {diff:.3e} (Flax vs {name}, batch 2x{size}x{size}, '
@@ -124,6 +124,7 @@ def _save(model, args) -> None:
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
+  platforms.skip_tpu_without_chips()
   try:
     src = io.resolve(args.src, revision=args.revision)
     pytorch_source = io.detect(src) == io.PYTORCH

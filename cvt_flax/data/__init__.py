@@ -1,14 +1,16 @@
 """Input pipelines: TFDS datasets -> tf.data (decode, augment, batch) -> numpy batches.
 
-Importing this package first hides every GPU/TPU from TensorFlow (see `_tf`), and registers the
-offline TFDS dataset `digits`.
+Importing this package first hides every GPU/TPU from TensorFlow (`_tf`). That must happen at
+import: TensorFlow accepts the change only before its runtime starts, and this package is the only
+place cvt-flax imports TensorFlow, so its import is the one moment that comes before any TF op.
+Importing it is the choice to use cvt-flax's TensorFlow input pipelines. The offline dataset
+`digits` is cvt-flax's own builder, not registered in TFDS's catalog (`digits`).
 """
 from cvt_flax import errors
 
 errors.require_installed('train', 'tensorflow', 'tensorflow_datasets', 'ml_collections')
 
 from cvt_flax.data import _tf  # pylint: disable=unused-import  (must come before any TF use)
-from cvt_flax.data import digits  # pylint: disable=unused-import  (registers the TFDS builder)
 from cvt_flax.data.checks import DataError
 from cvt_flax.data.config import default_input_config, eval_preprocess, with_eval_preprocess
 from cvt_flax.data.pipeline import (DatasetInfo, get_dataset_info, get_dataset_info_unprepared,

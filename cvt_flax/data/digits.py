@@ -9,8 +9,11 @@ same TFDS / tf.data path as ImageNet, which makes it the offline stand-in for tr
   with the largest-remainder method so they sum to 360), chosen by a permutation from
   `numpy.random.default_rng(SPLIT_SEED)`; 'train' holds the other 1,437.
 
-    builder = tfds.builder('digits', data_dir=...)  # after `import cvt_flax.data`
+    builder = Digits(data_dir=...)  # `input.dataset = 'digits'` in a config
     builder.download_and_prepare()  # Local; the input pipeline does this on first use.
+
+The builder is not registered in TFDS's global catalog (importing cvt-flax adds nothing to it):
+the input pipeline maps the name 'digits' to it (`pipeline.LOCAL_BUILDERS`).
 """
 import numpy as np
 import tensorflow_datasets as tfds
@@ -42,7 +45,7 @@ def stratified_test_indices(labels, num_test=NUM_TEST, seed=SPLIT_SEED):
   return np.sort(np.concatenate(chosen))
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """scikit-learn's 8x8 handwritten digits (UCI optdigits test set), 10 classes."""
 
   VERSION = tfds.core.Version('1.0.0')

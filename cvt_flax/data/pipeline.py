@@ -32,8 +32,8 @@ from cvt_flax.data import folder
 from cvt_flax.data import randaugment
 from cvt_flax.data.config import eval_preprocess, validate_input_config
 
-# Datasets whose builders need no download: prepared automatically on first use.
-LOCAL_DATASETS = (digits.NAME,)
+# Datasets of cvt-flax's own, built without a download: prepared automatically on first use.
+LOCAL_BUILDERS = {digits.NAME: digits.Digits}
 _MAX_EPOCHS = 2**40  # "Forever" for the epoch counter of the endless train stream.
 _SHUFFLE_TAG = 0x5EED  # Keeps the shuffle seeds apart from the augmentation seeds.
 
@@ -49,8 +49,10 @@ class DatasetInfo(NamedTuple):
 def _builder(cfg):
   if folder.is_image_folder(cfg.dataset):
     return folder.image_folder_builder(cfg.dataset)
-  builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
-  if cfg.dataset in LOCAL_DATASETS and not builder.is_prepared():
+  if cfg.dataset not in LOCAL_BUILDERS:
+    return tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+  builder = LOCAL_BUILDERS[cfg.dataset](data_dir=cfg.data_dir)
+  if not builder.is_prepared():
     builder.download_and_prepare()
   return builder
 

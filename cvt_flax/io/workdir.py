@@ -1,11 +1,16 @@
-"""A training workdir as a model: WORKDIR/model_config.json + the weights of a checkpoint.
+"""A training workdir: its layout, the one description of it, and the workdir read as a model.
 
-    WORKDIR/model_config.json       the model document (`cvt_flax.io.model_dir`), written by the
-                                    trainer: architecture, its eval transform, the class names
+    WORKDIR/model_config.json         the model document (`cvt_flax.io.model_dir`): architecture,
+                                      its eval transform, the class names
+    WORKDIR/train_config.json         the training config of the run, as the trainer resolved it
     WORKDIR/checkpoints/<step>/state  Orbax train state: `params/...`, `batch_stats/...`, `rngs`,
-                                    `opt_state`, `step` (written by `cvt_flax.training`)
+                                      `opt_state`, `step`
+    WORKDIR/metrics.jsonl             one JSON object per logged step
+    WORKDIR/tensorboard/              TensorBoard events of the same metrics
+    WORKDIR/profile/                  `jax.profiler` traces (`--config.profile_steps`)
 
-Reading a model from it restores only the weights (params and BatchNorm statistics).
+`cvt_flax.training` writes all of it, by these names. Reading a model from a workdir restores only
+the weights (params and BatchNorm statistics) of a checkpoint.
 """
 from __future__ import annotations
 
@@ -21,17 +26,19 @@ from cvt_flax.io.model_dir import CheckpointError, ModelDoc, read_model_doc, wri
 from cvt_flax.models import CvT, abstract_model, finish_abstract_model
 
 MODEL_CONFIG_FILE = 'model_config.json'
+TRAIN_CONFIG_FILE = 'train_config.json'
 CHECKPOINTS_DIR = 'checkpoints'
 STATE_ITEM = 'state'  # the Orbax item name of the train state in each checkpoint
-
-
-# Orbax notes at warning level that a read-only manager neither creates nor saves: that is the point.
-logs.drop_messages('absl', r'^CheckpointManagerOptions\.read_only=True, setting ',
-                   r'^Given directory is read only=')
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+PROFILE_DIR = 'profile'
 
 
 def read_only_manager(directory: str, **kwargs) -> ocp.CheckpointManager:
   """An Orbax manager that only reads `directory` (lists and restores; creates and deletes nothing)."""
+  # Orbax notes at warning level that a read-only manager neither creates nor saves: the point.
+  logs.drop_messages('absl', r'^CheckpointManagerOptions\.read_only=True, setting ',
+                     r'^Given directory is read only=')
   return ocp.CheckpointManager(files.absolute(directory),
                                options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
 

@@ -31,7 +31,6 @@ attention kernel would avoid; that is the largest avoidable traffic left on TPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 from flax import nnx
@@ -144,40 +143,3 @@ def run_block(compute: Compute, block, x, h: int, w: int):
 def block_boundary(compute: Compute, x):
   """What happens to the residual stream between two blocks: nothing, except on CPU."""
   return cpu.gradient_fusion_barrier(x) if compute.fusion_barrier else x
-
-
-# ----------------------------------------------------------------------------------------------------
-# Compilation: every jit of a CvT computation goes through `jit` (and `compile_ahead`), so that none
-# can miss the platform's compiler options or, on CPU, the release of the compiler's memory.
-
-def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
-  """XLA options for a CvT computation on `platform` (default: JAX's default backend); None =
-  XLA's defaults."""
-  return dict(cpu.COMPILER_OPTIONS) if _is_cpu(platform) else None
-
-
-def _is_cpu(platform: str | None) -> bool:
-  return (platform or jax.default_backend()) == 'cpu'
-
-
-def jit(fn, *, platform: str | None = None, **jit_kwargs):
-  """`jax.jit(fn, **jit_kwargs)` with the compiler options of `platform` (default: JAX's)."""
-  return jax.jit(fn, compiler_options=compiler_options(platform), **jit_kwargs)
-
-
-def cost_analysis(compiled) -> dict[str, float]:
-  """XLA's cost analysis of a compiled executable ('flops', 'bytes accessed', ...) for one device:
-  a dict whatever the jax version (older ones return a list of one dict per device)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return cost or {}
-
-
-def compile_ahead(fn, *abstract_args, platform: str | None = None, **jit_kwargs):
-  """`jit(fn).lower(*abstract_args).compile()`; on CPU the compiler's freed heap then goes back to
-  the OS, before the computation's own buffers come on top of it."""
-  compiled = jit(fn, platform=platform, **jit_kwargs).lower(*abstract_args).compile()
-  if _is_cpu(platform):
-    cpu.release_freed_memory()
-  return compiled

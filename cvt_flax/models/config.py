@@ -118,7 +118,21 @@ VARIANTS = {
     'cvt-21': dict(_CVT_13, depth=(1, 4, 16)),
     'cvt-w24': dict(dim_embed=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20),
                     drop_path_rate=(0.0, 0.0, 0.3)),
+    # Two stages, 18k parameters with 10 classes: for tests, examples and smoke runs, where a model
+    # must build and compile in seconds (as big_vision's configs have `runlocal`). Not released.
+    'tiny': dict(dim_embed=(16, 32), num_heads=(1, 2), depth=(1, 1), patch_size=(3, 3),
+                 patch_stride=(2, 2), patch_padding=(1, 1), mlp_ratio=(2.0, 2.0)),
 }
+
+
+def stage_defaults(name: str, num_stages: int) -> tuple:
+  """The default of per-stage field `name` for a model of `num_stages` stages: the official
+  3-stage default's first entry for the first stage, its last for the last stage and its middle one
+  for the stages between (a 7x7 stride-4 patch embedding first; a cls token and stochastic depth
+  last). A 3-stage model gets the official defaults themselves."""
+  first, middle, last = getattr(CvTConfig, name)
+  return tuple(first if i == 0 else last if i == num_stages - 1 else middle
+               for i in range(num_stages))
 
 
 def _stage_tuple(key: str, value: Any) -> tuple:
@@ -170,12 +184,9 @@ def make_config(variant_or_fields: Any = 'cvt-13', **overrides) -> CvTConfig:
   if unknown:
     raise ValueError(f'CvT config: unknown fields {sorted(unknown)}; known: {sorted(known)}.')
   n = len(fields.get('dim_embed', CvTConfig.dim_embed))
-  # Per-stage fields left at their 3-stage defaults must match a model with another stage count.
   for name in STAGE_FIELDS.values():
-    if name in fields:
-      fields[name] = _stage_tuple(name, fields[name])
-    elif n != 3:
-      raise ValueError(f'CvT config: `{name}` must be given for a {n}-stage model.')
+    fields[name] = (_stage_tuple(name, fields[name]) if name in fields
+                    else stage_defaults(name, n))
   return CvTConfig(**fields).validate()
 
 

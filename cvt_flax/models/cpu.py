@@ -6,7 +6,7 @@ or TPU, where each of them would be slower (sequential loops, opaque conditional
 
   * `depthwise_conv_shifts`: a depthwise conv as k*k shifted multiply-adds, with its gradient
     written out the same way (XLA:CPU's grouped-conv kernel is an order of magnitude slower).
-  * `blocked_attention`: attention in cache-sized blocks of queries, with a recomputing backward.
+  * `attention`: attention in cache-sized blocks of queries, with a recomputing backward.
   * `gradient_fusion_barrier`: stops XLA:CPU's fusion of the residual gradient across blocks.
   * `COMPILER_OPTIONS`, `release_freed_memory`: the scheduler and library choices, and glibc heap
     release.
@@ -170,17 +170,23 @@ def l2_cache_bytes(sysfs: str = '/sys/devices/system/cpu/cpu0/cache') -> int:
   return 2 ** 20
 
 
-# Blocks of scores of about a core's L2 cache, and only when all the scores of a call would be
-# much larger than that (below, one pass over them is cheaper than a loop).
-ATTENTION_BLOCK_BYTES = l2_cache_bytes()
-ATTENTION_BLOCKING_MIN_BYTES = 8 * ATTENTION_BLOCK_BYTES
+@functools.cache
+def attention_block_bytes() -> int:
+  """Blocks of scores of about a core's L2 cache: read from the OS at the first blocked attention
+  that is traced, not at import."""
+  return l2_cache_bytes()
+
+
+# Blocked only when all the scores of a call would fill this many blocks (below, one pass over them
+# is cheaper than a loop).
+BLOCKING_MIN_BLOCKS = 8
 
 
 def attention(q, k, v, scale):
   """`layers.deferred_attention` for (b, heads, tokens, d) q, k, v; blocked where the scores of a
   call are much larger than a core's cache (faster on CPU, where attention over 3136 tokens is
   bound by memory bandwidth: benchmarks/RESULTS.md). A sequential loop: slower on accelerators."""
-  if 4 * q.size // q.shape[-1] * k.shape[2] > ATTENTION_BLOCKING_MIN_BYTES:
+  if 4 * q.size // q.shape[-1] * k.shape[2] > BLOCKING_MIN_BLOCKS * attention_block_bytes():
     return _blocked_attention(q, k, v, scale)
   return layers.deferred_attention(q, k, v, scale)[0]
 
@@ -189,7 +195,7 @@ def _blocked_attention(q, k, v, scale):
   """`deferred_attention` one cache-sized block of queries at a time (a loop, not a grid)."""
   b, h, nq, d = q.shape
   nk = k.shape[2]
-  budget = max(1, ATTENTION_BLOCK_BYTES // (4 * nk))  # query rows whose scores fit in one block
+  budget = max(1, attention_block_bytes() // (4 * nk))  # query rows whose scores fit in one block
   pairs_per_step = max(1, budget // nq)  # small pairs go several at a time
   q_blocks = -(-nq // budget)
   rows = -(-nq // q_blocks)  # large pairs: spread the queries evenly over the blocks

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cvt_flax.models import compute
+from cvt_flax.runtime import compiler
 from cvt_flax.runtime import sharding
 
 # Every variable of a CvT is one of these; nnx.split raises if a new kind ever appears unhandled.
@@ -50,6 +50,6 @@ def make_eval_step(eval_graphdef) -> Callable:
 
 def jit_eval_step(eval_graphdef, variables_shardings, mesh) -> Callable:
   """`make_eval_step` jitted for `mesh`: variables as sharded, batches split over 'data'."""
-  return compute.jit(make_eval_step(eval_graphdef), platform=mesh.devices.flat[0].platform,
+  return compiler.jit(make_eval_step(eval_graphdef), platform=mesh.devices.flat[0].platform,
                      in_shardings=(variables_shardings, sharding.batch_sharding(mesh)),
                      out_shardings=sharding.replicated(mesh))

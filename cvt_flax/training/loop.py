@@ -28,7 +28,8 @@ from ml_collections import ConfigDict
 
 from cvt_flax import data
 from cvt_flax.errors import EXPECTED_ERRORS, CvtFlaxError
-from cvt_flax.models import compute
+from cvt_flax.io import workdir as workdir_io
+from cvt_flax.runtime import compiler
 from cvt_flax.runtime import eval_step as eval_step_lib, evaluation, sharding
 from cvt_flax.training import checkpointing, metrics as metrics_lib
 from cvt_flax.training import config as config_lib
@@ -111,7 +112,7 @@ def compile_train_step(run: Run):
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((cfg.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
       'label': jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)}
-  return compute.compile_ahead(step_fn, run.abstract_state, abstract_batch, platform=run.platform,
+  return compiler.compile_ahead(step_fn, run.abstract_state, abstract_batch, platform=run.platform,
                                in_shardings=(run.state_shardings, batch_sh),
                                out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
                                donate_argnums=(0,))
@@ -124,7 +125,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
   """
   config_lib.validate_config(config)
   checkpointing.prepare_workdir(workdir)  # an unwritable workdir fails here, before any work
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, workdir_io.CHECKPOINTS_DIR),
                                     keep=config.keep_checkpoints, async_save=config.checkpoint_async)
   run, state, start = initial_or_restored_state(config, workdir, ckpt, devices)
   checkpointing.check_free_space(ckpt.directory, checkpointing.state_nbytes(run.abstract_state))
@@ -197,7 +198,7 @@ def _run_steps(run: Run, state: TrainState, start: int, ckpt, writer, stop, eval
       cfg.input, global_batch_size=cfg.batch_size, seed=cfg.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count())
   step_metrics = _StepMetrics(run, flops, ckpt.latest_step())
-  trace = metrics_lib.StepTrace(os.path.join(run.workdir, 'profile'), start + 2, cfg.profile_steps)
+  trace = metrics_lib.StepTrace(os.path.join(run.workdir, workdir_io.PROFILE_DIR), start + 2, cfg.profile_steps)
   record = {}
   with trace:
     for step in range(start + 1, total + 1):  # `step` = optimizer steps completed after this one

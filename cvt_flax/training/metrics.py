@@ -24,7 +24,8 @@ from typing import Any
 import jax
 
 from cvt_flax import files
-from cvt_flax.models import compute
+from cvt_flax.io.workdir import METRICS_FILE, TENSORBOARD_DIR
+from cvt_flax.runtime import compiler
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -63,8 +64,6 @@ def _truncate_after(path: str, step: int) -> None:
   files.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
-METRICS_FILE = 'metrics.jsonl'
-TENSORBOARD_DIR = 'tensorboard'
 SYNC_EVERY_S = 30.0
 
 
@@ -193,7 +192,7 @@ def compiled_flops(compiled) -> float | None:
   (Measured: a step costing 49.7 MFLOP on one CPU device reports 7.7 MFLOP per device on eight.)
   """
   try:
-    flops = compute.cost_analysis(compiled).get('flops')
+    flops = compiler.cost_analysis(compiled).get('flops')
   except Exception:  # pylint: disable=broad-except  # backends may not implement it
     return None
   return float(flops) if flops and flops > 0 else None

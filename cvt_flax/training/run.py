@@ -186,5 +186,5 @@ def write_run_files(run: Run, workdir: str) -> None:
   """WORKDIR/model_config.json (the model document) and train_config.json; process 0 only."""
   if jax.process_index() == 0:
     workdir_io.write_workdir_model_doc(workdir, run.model_doc())
-    files.write_json(os.path.join(workdir, 'train_config.json'), run.config.to_dict(),
+    files.write_json(os.path.join(workdir, workdir_io.TRAIN_CONFIG_FILE), run.config.to_dict(),
                      sort_keys=True)

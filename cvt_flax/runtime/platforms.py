@@ -1,0 +1,44 @@
+"""Which JAX platforms a process starts: for the entry points that own a process, never on import.
+
+libtpu is installed beside the CPU wheel for deviceless compilation (`python -m cvt_flax.aot`, the
+tests). JAX then tries to start a TPU backend in every process, and on a machine without TPU chips
+libtpu writes an error block to the terminal ("Failed to find host bounds", "unexpected worker
+hostname ... TPU_WORKER_HOSTNAMES") before JAX falls back to the CPU. `skip_tpu_without_chips`
+sets JAX's public `jax_platforms` setting to 'cpu' there, so JAX starts only the CPU backend, in
+silence. Compiling for a TPU topology (`jax.experimental.topologies`) loads libtpu by another
+route and is unaffected.
+
+It changes nothing on a machine with TPU chips or a GPU, where libtpu is not installed (and
+`TPU_LIBRARY_PATH`, which a process that loaded libtpu exports to its children, is not set), or
+when the user has chosen (`JAX_PLATFORMS`, `jax.config.update('jax_platforms', ...)`,
+`JAX_FORCE_TPU_INIT`). `train.py`, every `python -m cvt_flax...` command and the tests'
+`conftest.py` call it first; `import cvt_flax` does not, since a library must leave a user's JAX
+as it finds it. A user's own script on such a machine sets `JAX_PLATFORMS=cpu`, or calls this.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+
+from cvt_flax import accelerators
+
+
+def libtpu_present() -> bool:
+  """Whether JAX would find libtpu and try to start it."""
+  return 'TPU_LIBRARY_PATH' in os.environ or importlib.util.find_spec('libtpu') is not None
+
+
+def user_chose_platforms() -> bool:
+  return bool(os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms
+              or 'JAX_FORCE_TPU_INIT' in os.environ)
+
+
+def skip_tpu_without_chips() -> bool:
+  """Starts JAX on the CPU alone where libtpu is installed on a CPU-only machine and nobody chose
+  the platforms; True if it did. Call it before anything starts a JAX backend."""
+  if user_chose_platforms() or not libtpu_present() or accelerators.detect() is not None:
+    return False
+  jax.config.update('jax_platforms', 'cpu')
+  return True
