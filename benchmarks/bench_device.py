@@ -2,11 +2,12 @@
 bf16 autocast, eager and `torch.compile`. Training step and inference; images/s, MFU, peak device
 memory, compile time.
 
-  PYTHONPATH=. python benchmarks/bench_device.py --out $OUT           # on a GPU machine, < 8 min
-  PYTHONPATH=. python benchmarks/bench_device.py --tiny --out /tmp/b  # a tiny model on CPU (tests)
+  .venv/bin/python benchmarks/bench_device.py --out $OUT           # on a GPU machine, < 8 min
+  .venv/bin/python benchmarks/bench_device.py --tiny --out /tmp/b  # a tiny model on CPU (tests)
 
-Needs jax (with CUDA), flax, optax and, for the PyTorch rows, torch and transformers; not
-TensorFlow, nor an installed cvt-flax (PYTHONPATH=. from the repository root). Every (model,
+Needs jax (with CUDA: `.venv/bin/pip install 'cvt-flax[cuda]'`), flax, optax and, for the PyTorch
+rows, torch and transformers; not TensorFlow. A Python without the venv that has these runs it
+the same from the repository root with PYTHONPATH=. (cvt-flax need not be installed). Every (model,
 framework, mode) runs in its own subprocess, so each peak memory is its own (JAX without
 preallocation). Writes OUT/bench_device.json and OUT/bench_device.md.
 
@@ -26,8 +27,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import _time_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
+import common
 
 # (variant, image size, batch): CvT-13 and -21 at ImageNet training batch sizes per chip, W24 at 384.
 CASES = (('cvt-13', 224, 256), ('cvt-21', 224, 256), ('cvt-w24', 384, 32))
@@ -78,7 +78,7 @@ def _flax(args, mode):
     if mode == 'train':
       carry[0] = out[0]  # the donated state's successor
     jax.block_until_ready(out)
-  seconds = _time_runs(run, args.steps)
+  seconds = common.median_seconds(run, args.steps)
   stats = jax.devices()[0].memory_stats() or {}
   return seconds, compile_s, flops, stats.get('peak_bytes_in_use')
 
@@ -116,7 +116,7 @@ def _hf(args, mode, compiled: bool):
   start = time.perf_counter()
   run()  # torch.compile compiles here
   compile_s = time.perf_counter() - start if compiled else None
-  seconds = _time_runs(run, args.steps)
+  seconds = common.median_seconds(run, args.steps)
   peak = torch.cuda.max_memory_allocated() if device == 'cuda' else None
   return seconds, compile_s, None, peak
 
@@ -188,6 +188,7 @@ def main(argv=None):
   parser.add_argument('--image-size', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--batch', type=int, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  common.start_jax()
   if args.worker:
     return _worker(args)
   cases = (('tiny', 64, 4),) if args.tiny else CASES

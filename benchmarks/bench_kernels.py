@@ -18,6 +18,8 @@ import numpy as np
 
 from cvt_flax.models import Compute, compute
 
+import common
+
 
 def _best_ms(fn, repeats):
   fn()
@@ -91,6 +93,7 @@ def main(argv=None):
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--repeats', type=int, default=10)
   args = parser.parse_args(argv)
+  common.start_jax()
   import torch  # pylint: disable=import-outside-toplevel
   print(f'jax {jax.__version__} {jax.devices()}, torch {torch.__version__} '
         f'with {torch.get_num_threads()} threads\n')

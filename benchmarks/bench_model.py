@@ -24,13 +24,14 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+import common
 
 FRAMEWORKS = ('flax', 'official', 'hf')
 LR, WEIGHT_DECAY = 1e-3, 0.05
@@ -50,16 +51,6 @@ def inputs(args):
   images = rng.standard_normal((args.batch, args.image_size, args.image_size, 3), np.float32)
   labels = rng.integers(0, 1000, (args.batch,)).astype(np.int32)
   return images, labels
-
-
-def _time_runs(run, steps):
-  run()  # warm-up (and, for JAX, the first execution after compilation)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _peak_rss_mib():
@@ -125,14 +116,14 @@ def _worker_flax(args, mode):
                                                       donate=True)
   if mode == 'infer':
     np.save(args.logits, np.asarray(compiled(*call_args)))
-    seconds = _time_runs(lambda: jax.block_until_ready(compiled(*call_args)), args.steps)
+    seconds = common.median_seconds(lambda: jax.block_until_ready(compiled(*call_args)), args.steps)
     return seconds, compile_s
   carry, batch = list(call_args[:3]), call_args[3:]
 
   def run():
     *carry[:], loss = compiled(*carry, *batch)  # donated buffers: keep the new ones
     jax.block_until_ready(loss)
-  return _time_runs(run, args.steps), compile_s
+  return common.median_seconds(run, args.steps), compile_s
 
 
 def _torch_official(args):
@@ -173,7 +164,7 @@ def _worker_torch(args, framework, mode):
     model.eval()
     with torch.inference_mode():
       np.save(args.logits, call(x).numpy())
-      return _time_runs(lambda: call(x), args.steps), None
+      return common.median_seconds(lambda: call(x), args.steps), None
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -181,7 +172,7 @@ def _worker_torch(args, framework, mode):
     opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(call(x), y).backward()
     opt.step()
-  return _time_runs(run, args.steps), None
+  return common.median_seconds(run, args.steps), None
 
 
 def run_worker(args):
@@ -269,6 +260,7 @@ def main(argv=None):
   parser.add_argument('--weights', help=argparse.SUPPRESS)
   parser.add_argument('--logits', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  common.start_jax()
   if args.worker:
     run_worker(args)
     return

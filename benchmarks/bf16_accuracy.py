@@ -26,6 +26,8 @@ from cvt_flax.convert.official import load_official_state_dict
 from cvt_flax.runtime import compiler
 from cvt_flax.training.steps import init_train_state, make_train_step
 
+import common
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'data')
 DTYPES = ('float32', 'bfloat16')
 # A 2-stage CvT small enough to train on 2 CPU cores in a minute: the tiny variant, wider.
@@ -89,6 +91,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=300)
   args = parser.parse_args(argv)
+  common.start_jax()
   print('## bfloat16 vs float32 logits on the official fixtures\n')
   print('| fixture | input | max abs diff fp32 vs PyTorch | max abs diff bf16 vs fp32 | '
         'relative to max abs logit |')

@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 import bench_model  # the same inputs and cvt-flax step as the throughput benchmark
+import common
 
 CATEGORIES = ('patch_embed', 'conv_proj', 'qkv_linear', 'attention_core', 'attn_out_linear', 'mlp',
               'layer_norm')
@@ -255,6 +256,7 @@ def main(argv=None):
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   parser.add_argument('--mode', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  common.start_jax()
   if args.worker:
     fn = profile_jax if args.worker == 'jax' else profile_torch
     print('RESULT' + json.dumps(fn(args, args.mode)))

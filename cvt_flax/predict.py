@@ -71,6 +71,8 @@ def _parse_args(argv):
   parser.add_argument('--revision', help='hub revision (branch, tag or commit)')
   parser.add_argument('--top-k', type=int, default=5)
   parser.add_argument('--json', action='store_true', help='machine-readable output')
+  parser.add_argument('--max-image-pixels', type=int,
+                      help='read trusted images of up to this many pixels (default: PIL\'s limit)')
   preprocess_lib.add_flags(parser)
   parser.add_argument('images', nargs='+')
   return parser.parse_args(argv)
@@ -79,6 +81,8 @@ def _parse_args(argv):
 def main(argv=None) -> int:
   args = _parse_args(argv)
   platforms.skip_tpu_without_chips()
+  if args.max_image_pixels:
+    preprocess_lib.set_max_image_pixels(args.max_image_pixels)
   try:
     images = [preprocess_lib.load_image(p) for p in args.images]
     model = io.from_pretrained(args.checkpoint, revision=args.revision)

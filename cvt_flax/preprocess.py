@@ -19,6 +19,8 @@ pipeline would give it.
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -190,13 +192,42 @@ def to_hf_processor(preprocess: Preprocess) -> dict[str, Any]:
           'image_mean': list(p.mean), 'image_std': list(p.std)}
 
 
+def set_max_image_pixels(pixels: int) -> None:
+  """Allows images of up to `pixels` pixels in every reader (a process-wide PIL setting: for the
+  commands, which own their process)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.MAX_IMAGE_PIXELS = -(-pixels // 2)
+
+
+def max_image_pixels() -> int:
+  """The most pixels an image may have: what PIL refuses above as a likely decompression bomb (twice
+  `PIL.Image.MAX_IMAGE_PIXELS`, 178,956,970 by default). Every reader of images applies it: predict
+  and `load_image` through PIL, the input pipelines from the image's header before decoding."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 2 ** 62
+
+
+def too_many_pixels(pixels: int | None = None) -> str:
+  """The one message for an image over `max_image_pixels` (of `pixels` pixels, if known)."""
+  size = f'{pixels:,} pixels' if pixels else 'too many pixels'
+  return (f'image of {size}, more than the {max_image_pixels():,} allowed (a decompression '
+          'bomb?); if the image is trusted, raise the limit: PIL.Image.MAX_IMAGE_PIXELS (images '
+          'up to twice it are read), or predict --max-image-pixels N.')
+
+
 def load_image(path):
-  """Reads an image file as an RGB PIL image; a clear ImageError if it is not a readable image."""
+  """Reads an image file as an RGB PIL image; a clear ImageError if it is not a readable image or
+  has more than `max_image_pixels()` pixels."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(path) as img:
-      img.load()
-      return img.convert('RGB')
+    with warnings.catch_warnings():  # PIL warns from half the limit on: below it, nothing to say
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        img.load()
+        return img.convert('RGB')
+  except Image.DecompressionBombError as e:
+    pixels = re.search(r'\((\d+) pixels\)', str(e))  # PIL's message: "Image size (N pixels) ..."
+    raise ImageError(f'{path}: {too_many_pixels(int(pixels[1]) if pixels else None)}') from e
   except FileNotFoundError as e:
     raise ImageError(f'{path}: no such file') from e
   except UnidentifiedImageError as e:

@@ -22,10 +22,12 @@ import os
 import pathlib
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -131,6 +133,31 @@ def load_module(path: pathlib.Path):
 def load_config_module(name: str):
   """configs/<name>.py as a module (its get_config(arg) builds the config)."""
   return load_module(ROOT / 'configs' / f'{name}.py')
+
+
+def input_config(dataset: str, data_dir: str | None = None, **overrides):
+  """A locked input config for `dataset` at 16 px (TFDS's evaluation split of the datasets the
+  configs name, else 'test'), with `overrides` (input config field -> value)."""
+  import cvt_flax.data  # pylint: disable=g-import-not-at-top
+  cfg = cvt_flax.data.default_input_config()
+  cfg.dataset = dataset
+  cfg.data_dir = data_dir
+  cfg.eval_split = {'imagenet2012': 'validation'}.get(dataset, 'test')
+  cfg.image_size = 16
+  cfg.update(overrides)
+  cfg.lock()
+  return cfg
+
+
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+  """A PNG whose valid header declares width x height grey pixels, with no pixel data: what a
+  decompression bomb shows a reader before it decodes (a real one of 30000 x 30000 is 109 KB)."""
+  def chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack('>I', len(payload)) + kind + payload
+            + struct.pack('>I', zlib.crc32(kind + payload)))
+  header = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b''))
+          + chunk(b'IEND', b''))
 
 
 def tiny_config(data_dir: str, **overrides):

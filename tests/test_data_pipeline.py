@@ -7,9 +7,9 @@ import tensorflow_datasets as tfds
 
 import cvt_flax.data as data
 from cvt_flax.data import digits
+from helpers import input_config
 
 NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'cifar100': 100}
-EVAL_SPLIT = {'imagenet2012': 'validation', 'cifar10': 'test', 'cifar100': 'test'}
 
 
 @pytest.fixture(scope='module')
@@ -17,17 +17,6 @@ def auto_prepared_dir(tmp_path_factory):
   """An empty TFDS data dir: the pipeline prepares `digits` in it on first use (unlike conftest's
   `digits_dir`, which is built up front)."""
   return str(tmp_path_factory.mktemp('tfds'))
-
-
-def _config(dataset, data_dir=None, **overrides):
-  cfg = data.default_input_config()
-  cfg.dataset = dataset
-  cfg.data_dir = data_dir
-  cfg.eval_split = EVAL_SPLIT.get(dataset, 'test')
-  cfg.image_size = 16
-  cfg.update(overrides)
-  cfg.lock()
-  return cfg
 
 
 def _normalised_range(cfg):
@@ -42,7 +31,7 @@ def _take(iterator, num):
 @pytest.mark.parametrize('dataset', sorted(NUM_CLASSES))
 def test_mock_dataset_train_and_eval(dataset):
   with tfds.testing.mock_data(num_examples=10):
-    cfg = _config(dataset, random_erasing=0.0)  # Erasing noise is unbounded; checked below.
+    cfg = input_config(dataset, random_erasing=0.0)  # Erasing noise is unbounded; checked below.
     info = data.get_dataset_info(cfg)
     assert info[:3] == (NUM_CLASSES[dataset], 10, 10)
     assert len(info.class_names) == NUM_CLASSES[dataset]  # TFDS's label names
@@ -70,7 +59,7 @@ def test_mock_dataset_train_and_eval(dataset):
 
 def test_mock_random_erasing_adds_unbounded_noise():
   with tfds.testing.mock_data(num_examples=8):
-    cfg = _config('imagenet2012', random_erasing=1.0)
+    cfg = input_config('imagenet2012', random_erasing=1.0)
     images = next(data.make_train_iterator(cfg, global_batch_size=8, seed=0))['image']
   low, high = _normalised_range(cfg)
   outside = (images.reshape(-1, 3) < low) | (images.reshape(-1, 3) > high)
@@ -78,7 +67,7 @@ def test_mock_random_erasing_adds_unbounded_noise():
 
 
 def test_digits_builder(auto_prepared_dir):
-  cfg = _config('digits', auto_prepared_dir)
+  cfg = input_config('digits', auto_prepared_dir)
   assert data.get_dataset_info(cfg) == data.DatasetInfo(  # Builds on first use.
       10, 1437, 360, tuple(str(i) for i in range(10)))
   builder = digits.Digits(data_dir=auto_prepared_dir)
@@ -100,7 +89,7 @@ def test_digits_builder(auto_prepared_dir):
 
 
 def test_digits_pipeline_shapes_grey_to_rgb_and_upsampling(auto_prepared_dir):
-  cfg = _config('digits', auto_prepared_dir, image_size=24, randaugment_num_ops=0, random_erasing=0.0,
+  cfg = input_config('digits', auto_prepared_dir, image_size=24, randaugment_num_ops=0, random_erasing=0.0,
                 hflip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
   batch = next(data.make_train_iterator(cfg, global_batch_size=8, seed=0))
   assert batch['image'].shape == (8, 24, 24, 3)
@@ -113,7 +102,7 @@ def test_digits_pipeline_shapes_grey_to_rgb_and_upsampling(auto_prepared_dir):
 
 
 def test_resume_equals_uninterrupted_run(auto_prepared_dir):
-  cfg = _config('digits', auto_prepared_dir)  # Full augmentation: crop, flip, RandAugment, erasing.
+  cfg = input_config('digits', auto_prepared_dir)  # Full augmentation: crop, flip, RandAugment, erasing.
   uninterrupted = _take(data.make_train_iterator(cfg, global_batch_size=64, seed=3), 25)
   # 1,437 examples per epoch: batch 22 spans the end of epoch 0 and the start of epoch 1.
   for start in (2, 21):
@@ -142,7 +131,7 @@ def _epoch_records(cfg, process_index, process_count, epoch_size):
 
 
 def test_two_processes_read_disjoint_train_data(auto_prepared_dir):
-  cfg = _config('digits', auto_prepared_dir, image_size=8, randaugment_num_ops=0, random_erasing=0.0,
+  cfg = input_config('digits', auto_prepared_dir, image_size=8, randaugment_num_ops=0, random_erasing=0.0,
                 hflip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
   everything = _epoch_records(cfg, 0, 1, 1437)
   first, second = (_epoch_records(cfg, p, 2, 1437 // 2) for p in (0, 1))
@@ -153,7 +142,7 @@ def test_two_processes_read_disjoint_train_data(auto_prepared_dir):
 
 
 def test_two_processes_cover_eval_once(auto_prepared_dir):
-  cfg = _config('digits', auto_prepared_dir, image_size=8)
+  cfg = input_config('digits', auto_prepared_dir, image_size=8)
   def records(process_index, process_count):
     batches = list(data.make_eval_iterator(cfg, global_batch_size=64, process_index=process_index,
                                            process_count=process_count))
@@ -184,15 +173,15 @@ def test_config_is_lockable_and_overridable():
 
 
 def test_bad_inputs_raise_clear_errors(auto_prepared_dir, tmp_path):
-  cfg = _config('digits', auto_prepared_dir)
+  cfg = input_config('digits', auto_prepared_dir)
   with pytest.raises(ValueError, match='process_count=3'):
     data.make_train_iterator(cfg, global_batch_size=64, seed=0, process_count=3)
   with pytest.raises(ValueError, match='process_index=2'):
     data.make_eval_iterator(cfg, global_batch_size=64, process_index=2, process_count=2)
   with pytest.raises(ValueError, match=r"'validation'.*available splits: train, test"):
-    data.get_dataset_info(_config('digits', auto_prepared_dir, eval_split='validation'))
+    data.get_dataset_info(input_config('digits', auto_prepared_dir, eval_split='validation'))
   with pytest.raises(ValueError, match='resize'):
-    data.make_eval_iterator(_config('digits', auto_prepared_dir, resize='squash'),
+    data.make_eval_iterator(input_config('digits', auto_prepared_dir, resize='squash'),
                             global_batch_size=8)
   with pytest.raises(FileNotFoundError, match='cifar10.*not prepared'):  # Never downloads.
-    data.get_dataset_info(_config('cifar10', str(tmp_path)))
+    data.get_dataset_info(input_config('cifar10', str(tmp_path)))

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import cvt_flax.data as data
+from helpers import input_config, png_bomb
 
 COLOUR = (200, 40, 90)  # every test image is this solid colour, so the right answer is known
 SIZE = 8
@@ -58,15 +59,9 @@ def _image_folder(root, files_by_split) -> str:
 
 
 def _config(dataset, **overrides):
-  cfg = data.default_input_config()
-  cfg.dataset = dataset
-  cfg.eval_split = 'test'
-  cfg.image_size = SIZE
-  cfg.resize = 'warp'
-  cfg.randaugment_num_ops = 0
-  cfg.random_erasing = 0.0
-  cfg.update(overrides)
-  return cfg
+  """Small images, no augmentation that would hide which pixels came from which file."""
+  return input_config(dataset, **dict(dict(image_size=SIZE, resize='warp', randaugment_num_ops=0,
+                                            random_erasing=0.0), **overrides))
 
 
 def _to_rgb(images, cfg):
@@ -141,6 +136,18 @@ def test_corrupt_eval_image_is_named(folder_with_bad_files):
   message = str(err.value)
   assert f'{root}/test/cat/notes.jpg: Unknown image file format' in message
   assert 'truncated.jpg' not in message  # only the eval split is read
+
+
+def test_decompression_bomb_is_named_before_it_is_decoded(tmp_path):
+  good = _encode(_solid('RGB'), 'PNG')
+  dataset = _image_folder(tmp_path, {'test': {'cat': {'0.png': good, 'bomb.png': png_bomb()},
+                                              'dog': {'1.png': good}}})
+  with pytest.raises(data.DataError) as err:
+    list(data.make_eval_iterator(_config(dataset), global_batch_size=3))
+  message = str(err.value)
+  assert f'{tmp_path}/test/cat/bomb.png: image of too many pixels, more than the 178,956,970 ' \
+         'allowed (a decompression bomb?)' in message
+  assert 'PIL.Image.MAX_IMAGE_PIXELS' in message and '0.png' not in message
 
 
 def _records_with_labels(labels, num_images=None):

@@ -11,7 +11,7 @@ import cvt_flax
 from cvt_flax import predict
 from cvt_flax.io import FormatNote
 from cvt_flax.preprocess import Preprocess, load_image
-from helpers import DATA, logits_and_features
+from helpers import DATA, logits_and_features, png_bomb
 
 
 @pytest.fixture(scope='module')
@@ -107,3 +107,22 @@ def test_unreadable_files_are_named(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(path) in err and message in err
   assert predict.main(['--checkpoint', str(tmp_path / 'nope'), str(bad)]) == 2
+
+
+def test_decompression_bomb_is_one_line_and_a_trusted_one_can_be_allowed(checkpoint, tmp_path,
+                                                                         capsys, monkeypatch):
+  bomb = tmp_path / 'bomb.png'
+  bomb.write_bytes(png_bomb())  # 30000 x 30000
+  assert predict.main(['--checkpoint', checkpoint, str(bomb)]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith(f'error: {bomb}: image of 900,000,000 pixels, '
+                                                 'more than the 178,956,970 allowed')
+  assert 'PIL.Image.MAX_IMAGE_PIXELS' in err and '--max-image-pixels N' in err
+  # Trusted: allowed through the flag (PIL's limit is process-wide: restored after the test).
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)
+  large = tmp_path / 'large.png'
+  Image.new('RGB', (120, 100)).save(large)
+  cvt_flax.preprocess.set_max_image_pixels(10_000)
+  with pytest.raises(cvt_flax.preprocess.ImageError, match='12,000 pixels, more than the 10,000'):
+    load_image(large)
+  assert predict.main(['--checkpoint', checkpoint, '--max-image-pixels', '12000', str(large)]) == 0

@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     local = (files.local_copy(src, sources.SOURCE_FILES) if pytorch_source
              else contextlib.nullcontext(src))
     with local as src:
-      model = io.load_local(src, spec=args.spec, num_classes=args.num_classes,
-                            activation=args.activation, image_size=args.image_size)
+      model = io.from_pretrained(src, spec=args.spec, num_classes=args.num_classes,
+                                 activation=args.activation, image_size=args.image_size)
       _save(model, args)
       if args.check and check_logits(src, model, args.check_size) > CHECK_TOLERANCE:
         print('check FAILED: the converted model does not reproduce PyTorch', file=sys.stderr)

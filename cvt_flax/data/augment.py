@@ -9,7 +9,7 @@ import math
 
 import tensorflow as tf
 
-from cvt_flax.preprocess import Preprocess
+from cvt_flax.preprocess import Preprocess, max_image_pixels, too_many_pixels
 
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its center-crop fallback.
 ERASE_ATTEMPTS = 10
@@ -58,6 +58,41 @@ def random_resized_crop_box(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4
   fallback = tf.stack([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w])
   sampled = tf.stack([top[first], left[first], crop_h[first], crop_w[first]])
   return tf.unstack(tf.where(tf.reduce_any(fits), sampled, fallback))
+
+
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _header_pixels(image_bytes):
+  """Height * width as the header says, before anything is decoded: JPEG's frame header, PNG's
+  IHDR chunk (big-endian width and height at bytes 16-23); 0 for other formats, which are small
+  enough to decode as they are (ImageFolder reads .jpg, .jpeg and .png)."""
+  def png():
+    size = tf.cast(tf.io.decode_raw(tf.strings.substr(image_bytes, 16, 8), tf.uint8), tf.int64)
+    width, height = tf.unstack(tf.reshape(size, [2, 4]) @ tf.constant([[2**24], [2**16], [2**8],
+                                                                        [1]], tf.int64))
+    return width[0] * height[0]
+
+  def jpeg():
+    return tf.reduce_prod(tf.image.extract_jpeg_shape(image_bytes, output_type=tf.int64)[:2])
+
+  is_png = tf.logical_and(tf.strings.substr(image_bytes, 0, 8) == _PNG_SIGNATURE,
+                          tf.strings.length(image_bytes) >= 24)
+  return tf.case([(tf.io.is_jpeg(image_bytes), jpeg), (is_png, png)],
+                 default=lambda: tf.constant(0, tf.int64))
+
+
+def _refuse_bombs(image_bytes):
+  """`image_bytes`, once its header shows no more than `preprocess.max_image_pixels()` pixels: a
+  small file can decode to gigabytes (a 30000 x 30000 PNG of 109 KB), so the size is checked before
+  decoding. The failing example is named by `checks`."""
+  limit = max_image_pixels()
+  pixels = _header_pixels(image_bytes)
+  check = tf.debugging.assert_less_equal(
+      pixels, tf.constant(limit, tf.int64),
+      message=too_many_pixels())
+  with tf.control_dependencies([check]):
+    return tf.identity(image_bytes)
 
 
 def _decode_any(image_bytes):
@@ -119,6 +154,7 @@ def decode_and_random_resized_crop(image_bytes, seed, size, scale=(0.08, 1.0),
     top, left, crop_h, crop_w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
     return image[top:top + crop_h, left:left + crop_w]
 
+  image_bytes = _refuse_bombs(image_bytes)
   crop = tf.cond(tf.io.is_jpeg(image_bytes), from_jpeg, from_any)
   image = resize(crop, size, size, pil_exact)
   image.set_shape([size, size, 3])
@@ -134,7 +170,7 @@ def random_flip(image, seed, prob=0.5):
 def decode_and_resize_eval(image_bytes, preprocess: Preprocess):
   """The eval transform's decode, resize and centre crop (`cvt_flax.preprocess`: the sizes and
   offsets come from `Preprocess.geometry`, as in predict's PIL path); 0-255 values, unnormalised."""
-  image = _decode_any(image_bytes)
+  image = _decode_any(_refuse_bombs(image_bytes))
   shape = tf.shape(image)
   new_h, new_w, top, left = preprocess.geometry(shape[0], shape[1], maximum=tf.maximum)
   image = resize(image, new_h, new_w, method=preprocess.interpolation)

@@ -10,5 +10,5 @@ The PyTorch formats (official `.pth`, HF) are read and written by `cvt_flax.conv
 """
 from cvt_flax.io.hub import HubError
 from cvt_flax.io.load import (MODEL_DIR, PYTORCH, WORKDIR, detect, from_pretrained,
-                              load_checkpoint, load_local, resolve)
+                              load_checkpoint, resolve)
 from cvt_flax.io.model_dir import CheckpointError, FormatNote, ModelDoc, save_model

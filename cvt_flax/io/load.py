@@ -10,6 +10,10 @@ A reference is, in this order:
   * a Hugging Face hub name, `org/name` or `org/name@revision` (`cvt_flax.io.hub`).
 An existing local path always wins over a hub name of the same spelling. PyTorch files at a URL are
 copied to a local temporary directory first (torch and the converters read local files).
+
+Which to call: `from_pretrained` for any of these (what the commands use). `load_checkpoint` only
+where a reference must be one of cvt-flax's own checkpoints (a model directory or a workdir), so
+that anything else is an error rather than a conversion or a download.
 """
 from __future__ import annotations
 
@@ -45,15 +49,14 @@ def detect(path: str) -> str:
   return PYTORCH
 
 
-def load_local(path: str, *, spec=None, num_classes: int | None = None,
-               activation: str | None = None, image_size: int | None = None,
-               step: int | None = None) -> CvT:
-  """Loads an existing path (any kind, see `detect`) in eval mode.
+def _load(path: str, kind: str, *, spec=None, num_classes: int | None = None,
+          activation: str | None = None, image_size: int | None = None,
+          step: int | None = None) -> CvT:
+  """Loads an existing path holding `kind` (see `detect`) in eval mode.
 
   `spec`, `num_classes`, `activation`, `image_size` apply to PyTorch sources only (see
   `cvt_flax.convert.load_pytorch`); `step` to training workdirs.
   """
-  kind = detect(path)
   if kind == MODEL_DIR:
     return load_model_dir(path)
   if kind == WORKDIR:
@@ -64,15 +67,16 @@ def load_local(path: str, *, spec=None, num_classes: int | None = None,
 
 
 def load_checkpoint(path, step: int | None = None) -> CvT:
-  """A cvt-flax model directory or training workdir (at `step`, default the newest), eval mode."""
+  """A cvt-flax model directory or training workdir (at `step`, default the newest), eval mode;
+  anything else is a CheckpointError (`from_pretrained` takes every kind of reference)."""
   path = os.fspath(path)
   if not files.isdir(path):
     what = 'does not exist' if not files.exists(path) else 'is not a directory'
     raise CheckpointError(f'{path} {what}; a cvt-flax model is a directory with {CONFIG_FILE} and '
                           f'{STATE_DIR}/, or a training workdir.')
-  if not files.exists(os.path.join(path, CONFIG_FILE)) and is_training_workdir(path):
-    return load_workdir_model(path, step)
-  return load_model_dir(path)
+  kind = detect(path)
+  # A directory of neither kind is read as a model directory, whose loader names what is missing.
+  return _load(path, WORKDIR if kind == WORKDIR else MODEL_DIR, step=step)
 
 
 def resolve(ref, *, revision: str | None = None, cache_dir: str | None = None,
@@ -101,9 +105,11 @@ def from_pretrained(name_or_path, *, revision: str | None = None, cache_dir: str
       model = cvt_flax.from_pretrained('runs/digits')           # a training workdir
 
   `revision`, `cache_dir`, `local_files_only`: for hub names (also `org/name@revision`); offline
-  (HF_HUB_OFFLINE=1) only the local hub cache is read. `options`: see `load_local`.
+  (HF_HUB_OFFLINE=1) only the local hub cache is read. `options`: `spec`, `num_classes`,
+  `activation`, `image_size` for PyTorch sources (`cvt_flax.convert.load_pytorch`), `step` for
+  training workdirs.
   """
   path = resolve(name_or_path, revision=revision, cache_dir=cache_dir,
                  local_files_only=local_files_only)
-  return load_local(path, **options)
+  return _load(path, detect(path), **options)
 
