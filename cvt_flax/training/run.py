@@ -19,9 +19,9 @@ from ml_collections import ConfigDict
 from cvt_flax import data, files, io
 from cvt_flax.errors import ConfigError
 from cvt_flax.io import workdir as workdir_io
-from cvt_flax.models import Compute, CvT, CvTConfig, compute, make_compute, make_config
+from cvt_flax.models import Compute, CvT, CvTConfig, make_compute, make_config
 from cvt_flax.models.weights import flat_variables, host_weights, shapes
-from cvt_flax.runtime import sharding
+from cvt_flax.runtime import compiler, sharding
 from cvt_flax.training import checkpointing, init_from, optim
 from cvt_flax.training.steps import TrainState, init_train_state
 
@@ -146,7 +146,7 @@ def create_initial_state(run: Run, init_weights: dict[str, np.ndarray] | None = 
         var.set_value(jnp.asarray(weights[key], var.get_value().dtype))
     return init_train_state(model, run.tx)
 
-  return compute.jit(init, platform=run.platform, in_shardings=(sharding.replicated(run.mesh),),
+  return compiler.jit(init, platform=run.platform, in_shardings=(sharding.replicated(run.mesh),),
                      out_shardings=run.state_shardings)(init_weights or {})
 
 
