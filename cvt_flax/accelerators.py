@@ -1,8 +1,8 @@
-"""The accelerators this machine has, as the OS shows them, without importing JAX.
+"""The accelerators this machine has, as the OS shows them, and the JAX build that runs on them.
 
-Standard library only: `cvt_flax.runtime.platforms` reads it before JAX starts a backend, and a
-notebook's setup cell runs `cvt_flax/colab.py`, which reads it, before cvt-flax or a matching JAX is
-installed.
+Standard library only, without JAX: `cvt_flax.runtime.platforms` reads it before JAX starts a
+backend, and a notebook's setup cell runs this file (`install`) before cvt-flax, or the JAX that
+matches the runtime, is installed.
 
   TPU     Google (PCI vendor 0x1ae0) devices with a TPU's device id, the table JAX itself keeps
           (`jax._src.hardware_utils`: v3 ... TPU7x), or /dev/accel* (the TPU driver of v2-v4 VMs).
@@ -13,7 +13,10 @@ installed.
 from __future__ import annotations
 
 import glob
+from importlib import metadata
 import os
+import subprocess
+import sys
 
 TPU, NVIDIA, AMD = 'tpu', 'nvidia', 'amd'
 
@@ -58,3 +61,67 @@ def detect(root: str = '/') -> str | None:
   if has_amd_gpu(root):
     return AMD
   return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Installing the JAX build of this machine's accelerator (a notebook's setup cell, in Colab).
+
+# The cvt-flax extra that brings JAX's build for each accelerator (pyproject.toml): `jax[cuda12]`
+# (the CUDA plugin and CUDA's wheels, at jax's own version) and `jax[tpu]` (libtpu). None for AMD:
+# JAX's ROCm build is installed by hand, after ROCm's own instructions.
+JAX_EXTRA = {NVIDIA: 'cuda', TPU: 'tpu'}
+# The distributions whose versions must agree for JAX to start its accelerator backend.
+JAX_DISTRIBUTIONS = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda12-pjrt', 'jax-cuda13-plugin',
+                     'jax-cuda13-pjrt', 'libtpu')
+
+
+class RestartRuntime(RuntimeError):
+  """The kernel holds a JAX other than the one now installed: only a restart loads the new one."""
+
+
+def pip_requirement(package: str, accelerator: str | None, extras=()) -> str:
+  """What pip installs for cvt-flax from `package` (a directory or a name) with `extras`, plus the
+  extra of `accelerator`'s JAX build."""
+  extras = list(extras) + ([JAX_EXTRA[accelerator]] if accelerator in JAX_EXTRA else [])
+  return f'{package}[{",".join(extras)}]' if extras else package
+
+
+def restart_message(kernel_jax: str | None, installed_jax: str | None) -> str | None:
+  """Why the runtime must be restarted, or None: the kernel imported JAX `kernel_jax` (None: not
+  imported) before the install left `installed_jax` on disk."""
+  if kernel_jax is None or kernel_jax == installed_jax:
+    return None
+  return (f'This kernel imported jax {kernel_jax} before the setup installed jax {installed_jax}: '
+          'restart the runtime (in Colab: the Runtime menu, restart), then run the notebook again '
+          'from the top.')
+
+
+def installed_versions() -> dict[str, str]:
+  """The installed version of each of JAX_DISTRIBUTIONS that is installed."""
+  found = {}
+  for name in JAX_DISTRIBUTIONS:
+    try:
+      found[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
+  return found
+
+
+def install(package: str = './cvt-flax', *extras: str) -> str:
+  """Installs cvt-flax from `package` (a clone's directory, './' first, or a pip name) with
+  `extras` and the JAX build of this machine's accelerator, in this Python; raises RestartRuntime
+  if this process had imported another JAX. Returns the requirement installed. Standard library
+  only: a setup cell runs this file before cvt-flax is installed:
+
+      runpy.run_path('cvt-flax/cvt_flax/accelerators.py')['install']('./cvt-flax', 'train')
+  """
+  accelerator = detect()
+  kernel_jax = getattr(sys.modules.get('jax'), '__version__', None)
+  requirement = pip_requirement(package, accelerator, extras)
+  print(f'runtime accelerator: {accelerator or "none (CPU)"}; pip install {requirement}',
+        flush=True)
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', requirement], check=True)
+  message = restart_message(kernel_jax, installed_versions().get('jax'))
+  if message:
+    raise RestartRuntime(message)
+  return requirement

@@ -53,20 +53,27 @@ def absolute(path) -> str:
   return path if is_remote(path) else os.path.abspath(path)
 
 
+def use_gcsfs_for_urls() -> None:
+  """etils.epath's URLs through gcsfs rather than tf.io.gfile, unless the user set EPATH_USE_TF.
+  epath decides once per process, at the first URL any library gives it: `prepare_url_clients`
+  calls this before cvt-flax's first URL, and `cvt_flax.data` when it imports TensorFlow, before
+  TFDS, which reads its own catalog bucket through epath, can decide for the process."""
+  os.environ.setdefault('EPATH_USE_TF', 'false')
+
+
 def prepare_url_clients() -> None:
   """Sets up the storage clients before cvt-flax's first URL (nothing runs at import: a process
   that never reads a URL is left as it was).
 
-  etils.epath picks tf.io.gfile for URLs whenever TensorFlow is installed, and decides once per
-  process, at its first use; tf.io.gfile ignores STORAGE_EMULATOR_HOST, and TensorFlow only feeds
-  the input pipeline here, so URLs (Orbax's too) go through gcsfs unless the user set
-  EPATH_USE_TF. gcsfs logs a request it gives up on, with its traceback, then raises it: the raised
+  etils.epath picks tf.io.gfile for URLs whenever TensorFlow is installed; tf.io.gfile ignores
+  STORAGE_EMULATOR_HOST, and TensorFlow only feeds the input pipeline here, so URLs (Orbax's too)
+  go through gcsfs (`use_gcsfs_for_urls`). gcsfs logs a request it gives up on, with its traceback, then raises it: the raised
   error is what the caller reports, once. Then every storage client is pointed at
   STORAGE_EMULATOR_HOST, if it is set: tensorstore reads its own variable and needs a token to skip
   the credential lookup; gcsfs's default file system asks the storage-control API, which emulators
   lack, for the bucket type.
   """
-  os.environ.setdefault('EPATH_USE_TF', 'false')
+  use_gcsfs_for_urls()
   logs.drop_messages('gcsfs', r'out of retries on exception', r'non-retriable exception')
   host = os.environ.get('STORAGE_EMULATOR_HOST')
   if not host:

@@ -23,15 +23,19 @@ _NUMBER = r'([0-9.]+(?:e[-+]?\d+)?)'
 
 
 def run_notebook(name, tmp_path, monkeypatch) -> str:
-  """Executes colabs/<name>.ipynb in tmp_path (raises on any cell error); returns its stdout."""
+  """Executes colabs/<name>.ipynb in tmp_path (raises on any cell error); returns its stdout,
+  after checking that the setup cell printed the device line (JAX on this CPU machine's CPU)."""
   monkeypatch.setenv('CVT_FLAX_FAST', '1')
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   nb = nbformat.read(COLABS / f'{name}.ipynb', as_version=4)
   NotebookClient(nb, kernel_name='python3', timeout=CELL_TIMEOUT_S,
                  resources={'metadata': {'path': str(tmp_path)}}).execute()
-  return ''.join(out.text for cell in nb.cells if cell.cell_type == 'code'
+  text = ''.join(out.text for cell in nb.cells if cell.cell_type == 'code'
                  for out in cell.outputs if out.output_type == 'stream' and out.name == 'stdout')
+  assert re.search(r'^jax [\d.]+, backend cpu, devices \[CpuDevice\(id=0\)\]; accelerator on this '
+                   r'machine: none$', text, re.M), text[:500]
+  return text
 
 
 def assert_figures(tmp_path, *names):
@@ -52,7 +56,9 @@ def test_notebook_is_committed_clean_with_badge_and_switches(name):
   assert f'/blob/main/colabs/{name}.ipynb' in nb.cells[0].source, 'first cell: the Colab badge'
   setup = code_cells[0].source
   for line in ("REPO = 'https://github.com/cvt-flax/cvt-flax'",
-               "FAST = os.environ.get('CVT_FLAX_FAST') == '1'", "'google.colab' in sys.modules"):
+               "FAST = os.environ.get('CVT_FLAX_FAST') == '1'", "'google.colab' in sys.modules",
+               "runpy.run_path('cvt-flax/cvt_flax/accelerators.py')['install']('./cvt-flax'",
+               'platforms.check_jax_devices()'):
     assert line in setup, f'{name}.ipynb setup cell lacks {line!r}'
 
 

@@ -1,5 +1,6 @@
 """What a process starts: `import cvt_flax` changes nothing global; the entry points choose JAX's
 platforms from the accelerators this machine has (`cvt_flax.accelerators`)."""
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -87,3 +88,73 @@ def _fake_machine(root, *, pci=(), dev=(), proc=()):
 def test_accelerators_are_read_from_the_os(tmp_path, machine, expected):
   assert accelerators.detect(_fake_machine(tmp_path, **machine)) == expected
 
+
+
+# --------------------------------------------------------------------------------------------------
+# A notebook's setup on Colab: the JAX build of the runtime's accelerator, and the device it got.
+
+@pytest.mark.parametrize('machine, extras, expected', [
+    (None, (), 'cvt-flax'),  # a CPU runtime: the core, jax's CPU build
+    (None, ('train',), 'cvt-flax[train]'),
+    (accelerators.NVIDIA, (), 'cvt-flax[cuda]'),  # a T4 / A100 / L4 runtime
+    (accelerators.NVIDIA, ('train',), 'cvt-flax[train,cuda]'),
+    (accelerators.TPU, ('train',), 'cvt-flax[train,tpu]'),  # a v5e-1 / v6e-1 runtime
+])
+def test_setup_installs_the_jax_build_of_the_runtime(machine, extras, expected):
+  assert accelerators.pip_requirement('cvt-flax', machine, extras) == expected
+
+
+def test_every_jax_extra_the_setup_names_is_a_cvt_flax_extra_with_jax_s_build():
+  requires = importlib.metadata.metadata('cvt-flax').get_all('Requires-Dist')
+  for extra in accelerators.JAX_EXTRA.values():
+    assert any(req.startswith('jax[') and f'extra == "{extra}"' in req for req in requires), extra
+
+
+def test_a_kernel_that_imported_another_jax_must_restart():
+  # A GPU runtime whose kernel imported Colab's own jax before the setup upgraded it.
+  message = accelerators.restart_message('0.7.2', '0.10.2')
+  assert 'imported jax 0.7.2 before the setup installed jax 0.10.2' in message
+  assert 'restart the runtime (in Colab: the Runtime menu, restart)' in message
+  assert accelerators.restart_message(None, '0.10.2') is None  # jax not imported yet
+  assert accelerators.restart_message('0.10.2', '0.10.2') is None  # the notebook run again
+
+
+def test_setup_runs_pip_for_the_runtime_and_stops_for_a_restart(monkeypatch):
+  """`install` with the detection and pip faked: one pip call with the runtime's requirement, then
+  RestartRuntime when the kernel holds another jax."""
+  calls = []
+  monkeypatch.setattr(accelerators, 'detect', lambda: accelerators.NVIDIA)
+  monkeypatch.setattr(accelerators.subprocess, 'run', lambda cmd, check: calls.append(cmd))
+  monkeypatch.setattr(accelerators, 'installed_versions', lambda: {'jax': '0.10.2'})
+  monkeypatch.setitem(sys.modules, 'jax', types.SimpleNamespace(__version__='0.10.2'))
+  assert accelerators.install('./cvt-flax', 'train') == './cvt-flax[train,cuda]'
+  assert calls == [[sys.executable, '-m', 'pip', 'install', '-q', './cvt-flax[train,cuda]']]
+  monkeypatch.setitem(sys.modules, 'jax', types.SimpleNamespace(__version__='0.7.2'))
+  with pytest.raises(accelerators.RestartRuntime, match='restart the runtime'):
+    accelerators.install()
+
+
+def test_the_setup_file_runs_without_cvt_flax_or_jax():
+  """A setup cell runs accelerators.py by path before anything is installed: standard library
+  only (a Python that cannot import jax or cvt_flax gets its functions)."""
+  code = ('import sys, runpy; sys.modules["jax"] = sys.modules["cvt_flax"] = None; '
+          f'f = runpy.run_path({str(helpers.ROOT / "cvt_flax" / "accelerators.py")!r}); '
+          'print(f["pip_requirement"]("cvt-flax", f["detect"](), ("train",)))')
+  proc = subprocess.run([sys.executable, '-I', '-c', code], capture_output=True, text=True,
+                        timeout=60, check=True)
+  assert proc.stdout.strip() == 'cvt-flax[train]' and proc.stderr == ''
+
+
+def test_device_check_fails_loudly_on_a_gpu_runtime_that_jax_does_not_use(monkeypatch, capsys):
+  assert 'backend cpu' in platforms.check_jax_devices()  # a CPU machine: the line, no error
+  assert 'accelerator on this machine: none' in capsys.readouterr().out
+  # A T4 runtime whose JAX lost its CUDA plugin: JAX fell back to the CPU.
+  monkeypatch.setattr(accelerators, 'detect', lambda: accelerators.NVIDIA)
+  monkeypatch.setattr(accelerators, 'installed_versions',
+                      lambda: {'jax': '0.10.2', 'jaxlib': '0.10.2', 'jax-cuda12-plugin': '0.7.2'})
+  with pytest.raises(platforms.AcceleratorNotUsed) as err:
+    platforms.check_jax_devices()
+  message = str(err.value)
+  assert 'has a NVIDIA accelerator but JAX runs on the CPU only' in message
+  assert 'jax 0.10.2, jaxlib 0.10.2, jax-cuda12-plugin 0.7.2' in message
+  assert "pip install 'cvt-flax[cuda]'" in message and 'restart' in message

@@ -1,8 +1,10 @@
 """Input pipelines: TFDS datasets -> tf.data (decode, augment, batch) -> numpy batches.
 
-Importing this package first hides every GPU/TPU from TensorFlow (`_tf`). That must happen at
-import: TensorFlow accepts the change only before its runtime starts, and this package is the only
-place cvt-flax imports TensorFlow, so its import is the one moment that comes before any TF op.
+Importing this package first hides every GPU/TPU from TensorFlow (`_tf`), and points etils.epath's
+URLs at gcsfs (`files.use_gcsfs_for_urls`). Both must happen at import: TensorFlow accepts the
+change only before its runtime starts, epath decides at the first URL (TFDS reads its catalog
+bucket through it), and this package is the only place cvt-flax imports TensorFlow and TFDS, so
+its import is the one moment that comes before either.
 Importing it is the choice to use cvt-flax's TensorFlow input pipelines. The offline dataset
 `digits` is cvt-flax's own builder, not registered in TFDS's catalog (`digits`).
 """

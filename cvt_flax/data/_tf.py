@@ -11,7 +11,9 @@ import os
 # TF prints before its logging starts: those are dropped below.)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-from cvt_flax import logs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cvt_flax import files, logs  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+files.use_gcsfs_for_urls()  # before TFDS gives etils.epath its first URL (see there)
 
 # TensorFlow's C++ start-up announces its oneDNN kernels on the raw descriptor, before any log level
 # applies; TFDS's readers call TF APIs that TF has deprecated, which TF then logs on each use.

@@ -23,6 +23,7 @@ import os
 import jax
 
 from cvt_flax import accelerators
+from cvt_flax.errors import CvtFlaxError
 
 
 def libtpu_present() -> bool:
@@ -42,3 +43,29 @@ def skip_tpu_without_chips() -> bool:
     return False
   jax.config.update('jax_platforms', 'cpu')
   return True
+
+
+class AcceleratorNotUsed(CvtFlaxError, RuntimeError):
+  """The machine has a GPU or TPU and JAX started on the CPU alone."""
+
+
+def check_jax_devices() -> str:
+  """Starts JAX (`skip_tpu_without_chips` first), prints one line (JAX's version, backend and
+  devices, and the accelerator the OS shows) and returns it; AcceleratorNotUsed, naming the
+  versions installed and the fix, where the machine has a GPU or TPU and JAX sees only CPUs (a
+  notebook must not train on the CPU for an hour unnoticed)."""
+  skip_tpu_without_chips()
+  accelerator = accelerators.detect()
+  line = (f'jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}; '
+          f'accelerator on this machine: {accelerator or "none"}')
+  print(line, flush=True)
+  if accelerator is not None and jax.default_backend() == 'cpu':
+    versions = ', '.join(f'{k} {v}' for k, v in accelerators.installed_versions().items())
+    extra = accelerators.JAX_EXTRA.get(accelerator)
+    fix = (f"pip install 'cvt-flax[{extra}]' (in Colab: run the setup cell), then restart the "
+           'runtime' if extra else "install JAX's ROCm build as JAX's install guide says, then "
+           'restart')
+    raise AcceleratorNotUsed(f'this machine has a {accelerator.upper()} accelerator but JAX '
+                             f'runs on the CPU only ({versions}): its {accelerator} backend did not '
+                             f'start (see the warning above). Fix: {fix}.')
+  return line
