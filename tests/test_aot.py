@@ -6,6 +6,7 @@ minutes, so the full-size configs are in `benchmarks/RESULTS.md`'s capacity plan
 tests share one fixture of three compiles (about 75 s on 2 cores); the two that compile more are
 `slow`.
 """
+import importlib.metadata
 import importlib.util
 import json
 import subprocess
@@ -152,3 +153,29 @@ def test_capacity_plan_table_renders_the_reports(compiled, monkeypatch):
   assert len(lines) == 4 and lines[2].startswith('| digits | v5e-4 | 16 | - / none |')
   assert lines[3].startswith('| digits (fsdp=True) | v5e-4 | 16 | FSDP / none |')
   assert all(' yes |' in line for line in lines[2:])
+
+
+# The CvT-13 train step as XLA:TPU compiles it (the official recipe, bf16, 8 images per chip on
+# v5e-4), as tests/data/tpu_step_bytes.json records it for the pinned libtpu.
+TPU_STEP_BYTES = helpers.DATA / 'tpu_step_bytes.json'
+
+
+@pytest.mark.slow  # one CvT-13 train step compiled for TPU: minutes on 2 cores
+def test_cvt13_tpu_train_step_moves_no_more_bytes_than_recorded():
+  """A change to shared model code that makes the TPU step heavier fails here, e.g. linear layers
+  on (batch * tokens, channels), which cost the step a third more HBM traffic. The recorded figure
+  changes only in a commit that says why (benchmarks/RESULTS.md)."""
+  recorded = json.loads(TPU_STEP_BYTES.read_text())
+  libtpu = importlib.metadata.version('libtpu')
+  if libtpu != recorded['libtpu']:
+    pytest.skip(f"{TPU_STEP_BYTES.name} was recorded with libtpu {recorded['libtpu']}, here "
+                f'{libtpu}: compile at the old version, or record the figure again')
+  config = helpers.load_config_module('imagenet').get_config(recorded['config_arg'])
+  tpu_slice = tpus.parse_slice(recorded['topology'])
+  config.batch_size = recorded['per_chip_batch'] * tpu_slice.num_chips
+  step_bytes = report.to_json(aot_compile.compile_for_slice(
+      config, tpu_slice, with_eval=False))['train_bytes_per_step_per_chip']
+  assert step_bytes <= 1.03 * recorded['train_bytes_per_step_per_chip'], (
+      f"{step_bytes / 1e9:.2f} GB per chip and step, "
+      f"{step_bytes / recorded['train_bytes_per_step_per_chip'] - 1:+.1%} over the recorded "
+      f"{recorded['train_bytes_per_step_per_chip'] / 1e9:.2f} GB")

@@ -142,13 +142,13 @@ def test_compute_settings_are_not_architecture():
     cvt_flax.make_config('cvt-13', attention_impl='softmax')
 
 
-@pytest.mark.parametrize('platform,dwconv,attention,barrier', [
-    ('cpu', 'shifts', 'blocked', True), ('gpu', 'xla', 'deferred', False),
-    ('tpu', 'xla', 'recompute', False)])
-def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, barrier):
+@pytest.mark.parametrize('platform,dwconv,attention,barrier,per_token', [
+    ('cpu', 'shifts', 'blocked', True, True), ('gpu', 'xla', 'deferred', False, False),
+    ('tpu', 'xla', 'recompute', False, False)])
+def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, barrier, per_token):
   resolved = Compute(platform=platform).resolved()
-  assert (resolved.dwconv_impl, resolved.attention_impl, resolved.fusion_barrier) == (
-      dwconv, attention, barrier)
+  assert (resolved.dwconv_impl, resolved.attention_impl, resolved.fusion_barrier,
+          resolved.per_token_linear) == (dwconv, attention, barrier, per_token)
   explicit = Compute(platform=platform, attention_impl='softmax').resolved()
   assert explicit.attention_impl == 'softmax'
   model = cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), platform=platform)
@@ -215,10 +215,10 @@ def test_cpu_compiler_options_give_reductions_not_matmuls_to_ynnpack():
 
 
 def test_linear_weight_gradients_need_no_transposed_copy():
-  # The model's linear layers see (batch * tokens, channels); on (batch, tokens, channels) the
-  # weight gradient contracts two axes, which XLA:CPU prepares with transposing copies.
-  mlp = cvt_flax.models.cvt.Mlp(16, 64, 0.0, cvt_flax.models.make_config('cvt-13'), jnp.float32,
-                                nnx.Rngs(0))
+  # On CPU the model's linear layers see (batch * tokens, channels); on (batch, tokens, channels)
+  # the weight gradient contracts two axes, which XLA:CPU prepares with transposing copies.
+  mlp = cvt_flax.models.cvt.Mlp(16, 64, 0.0, cvt_flax.models.make_config('cvt-13'),
+                                Compute(platform='cpu').resolved(), nnx.Rngs(0))
   graphdef, params, rest = nnx.split(mlp, nnx.Param, ...)
   x = _normal(0, (2, 50, 16))
 

@@ -16,11 +16,17 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   cuDNN's fused kernel; cuDNN only takes bf16/fp16 and head dims that are
                   multiples of 8 up to 128, other calls run 'deferred')
   fusion_barrier  CPU: stop XLA:CPU's fusion of the residual gradient across blocks
+  per_token_linear  CPU: linear layers applied to (batch * tokens, channels) rather than (batch,
+                  tokens, channels): the weight gradient then contracts one axis, which XLA:CPU
+                  does without first copying the activation transposed. Not on TPU, where the
+                  tokens (3,137, 197, ...) are not a multiple of the 8-row tiles, so merging them
+                  with the batch moves data: the CvT-13 train step on v5e-8 read and wrote a third
+                  more bytes with it (`python -m cvt_flax.aot`; benchmarks/RESULTS.md).
   remat           'none' | 'block' (recompute each block in the backward pass, keeping only its
                   input) | a `jax.checkpoint_policies` name kept per block ('dots_saveable',
                   'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
 
-'auto' per platform: CPU 'shifts' + 'blocked' + the barrier; GPU 'xla' + 'cudnn' for bf16/fp16
+'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' + 'cudnn' for bf16/fp16
 ('deferred' for float32); TPU 'xla' + 'recompute'; others 'xla' + 'deferred'. The TPU choices
 come from XLA:TPU's own cost analysis of the compiled train step (`python -m cvt_flax.aot`,
 benchmarks/RESULTS.md): 'recompute' moves fewer bytes than 'deferred', and 'shifts' more than one
@@ -44,10 +50,14 @@ REMAT = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
          'everything_saveable', 'nothing_saveable')
 # The choice of 'auto' per platform; platforms not listed take 'default'.
 _AUTO = {
-    'cpu': {'dwconv_impl': 'shifts', 'attention_impl': 'blocked', 'fusion_barrier': True},
-    'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'fusion_barrier': False},
-    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'recompute', 'fusion_barrier': False},
-    'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'fusion_barrier': False},
+    'cpu': {'dwconv_impl': 'shifts', 'attention_impl': 'blocked', 'fusion_barrier': True,
+            'per_token_linear': True},
+    'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'fusion_barrier': False,
+            'per_token_linear': False},
+    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'recompute', 'fusion_barrier': False,
+            'per_token_linear': False},
+    'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'fusion_barrier': False,
+                'per_token_linear': False},
 }
 _PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}  # jax.export's names for GPU platforms
 CUDNN_DTYPES = ('bfloat16', 'float16')
@@ -60,6 +70,7 @@ class Compute:
   dwconv_impl: str = 'auto'
   attention_impl: str = 'auto'
   fusion_barrier: bool | None = None  # None = 'auto'
+  per_token_linear: bool | None = None  # None = 'auto'
   remat: str = 'none'
   platform: str | None = None  # what 'auto' is resolved for; None = jax.default_backend()
 
@@ -76,12 +87,9 @@ class Compute:
     auto = dict(_AUTO.get(_PLATFORM_ALIASES.get(platform, platform), _AUTO['default']))
     if auto['attention_impl'] == 'cudnn' and self.dtype not in CUDNN_DTYPES:
       auto['attention_impl'] = 'deferred'  # cuDNN's fused attention has no float32 kernel
-    return dataclasses.replace(
-        self, platform=platform,
-        dwconv_impl=auto['dwconv_impl'] if self.dwconv_impl == 'auto' else self.dwconv_impl,
-        attention_impl=(auto['attention_impl'] if self.attention_impl == 'auto'
-                        else self.attention_impl),
-        fusion_barrier=auto['fusion_barrier'] if self.fusion_barrier is None else self.fusion_barrier)
+    chosen = {field: value for field, value in auto.items()
+              if getattr(self, field) in ('auto', None)}  # None: 'auto' of the boolean switches
+    return dataclasses.replace(self, platform=platform, **chosen)
 
   @property
   def jnp_dtype(self):
@@ -138,6 +146,16 @@ def run_block(compute: Compute, block, x, h: int, w: int):
     return block(x, h, w)
   policy = None if compute.remat == 'block' else getattr(jax.checkpoint_policies, compute.remat)
   return nnx.remat(lambda block, x: block(x, h, w), policy=policy)(block, x)
+
+
+def token_linear(compute: Compute, fn, x):
+  """`fn` (linear layers, elementwise ops) of (batch, tokens, channels) `x`: as one (batch * tokens,
+  channels) matrix where `compute.per_token_linear` (the same function; see the module docstring)."""
+  if not compute.per_token_linear:
+    return fn(x)
+  b, n, c = x.shape
+  y = fn(x.reshape(b * n, c))
+  return y.reshape(b, n, y.shape[-1])
 
 
 def block_boundary(compute: Compute, x):

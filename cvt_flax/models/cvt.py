@@ -33,19 +33,6 @@ def _linear(din, dout, cfg: CvTConfig, dtype, rngs, use_bias=True):
                     kernel_init=layers.linear_kernel_init(cfg.init), rngs=rngs)
 
 
-def _per_token(fn, x):
-  """`fn` of (batch, tokens, channels) `x` applied to it as one (batch * tokens, channels) matrix.
-
-  The same function; what changes is the weight gradient's matmul, which then contracts one axis
-  instead of two. XLA:CPU reorders a two-axis contraction by copying the whole activation
-  transposed first (a pass as slow as the matmul: benchmarks/RESULTS.md); a one-axis one it
-  hands to the matmul as is. Free on every platform (the reshapes are bitcasts).
-  """
-  b, n, c = x.shape
-  y = fn(x.reshape(b * n, c))
-  return y.reshape(b, n, y.shape[-1])
-
-
 class DepthwiseConv(nnx.Module):
   """Depthwise conv without bias. `kernel` is (k, k, 1, C): torch's (C, 1, k, k) transposed (2, 3, 1, 0)."""
 
@@ -129,8 +116,8 @@ class Attention(nnx.Module):
   def __call__(self, x, h, w):
     q, k, v = self._spatial_qkv(x, h, w)
     with jax.named_scope('qkv_linear'):
-      q, k, v = (self._heads(_per_token(self.proj_q, q)), self._heads(_per_token(self.proj_k, k)),
-                 self._heads(_per_token(self.proj_v, v)))
+      q, k, v = (self._heads(self._linear(self.proj_q, q)),
+                 self._heads(self._linear(self.proj_k, k)), self._heads(self._linear(self.proj_v, v)))
     record = None
     if self.record_attention:  # for visualisation; see `attention_maps`
       record = lambda probs: self.sow(nnx.Intermediate, 'attention_weights', probs)
@@ -142,12 +129,17 @@ class Attention(nnx.Module):
     b, nh, n, d = out.shape
     with jax.named_scope('attn_out_linear'):
       out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
-      return self.proj_drop(_per_token(self.proj, out))
+      return self.proj_drop(self._linear(self.proj, out))
+
+  def _linear(self, layer, x):
+    return compute_lib.token_linear(self.compute, layer, x)
 
 
 class Mlp(nnx.Module):
 
-  def __init__(self, dim, hidden, drop, cfg: CvTConfig, dtype, rngs):
+  def __init__(self, dim, hidden, drop, cfg: CvTConfig, compute: Compute, rngs):
+    self.compute = compute
+    dtype = compute.jnp_dtype
     self.fc1 = _linear(dim, hidden, cfg, dtype, rngs)
     self.act = layers.ACTIVATIONS[cfg.activation]
     self.fc2 = _linear(hidden, dim, cfg, dtype, rngs)
@@ -155,7 +147,8 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     with jax.named_scope('mlp'):
-      return _per_token(lambda x: self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), x)
+      return compute_lib.token_linear(
+          self.compute, lambda x: self.drop(self.fc2(self.drop(self.act(self.fc1(x))))), x)
 
 
 class Block(nnx.Module):
@@ -168,7 +161,7 @@ class Block(nnx.Module):
     self.attn = Attention(dim, num_heads, stage, cfg, compute, rngs)
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
     self.norm2 = _layer_norm(dim, cfg, dtype, rngs)
-    self.mlp = Mlp(dim, int(dim * stage['mlp_ratio']), stage['drop_rate'], cfg, dtype, rngs)
+    self.mlp = Mlp(dim, int(dim * stage['mlp_ratio']), stage['drop_rate'], cfg, compute, rngs)
 
   def __call__(self, x, h, w):
     # Named scopes label the computations in profiles (benchmarks/profile_ops.py); no numerics.
@@ -306,13 +299,13 @@ def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None
   (optionally with `variant`), or an official SPEC dict (upper-case keys). `num_classes` defaults to
   1000 for variant names and to the given config's value otherwise; 0 gives a model returning
   pre-logits features. `fields` override architecture fields, except the compute settings
-  (`dtype`, `dwconv_impl`, `attention_impl`, `fusion_barrier`, `remat`, `platform`), which go to
-  `compute`.
+  (`dtype`, `dwconv_impl`, `attention_impl`, `fusion_barrier`, `per_token_linear`, `remat`,
+  `platform`), which go to `compute`.
   """
   if num_classes is not None:
     fields['num_classes'] = num_classes
-  settings = {k: fields.pop(k) for k in (*COMPUTE_FIELDS, 'fusion_barrier', 'remat', 'platform')
-              if k in fields}
+  settings = {k: fields.pop(k) for k in (*COMPUTE_FIELDS, 'fusion_barrier', 'per_token_linear',
+                                         'remat', 'platform') if k in fields}
   return CvT(make_config(variant_or_spec, **fields), rngs=rngs,
              compute=compute_lib.make_compute(compute, **settings))
 
