@@ -10,7 +10,6 @@ the least disturbed by other processes on a shared machine).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +21,7 @@ import common
 
 
 def _best_ms(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * min(times)
+  return 1e3 * min(common.wall_times(fn, repeats))
 
 
 def _jax_ms(fn, args, repeats):

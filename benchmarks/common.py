@@ -13,13 +13,17 @@ def start_jax() -> None:
   platforms.skip_tpu_without_chips()
 
 
-def median_seconds(run, steps: int) -> float:
-  """The median wall time of `steps` calls of `run`, after one untimed call (the warm-up, and for
-  JAX the first execution after compiling)."""
+def wall_times(run, steps: int) -> list[float]:
+  """The wall seconds of `steps` calls of `run`, after one untimed call (the warm-up, and for JAX
+  the first execution after compiling)."""
   run()
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return times
+
+
+def median_seconds(run, steps: int) -> float:
+  return statistics.median(wall_times(run, steps))
