@@ -150,6 +150,9 @@ def test_device_check_fails_loudly_on_a_gpu_runtime_that_jax_does_not_use(monkey
   assert 'accelerator on this machine: none' in capsys.readouterr().out
   # A T4 runtime whose JAX lost its CUDA plugin: JAX fell back to the CPU.
   monkeypatch.setattr(accelerators, 'detect', lambda: accelerators.NVIDIA)
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')  # the user's own choice: the line, no error
+  assert 'accelerator on this machine: nvidia' in platforms.check_jax_devices()
+  monkeypatch.delenv('JAX_PLATFORMS')
   monkeypatch.setattr(accelerators, 'installed_versions',
                       lambda: {'jax': '0.10.2', 'jaxlib': '0.10.2', 'jax-cuda12-plugin': '0.7.2'})
   with pytest.raises(platforms.AcceleratorNotUsed) as err:

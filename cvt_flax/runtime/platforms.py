@@ -53,13 +53,15 @@ def check_jax_devices() -> str:
   """Starts JAX (`skip_tpu_without_chips` first), prints one line (JAX's version, backend and
   devices, and the accelerator the OS shows) and returns it; AcceleratorNotUsed, naming the
   versions installed and the fix, where the machine has a GPU or TPU and JAX sees only CPUs (a
-  notebook must not train on the CPU for an hour unnoticed)."""
+  notebook must not train on the CPU for an hour unnoticed), unless the user chose the platforms
+  with JAX_PLATFORMS."""
   skip_tpu_without_chips()
   accelerator = accelerators.detect()
   line = (f'jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}; '
           f'accelerator on this machine: {accelerator or "none"}')
   print(line, flush=True)
-  if accelerator is not None and jax.default_backend() == 'cpu':
+  if (accelerator is not None and jax.default_backend() == 'cpu'
+      and not os.environ.get('JAX_PLATFORMS')):
     versions = ', '.join(f'{k} {v}' for k, v in accelerators.installed_versions().items())
     extra = accelerators.JAX_EXTRA.get(accelerator)
     fix = (f"pip install 'cvt-flax[{extra}]' (in Colab: run the setup cell), then restart the "
