@@ -193,6 +193,13 @@ def write_text(path, text: str) -> None:
   atomic_write(path, write)
 
 
+def write_bytes(path, data: bytes) -> None:
+  def write(tmp):
+    with open(tmp, 'wb') as f:
+      f.write(data)
+  atomic_write(path, write)
+
+
 def write_json(path, obj: Any, *, sort_keys: bool = False) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + '\n')
 
