@@ -37,7 +37,9 @@ NUM_CLASSES = 1000
 
 def _model_config(args):
   from cvt_flax.models import make_config  # pylint: disable=import-outside-toplevel
-  return make_config('tiny' if args.tiny else args.variant, num_classes=NUM_CLASSES)
+  if args.tiny:  # two blocks in stage 1: HF's CvT cannot build a stage i of depth <= i
+    return make_config('tiny', depth=(1, 2), num_classes=NUM_CLASSES)
+  return make_config(args.variant, num_classes=NUM_CLASSES)
 
 
 def _batch(args):

@@ -8,8 +8,9 @@ import pytest
 from helpers import ROOT, subprocess_env
 
 # The driver with TensorFlow made unimportable (the GPU image has none); its workers import the
-# same modules.
-_NO_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; "
+# same modules. As `python SCRIPT` does, the script's folder comes first on the path.
+_NO_TF = ("import os, runpy, sys; sys.modules['tensorflow'] = None; sys.argv = sys.argv[1:]; "
+          "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0]))); "
           "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
