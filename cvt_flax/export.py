@@ -64,7 +64,8 @@ def _image_shape(model: CvT, image_size) -> tuple[int, int]:
 
 
 def export_forward(model: CvT, *, batch: int | None = None, image_size=None,
-                   dtype: str = 'float32', platforms: Sequence[str] = ('cpu',)) -> jax.export.Exported:
+                   dtype: str = 'float32',
+                   platforms: Sequence[str] = ('cpu',)) -> jax.export.Exported:
   """The eval-mode forward pass of `model` as a `jax.export.Exported`: batch `batch` (None:
   symbolic), images of `image_size` (an int, (height, width), or None: the model's preprocess
   size, else 224), computed in `dtype`, lowered for `platforms`."""

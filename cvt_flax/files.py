@@ -67,8 +67,9 @@ def prepare_url_clients() -> None:
 
   etils.epath picks tf.io.gfile for URLs whenever TensorFlow is installed; tf.io.gfile ignores
   STORAGE_EMULATOR_HOST, and TensorFlow only feeds the input pipeline here, so URLs (Orbax's too)
-  go through gcsfs (`use_gcsfs_for_urls`). gcsfs logs a request it gives up on, with its traceback, then raises it: the raised
-  error is what the caller reports, once. Then every storage client is pointed at
+  go through gcsfs (`use_gcsfs_for_urls`). gcsfs logs a request it gives up on, with its
+  traceback, then raises it: the raised error is what the caller reports, once. Then every storage
+  client is pointed at
   STORAGE_EMULATOR_HOST, if it is set: tensorstore reads its own variable and needs a token to skip
   the credential lookup; gcsfs's default file system asks the storage-control API, which emulators
   lack, for the bucket type.

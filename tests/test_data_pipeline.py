@@ -89,8 +89,9 @@ def test_digits_builder(auto_prepared_dir):
 
 
 def test_digits_pipeline_shapes_grey_to_rgb_and_upsampling(auto_prepared_dir):
-  cfg = input_config('digits', auto_prepared_dir, image_size=24, randaugment_num_ops=0, random_erasing=0.0,
-                hflip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+  cfg = input_config('digits', auto_prepared_dir, image_size=24, randaugment_num_ops=0,
+                     random_erasing=0.0, hflip=False, crop_scale=(1.0, 1.0),
+                     crop_ratio=(1.0, 1.0))
   batch = next(data.make_train_iterator(cfg, global_batch_size=8, seed=0))
   assert batch['image'].shape == (8, 24, 24, 3)
   # Grey -> RGB: the three channels carry the same 0-255 values (before per-channel mean/std).
@@ -102,7 +103,8 @@ def test_digits_pipeline_shapes_grey_to_rgb_and_upsampling(auto_prepared_dir):
 
 
 def test_resume_equals_uninterrupted_run(auto_prepared_dir):
-  cfg = input_config('digits', auto_prepared_dir)  # Full augmentation: crop, flip, RandAugment, erasing.
+  # Full augmentation: crop, flip, RandAugment, erasing.
+  cfg = input_config('digits', auto_prepared_dir)
   uninterrupted = _take(data.make_train_iterator(cfg, global_batch_size=64, seed=3), 25)
   # 1,437 examples per epoch: batch 22 spans the end of epoch 0 and the start of epoch 1.
   for start in (2, 21):
@@ -131,8 +133,9 @@ def _epoch_records(cfg, process_index, process_count, epoch_size):
 
 
 def test_two_processes_read_disjoint_train_data(auto_prepared_dir):
-  cfg = input_config('digits', auto_prepared_dir, image_size=8, randaugment_num_ops=0, random_erasing=0.0,
-                hflip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+  cfg = input_config('digits', auto_prepared_dir, image_size=8, randaugment_num_ops=0,
+                     random_erasing=0.0, hflip=False, crop_scale=(1.0, 1.0),
+                     crop_ratio=(1.0, 1.0))
   everything = _epoch_records(cfg, 0, 1, 1437)
   first, second = (_epoch_records(cfg, p, 2, 1437 // 2) for p in (0, 1))
   both = first + second

@@ -61,7 +61,8 @@ def test_command_exports_an_hf_checkpoint_with_its_preprocess_and_names(tmp_path
   assert 'float32[3,64,64,3] -> float32[3,10]' in capsys.readouterr().out
   model = cvt_flax.from_pretrained(DATA / 'hf_tiny')
   doc = json.loads((out / 'model.json').read_text())
-  assert doc['preprocess'] == model.preprocess.to_dict() and doc['program']['input']['shape'][0] == 3
+  assert doc['preprocess'] == model.preprocess.to_dict()
+  assert doc['program']['input']['shape'][0] == 3
   images = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
   logits = _serve(out / 'model.jax', tmp_path, three=images)['three']
   np.testing.assert_allclose(logits, np.asarray(model(images)), atol=PARITY_ATOL, rtol=0)

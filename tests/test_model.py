@@ -51,7 +51,8 @@ def test_per_stage_defaults_for_any_stage_count():
       cvt_flax.make_config(dict(dim_embed=(8, 16, 24), num_heads=(1, 1, 1), depth=(1, 2, 10),
                                 patch_size=(7, 3, 3), cls_token=(False, False, True)))
   one = cvt_flax.make_config(dict(dim_embed=(8,), num_heads=(1,)))
-  assert (one.patch_size, one.patch_stride, one.cls_token, one.depth) == ((7,), (4,), (False,), (1,))
+  assert (one.patch_size, one.patch_stride, one.cls_token) == ((7,), (4,), (False,))
+  assert one.depth == (1,)
   four = cvt_flax.make_config(dict(dim_embed=(8, 16, 24, 32), num_heads=(1, 1, 1, 1)))
   assert four.patch_stride == (4, 2, 2, 2) and four.depth == (1, 2, 2, 10)
   assert four.cls_token == (False, False, False, True)

@@ -26,7 +26,8 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   input) | a `jax.checkpoint_policies` name kept per block ('dots_saveable',
                   'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
 
-'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' + 'cudnn' for bf16/fp16
+'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
+'cudnn' for bf16/fp16
 ('deferred' for float32); TPU 'xla' + 'recompute'; others 'xla' + 'deferred'. The TPU choices
 come from XLA:TPU's own cost analysis of the compiled train step (`python -m cvt_flax.aot`,
 benchmarks/RESULTS.md): 'recompute' moves fewer bytes than 'deferred', and 'shifts' more than one
@@ -149,8 +150,9 @@ def run_block(compute: Compute, block, x, h: int, w: int):
 
 
 def token_linear(compute: Compute, fn, x):
-  """`fn` (linear layers, elementwise ops) of (batch, tokens, channels) `x`: as one (batch * tokens,
-  channels) matrix where `compute.per_token_linear` (the same function; see the module docstring)."""
+  """`fn` (linear layers, elementwise ops) of (batch, tokens, channels) `x`: as one (batch *
+  tokens, channels) matrix where `compute.per_token_linear` (the same function; see the module
+  docstring)."""
   if not compute.per_token_linear:
     return fn(x)
   b, n, c = x.shape

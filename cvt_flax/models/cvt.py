@@ -116,8 +116,8 @@ class Attention(nnx.Module):
   def __call__(self, x, h, w):
     q, k, v = self._spatial_qkv(x, h, w)
     with jax.named_scope('qkv_linear'):
-      q, k, v = (self._heads(self._linear(self.proj_q, q)),
-                 self._heads(self._linear(self.proj_k, k)), self._heads(self._linear(self.proj_v, v)))
+      q, k, v = (self._heads(self._linear(proj, t))
+                 for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v)))
     record = None
     if self.record_attention:  # for visualisation; see `attention_maps`
       record = lambda probs: self.sow(nnx.Intermediate, 'attention_weights', probs)

@@ -2,7 +2,8 @@
 that none can miss the platform's compiler options or, on CPU, the release of the compiler's memory.
 
   jit             `jax.jit` with the platform's XLA options (`cvt_flax.models.cpu.COMPILER_OPTIONS`)
-  compile_ahead   jit, lower and compile for abstract arguments; on CPU then frees the compiler's heap
+  compile_ahead   jit, lower and compile for abstract arguments; on CPU, then frees the compiler's
+                  heap
   cost_analysis   XLA's cost analysis of a compiled executable as one dict
 """
 from __future__ import annotations

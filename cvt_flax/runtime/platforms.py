@@ -67,7 +67,8 @@ def check_jax_devices() -> str:
     fix = (f"pip install 'cvt-flax[{extra}]' (in Colab: run the setup cell), then restart the "
            'runtime' if extra else "install JAX's ROCm build as JAX's install guide says, then "
            'restart')
-    raise AcceleratorNotUsed(f'this machine has a {accelerator.upper()} accelerator but JAX '
-                             f'runs on the CPU only ({versions}): its {accelerator} backend did not '
-                             f'start (see the warning above). Fix: {fix}.')
+    raise AcceleratorNotUsed(
+        f'this machine has a {accelerator.upper()} accelerator but JAX runs on the CPU only '
+        f'({versions}): its {accelerator} backend did not start (see the warning above). '
+        f'Fix: {fix}.')
   return line

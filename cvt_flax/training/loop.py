@@ -198,7 +198,8 @@ def _run_steps(run: Run, state: TrainState, start: int, ckpt, writer, stop, eval
       cfg.input, global_batch_size=cfg.batch_size, seed=cfg.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count())
   step_metrics = _StepMetrics(run, flops, ckpt.latest_step())
-  trace = metrics_lib.StepTrace(os.path.join(run.workdir, workdir_io.PROFILE_DIR), start + 2, cfg.profile_steps)
+  trace = metrics_lib.StepTrace(os.path.join(run.workdir, workdir_io.PROFILE_DIR), start + 2,
+                                cfg.profile_steps)
   record = {}
   with trace:
     for step in range(start + 1, total + 1):  # `step` = optimizer steps completed after this one
