@@ -90,13 +90,13 @@ def export_model(model: CvT, path, *, overwrite: bool = False, **options) -> jax
   atomically; `options` are `export_forward`'s."""
   exported = export_forward(model, **options)
   batch, height, width, channels = exported.in_avals[0].shape
+  batch = batch if isinstance(batch, int) else None  # None: symbolic, any batch size
   doc = dict(ModelDoc.of(model).to_json(), format=FORMAT)
   doc['program'] = {
       'file': PROGRAM_FILE, 'serialization': 'jax.export', 'jax_version': jax.__version__,
       'input': {'layout': 'NHWC', 'dtype': 'float32', 'normalised': True,
-                'shape': [None if not isinstance(batch, int) else batch, height, width, channels]},
-      'output': {'dtype': 'float32', 'shape': [None if not isinstance(batch, int) else batch,
-                                               model.config.num_classes]},
+                'shape': [batch, height, width, channels]},
+      'output': {'dtype': 'float32', 'shape': [batch, model.config.num_classes]},
       'compute_dtype': options.get('dtype', 'float32'), 'platforms': list(exported.platforms)}
   if doc['preprocess'] is None:  # a server must know how to make the input
     doc['preprocess'] = preprocess_lib.official_eval(height).to_dict()

@@ -1,14 +1,12 @@
 """`python -m cvt_flax.export`: a model as a serialized JAX program that runs without cvt-flax."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import cvt_flax
 from cvt_flax import export
-from helpers import DATA, PARITY_ATOL, subprocess_env
+from helpers import DATA, PARITY_ATOL, run_python
 
 # Runs the program in a process that never imports cvt_flax: argv = program, inputs .npz, output.
 _SERVE = '''
@@ -23,8 +21,8 @@ assert not any(m.startswith('cvt_flax') for m in sys.modules), 'cvt_flax was imp
 
 def _serve(program, tmp_path, **inputs):
   np.savez(tmp_path / 'inputs.npz', **inputs)
-  subprocess.run([sys.executable, '-c', _SERVE, str(program), str(tmp_path / 'inputs.npz'),
-                  str(tmp_path / 'outputs.npz')], env=subprocess_env(), check=True, timeout=300)
+  run_python(_SERVE, args=(str(program), str(tmp_path / 'inputs.npz'),
+                           str(tmp_path / 'outputs.npz')), timeout=300)
   return dict(np.load(tmp_path / 'outputs.npz'))
 
 

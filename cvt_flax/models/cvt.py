@@ -9,6 +9,7 @@ a platform) separately: the first decides the function, the second only how it i
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ from flax import nnx
 from cvt_flax.models import compute as compute_lib
 from cvt_flax.models import layers
 from cvt_flax.models.compute import Compute
-from cvt_flax.models.config import COMPUTE_FIELDS, STAGE_FIELDS, CvTConfig, make_config
+from cvt_flax.models.config import STAGE_FIELDS, CvTConfig, make_config
 
 
 def _layer_norm(dim, cfg: CvTConfig, dtype, rngs):
@@ -304,8 +305,7 @@ def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None
   """
   if num_classes is not None:
     fields['num_classes'] = num_classes
-  settings = {k: fields.pop(k) for k in (*COMPUTE_FIELDS, 'fusion_barrier', 'per_token_linear',
-                                         'remat', 'platform') if k in fields}
+  settings = {f.name: fields.pop(f.name) for f in dataclasses.fields(Compute) if f.name in fields}
   return CvT(make_config(variant_or_spec, **fields), rngs=rngs,
              compute=compute_lib.make_compute(compute, **settings))
 
