@@ -32,6 +32,7 @@ EXTRAS = {
     'train': 'training, the TFDS / tf.data input pipelines and `python -m cvt_flax.evaluate`',
     'torch': 'reading and writing PyTorch `.pth` / `.bin` files and `convert --check`',
     'gcs': '`gs://` paths (workdirs, models)',
+    'export': 'the ONNX and TF SavedModel exports (`python -m cvt_flax.export --format ...`)',
     'tpu': ("compiling for TPU slices (`python -m cvt_flax.aot`, libtpu at the version jax's own "
             "`tpu` extra pins)"),
 }

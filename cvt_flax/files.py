@@ -201,6 +201,18 @@ def write_bytes(path, data: bytes) -> None:
   atomic_write(path, write)
 
 
+def upload_tree(local: str, directory) -> None:
+  """Copies every file under the local directory `local` into `directory` (local or a URL), at
+  the same relative paths; for writers that only write to local disk."""
+  for root, _, names in os.walk(local):
+    relative = os.path.relpath(root, local)
+    target = os.fspath(directory) if relative == '.' else os.path.join(directory, relative)
+    makedirs(target)
+    for name in names:
+      with open(os.path.join(root, name), 'rb') as f:
+        write_bytes(os.path.join(target, name), f.read())
+
+
 def write_json(path, obj: Any, *, sort_keys: bool = False) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + '\n')
 

@@ -139,8 +139,14 @@ class Preprocess:
     resample = Image.BICUBIC if self.interpolation == 'bicubic' else Image.BILINEAR
     image = image.resize((new_w, new_h), resample)
     size = self.image_size
-    x = np.asarray(image, np.float32)[top:top + size, left:left + size] / 255.0
-    return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+    return self.normalize(np.asarray(image, np.float32)[top:top + size, left:left + size])
+
+  def normalize(self, pixels):
+    """RGB pixel values (0-255, float32; NumPy or JAX, any leading axes) -> the model's input:
+    x / 255, minus mean, over std, in float32 and in that order (the exported uint8 programs
+    compute the same)."""
+    mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+    return (pixels / np.float32(255.0) - mean) / std
 
 
 def official_eval(image_size: int = 224) -> Preprocess:

@@ -1,6 +1,7 @@
 """The core install (`pip install cvt-flax`, no extras) in a fresh virtual environment: it loads the
-HF-format fixture by path and reproduces the official logits, predicts, saves and converts, from
-Python and from the commands, without TensorFlow or torch; what needs an extra says which one.
+HF-format fixture by path and reproduces the official logits, predicts, saves, converts and exports
+(the jax format), from Python and from the commands, without TensorFlow or torch; what needs an
+extra says which one.
 
 Slow: it builds the package and installs its dependencies (from pip's cache where they are).
 """
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 # Packages of the extras: none may be importable in the core install (optax and absl are there:
 # flax and orbax-checkpoint themselves require them).
 EXTRA_PACKAGES = ('tensorflow', 'tensorflow_datasets', 'torch', 'transformers', 'ml_collections',
-                  'tensorboardX', 'sklearn', 'gcsfs')
+                  'tensorboardX', 'sklearn', 'gcsfs', 'onnx', 'onnxruntime', 'orbax.export')
 
 _CORE_USE = '''
 import importlib, json, sys
@@ -100,6 +101,11 @@ def test_core_install_loads_predicts_saves_without_the_extras(core_venv, tmp_pat
   assert convert.returncode == 0 and convert.stderr == '', convert.stderr
   assert (tmp_path / 'converted' / 'config.json').is_file()
 
+  served = _run([python, '-m', 'cvt_flax.export', DATA / 'hf_tiny', tmp_path / 'served',
+                 '--image-size', '64'], cwd=tmp_path)  # the jax format needs no extra
+  assert served.returncode == 0 and served.stderr == '', served.stderr
+  assert (tmp_path / 'served' / 'model.jax').is_file()
+
 
 @pytest.mark.parametrize('command,extra,status', [
     (['-m', 'cvt_flax.evaluate', '--checkpoint', DATA / 'hf_tiny', '--dataset', 'digits'], 'train',
@@ -107,6 +113,8 @@ def test_core_install_loads_predicts_saves_without_the_extras(core_venv, tmp_pat
     (['-m', 'cvt_flax.convert', DATA / 'official_tiny.pth', 'out'], 'torch', 2),
     (['train.py', '--config', 'digits.py', '--workdir', 'run'], 'train', 1),
     (['-m', 'cvt_flax.convert', 'gs://bucket/model', 'out'], 'gcs', 2),
+    (['-m', 'cvt_flax.export', DATA / 'hf_tiny', 'out', '--format', 'onnx'], 'torch', 2),
+    (['-m', 'cvt_flax.export', DATA / 'hf_tiny', 'out', '--format', 'savedmodel'], 'train', 2),
 ])
 def test_core_install_names_the_missing_extra_in_one_line(core_venv, tmp_path, command, extra,
                                                           status):

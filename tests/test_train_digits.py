@@ -1,4 +1,5 @@
-"""`make train` end to end, and its output used as a user would: predict on image files.
+"""`make train` end to end, and its output used as a user would: predict on image files, and
+serve it as ONNX.
 
 The short run (5 of the config's 40 epochs, ~1 min on 2 cores) is in every `make test`; the full
 `make train` run with its >= 97% promise is `slow` (CI runs it).
@@ -10,10 +11,14 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime
 import pytest
 from PIL import Image
 
+import cvt_flax
+from cvt_flax import export
 from cvt_flax.data import digits
+from cvt_flax.preprocess import Preprocess
 from cvt_flax.training.metrics import read_metrics
 from helpers import ROOT
 
@@ -63,6 +68,15 @@ def test_short_digits_run_and_predict_on_its_workdir(digits_dir, tmp_path):
   # The workdir carries the trainer's eval transform (32 px warp, mean/std 0.5), so predict sees
   # what the trainer's eval saw (up to PIL vs TF resampling): within a few points.
   assert accuracy == pytest.approx(final['eval/top1'], abs=0.03)
+  # The workdir exported to ONNX and served from its model.json alone predicts the same classes.
+  export.export_model(cvt_flax.from_pretrained(tmp_path / 'run'), tmp_path / 'onnx', format='onnx')
+  doc = json.loads((tmp_path / 'onnx' / 'model.json').read_text())
+  transform = Preprocess.from_dict(doc['preprocess'])
+  images = np.stack([transform(Image.open(path)) for path in paths])
+  session = onnxruntime.InferenceSession(tmp_path / 'onnx' / 'model.onnx',
+                                         providers=['CPUExecutionProvider'])
+  logits = session.run(None, {doc['program']['input_name']: images})[0]
+  assert [doc['class_names'][i] for i in logits.argmax(-1)] == [str(p) for p in predicted]
 
 
 @pytest.mark.slow  # `make train` itself: ~2-5 min on 2 cores
