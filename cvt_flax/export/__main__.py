@@ -20,7 +20,8 @@ def _parse_args(argv):
                                    description=export.__doc__.split('\n\n')[0])
   parser.add_argument('checkpoint', help='checkpoint reference (hub name, file, directory, gs://)')
   parser.add_argument('out', help='output directory')
-  parser.add_argument('--format', default='jax', help=f'{" | ".join(export.FORMATS)} (default: jax)')
+  parser.add_argument('--format', default='jax',
+                      help=f'{" | ".join(export.FORMATS)} (default: jax)')
   parser.add_argument('--batch', type=int, help='a fixed batch size (default: any)')
   parser.add_argument('--input', default='float32', choices=spec_lib.INPUTS,
                       help='normalised float32 images (default), or uint8 pixels at the size')

@@ -12,14 +12,13 @@ extras; TensorFlow sees no accelerator (`cvt_flax.data._tf`).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 
 from cvt_flax import files, logs
 from cvt_flax.data._tf import tf  # before orbax.export imports TensorFlow: hides accelerators
 from cvt_flax.export import spec as spec_lib
 from cvt_flax.models import CvT
-from orbax.export import ExportManager, JaxModule, ServingConfig  # pylint: disable=wrong-import-order
+from orbax.export import ExportManager, JaxModule, ServingConfig  # after _tf: pylint: disable=C0411
 
 PROGRAM_FILE = 'saved_model.pb'
 PARTS = (PROGRAM_FILE, 'variables', 'assets', 'fingerprint.pb')  # what tf.saved_model writes
