@@ -1,6 +1,9 @@
-"""CvT throughput: cvt-flax (JAX/XLA) next to PyTorch eager (official architecture and HF transformers).
+"""CvT throughput: cvt-flax (JAX/XLA) next to PyTorch eager (official architecture and HF
+transformers) and to its own exported forms (`python -m cvt_flax.export`), served by their runtimes.
 
   .venv/bin/python benchmarks/bench_model.py --variant cvt-13 --batch 32
+  .venv/bin/python benchmarks/bench_model.py --modes infer --batch 1 \
+      --frameworks flax,hf,jax-export,onnx,savedmodel
   .venv/bin/python benchmarks/bench_model.py --variant cvt-w24 --image-size 384 --batch 8 --modes infer
   .venv/bin/python benchmarks/bench_model.py --frameworks flax --flax-override dwconv_impl=xla
   .venv/bin/python benchmarks/bench_model.py --rounds 3   # on a shared machine: best of 3 rounds
@@ -10,6 +13,11 @@ framework and mode alone. All three models get the same weights: a cvt-flax mode
 (seed 0), exported with `to_official_state_dict`, and loaded into the PyTorch models (into HF through
 the converter's official -> HF key table). The official and cvt-flax models use QuickGELU (the
 released models); HF always runs exact GELU. XLA flags come from the environment (XLA_FLAGS).
+
+The exported forms (inference only, float32) are written once from the same weights by the
+export worker, which reports their export times and sizes: `jax-export` is the deserialized
+`jax.export` program (jit-called by jax alone), `onnx` the graph in onnxruntime's CPU provider,
+`savedmodel` the serving signature in TensorFlow; each runtime uses its default thread count.
 
 Modes: `infer` = eval-mode forward, `train` = one step of forward, backward and AdamW update on
 random labels, in training mode (BatchNorm batch statistics, stochastic depth on). Times are the
@@ -34,6 +42,7 @@ import numpy as np
 import common
 
 FRAMEWORKS = ('flax', 'official', 'hf')
+SERVING = {'jax-export': 'jax', 'onnx': 'onnx', 'savedmodel': 'savedmodel'}  # -> export format
 LR, WEIGHT_DECAY = 1e-3, 0.05
 
 
@@ -68,9 +77,51 @@ def _flax_model(args):
 
 
 def _export_weights(args):
-  """Writes the seed-0 cvt-flax weights in official layout for the PyTorch workers."""
+  """Writes the seed-0 cvt-flax weights in official layout for the PyTorch workers, and the
+  exported forms asked for; returns {form: {'export_s', 'size_mib'}}."""
+  from cvt_flax import export
   from cvt_flax.convert.official import to_official_state_dict
-  np.savez(args.weights, **to_official_state_dict(_flax_model(args)))
+  model = _flax_model(args)
+  np.savez(args.weights, **to_official_state_dict(model))
+  exports = {}
+  for framework in args.frameworks.split(','):
+    if framework in SERVING:
+      out = _served(args, framework)
+      start = time.perf_counter()
+      export.export_model(model, out, format=SERVING[framework], image_size=args.image_size)
+      size = sum(os.path.getsize(os.path.join(root, name))
+                 for root, _, names in os.walk(out) for name in names)
+      exports[framework] = {'export_s': time.perf_counter() - start, 'size_mib': size / 2**20}
+  return exports
+
+
+def _served(args, framework):
+  return os.path.join(os.path.dirname(args.weights), framework)
+
+
+def _serving_call(args, framework):
+  """A callable running the exported form on NHWC float32 images, as its runtime serves it."""
+  doc = json.load(open(os.path.join(_served(args, framework), 'model.json')))
+  program = os.path.join(_served(args, framework), doc['program']['file'])
+  if framework == 'jax-export':
+    import jax
+    exported = jax.export.deserialize(bytearray(open(program, 'rb').read()))
+    call = jax.jit(exported.call)
+    return lambda x: np.asarray(jax.block_until_ready(call(x)))
+  if framework == 'onnx':
+    import onnxruntime
+    session = onnxruntime.InferenceSession(program, providers=['CPUExecutionProvider'])
+    return lambda x: session.run(None, {doc['program']['input_name']: x})[0]
+  from cvt_flax.data._tf import tf
+  signature = tf.saved_model.load(_served(args, framework)).signatures['serving_default']
+  return lambda x: signature(images=tf.constant(x))['logits'].numpy()
+
+
+def _worker_serving(args, framework):
+  call = _serving_call(args, framework)
+  images, _ = inputs(args)
+  np.save(args.logits, call(images))
+  return common.median_seconds(lambda: call(images), args.steps), None
 
 
 def compiled_flax_step(model, images, labels, mode, *, donate):
@@ -177,10 +228,12 @@ def _worker_torch(args, framework, mode):
 
 def run_worker(args):
   if args.worker == 'export':
-    _export_weights(args)
-    seconds = compile_s = None
-  elif args.worker == 'flax':
+    print(json.dumps(_export_weights(args)))
+    return
+  if args.worker == 'flax':
     seconds, compile_s = _worker_flax(args, args.mode)
+  elif args.worker in SERVING:
+    seconds, compile_s = _worker_serving(args, args.worker)
   else:
     seconds, compile_s = _worker_torch(args, args.worker, args.mode)
   print(json.dumps({'seconds': seconds, 'compile_s': compile_s, 'peak_rss_mib': _peak_rss_mib()}))
@@ -214,7 +267,7 @@ def _spawn(args, worker, mode, tmp):
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', worker, '--mode', mode,
          '--weights', os.path.join(tmp, 'weights.npz'),
          '--logits', os.path.join(tmp, f'logits_{worker}.npy')]
-  for key in ('variant', 'batch', 'image_size', 'steps', 'dtype', 'threads'):
+  for key in ('variant', 'batch', 'image_size', 'steps', 'dtype', 'threads', 'frameworks'):
     cmd += [f'--{key.replace("_", "-")}', str(getattr(args, key))]
   for item in args.flax_override:
     cmd += ['--flax-override', item]
@@ -255,7 +308,8 @@ def main(argv=None):
                       help='torch.set_num_threads; XLA:CPU uses all cores of the machine')
   parser.add_argument('--flax-override', action='append', default=[],
                       help='cvt-flax config field=value, e.g. dwconv_impl=xla (repeatable)')
-  parser.add_argument('--worker', choices=FRAMEWORKS + ('export',), help=argparse.SUPPRESS)
+  parser.add_argument('--worker', choices=FRAMEWORKS + tuple(SERVING) + ('export',),
+                      help=argparse.SUPPRESS)
   parser.add_argument('--mode', help=argparse.SUPPRESS)
   parser.add_argument('--weights', help=argparse.SUPPRESS)
   parser.add_argument('--logits', help=argparse.SUPPRESS)
@@ -267,13 +321,14 @@ def main(argv=None):
   frameworks = args.frameworks.split(',')
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
-    if set(frameworks) - {'flax'}:
-      _spawn(args, 'export', 'none', tmp)
+    exports = _spawn(args, 'export', 'none', tmp) if set(frameworks) - {'flax'} else {}
     # Rounds interleave the frameworks, so that load from other processes on a shared machine hits
     # them alike; each keeps its best round.
     for _ in range(args.rounds):
       for mode in args.modes.split(','):
         for framework in frameworks:
+          if mode != 'infer' and framework in SERVING:
+            continue  # an exported form is inference only
           result = _spawn(args, framework, mode, tmp)
           print(f'{framework:8s} {mode:5s} {result}', file=sys.stderr)
           best = results.get((framework, mode))
@@ -285,18 +340,28 @@ def main(argv=None):
         + (f', overrides {args.flax_override}' if args.flax_override else ''))
   for key, value in _environment(args).items():
     print(f'- {key}: {value}')
-  if agreement:
-    print(f'- {agreement}')
+  for line in agreement:
+    print(f'- {line}')
+  for framework, e in exports.items():
+    if framework in SERVING:
+      print(f'- {framework}: exported in {e["export_s"]:.1f} s, {e["size_mib"]:.1f} MiB')
   print()
   print(_format_table(args, results))
 
 
 def _logit_agreement(tmp, frameworks):
-  paths = {f: os.path.join(tmp, f'logits_{f}.npy') for f in ('flax', 'official')}
-  if not all(f in frameworks and os.path.exists(p) for f, p in paths.items()):
-    return ''
-  diff = np.max(np.abs(np.load(paths['flax']) - np.load(paths['official'])))
-  return f'same weights: max |logits(cvt-flax) - logits(official PyTorch)| = {diff:.2e}'
+  """Max |logits - cvt-flax's logits| of each framework given the same weights (HF's differs by
+  design: exact GELU instead of QuickGELU)."""
+  flax = os.path.join(tmp, 'logits_flax.npy')
+  if 'flax' not in frameworks or not os.path.exists(flax):
+    return []
+  lines = []
+  for framework in frameworks:
+    path = os.path.join(tmp, f'logits_{framework}.npy')
+    if framework not in ('flax', 'hf') and os.path.exists(path):
+      diff = np.max(np.abs(np.load(flax) - np.load(path)))
+      lines.append(f'same weights: max |logits(cvt-flax) - logits({framework})| = {diff:.2e}')
+  return lines
 
 
 if __name__ == '__main__':

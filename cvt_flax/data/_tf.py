@@ -1,4 +1,5 @@
-"""The one place our code imports TensorFlow: TF only feeds the host, it must never hold accelerators.
+"""The one place our code imports TensorFlow: TF only feeds the host (and writes SavedModels,
+`cvt_flax.export.saved_model`); it must never hold accelerators.
 
 JAX owns the GPUs/TPUs. A TensorFlow runtime that saw them would reserve their memory (GPU) or claim
 the device (TPU), so both device types are hidden before TF creates any op.

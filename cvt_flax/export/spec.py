@@ -18,10 +18,13 @@ DOC_FILE = 'model.json'
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names
 INPUTS = ('float32', 'uint8')
 # The plain XLA paths of the model (one grouped convolution per depthwise conv, attention
-# normalised after the product with v): one program lowers for every platform asked, and the
-# CPU-only paths would be slower elsewhere. Same function as `model(x)` up to float rounding.
+# normalised after the product with v) for a program lowered for several platforms: the CPU
+# paths would be slower elsewhere. A CPU-only program takes the CPU paths, as `model(x)` does on
+# CPU. Either way the same function as `model(x)` up to float rounding.
 PORTABLE_COMPUTE = dict(dwconv_impl='xla', attention_impl='deferred', fusion_barrier=False,
                         per_token_linear=False, remat='none')
+CPU_COMPUTE = dict(dwconv_impl='auto', attention_impl='deferred', fusion_barrier=None,
+                   per_token_linear=None, remat='none')
 
 
 class ExportError(CvtFlaxError, ValueError):
@@ -69,7 +72,8 @@ def serving_function(model: CvT, spec: ServingSpec) -> tuple[Callable, nnx.State
   """(apply, weights): `apply(weights, images)` is the eval-mode forward pass as `spec` asks
   (uint8 pixels normalised first; float32 logits), in plain JAX; `weights` are the model's
   parameters and batch statistics."""
-  model = with_compute(model, dtype=spec.dtype, platform=spec.platforms[0], **PORTABLE_COMPUTE)
+  settings = CPU_COMPUTE if spec.platforms == ('cpu',) else PORTABLE_COMPUTE
+  model = with_compute(model, dtype=spec.dtype, platform=spec.platforms[0], **settings)
   model.eval()
   graphdef, weights, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
 
