@@ -1,11 +1,12 @@
 """The device benchmark runs end to end (a tiny model on CPU), and needs no TensorFlow."""
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, subprocess_env
+from helpers import PARITY_ATOL, ROOT, subprocess_env
 
 # The driver with TensorFlow made unimportable (the GPU image has none); its workers import the
 # same modules. As `python SCRIPT` does, the script's folder comes first on the path.
@@ -82,16 +83,21 @@ def test_profile_ops_tables_cover_both_frameworks():
       assert 'mlp (backward)' in rows and 'optimizer' in rows, table
 
 
-@pytest.mark.slow  # four benchmark processes of CvT-13 at 64 px: ~1.3 min on 2 cores (CI runs it)
-def test_bench_model_times_flax_and_hf_on_the_same_weights():
+@pytest.mark.slow  # seven benchmark processes of CvT-13 at 64 px: ~2 min on 2 cores (CI runs it)
+def test_bench_model_times_flax_hf_and_the_exported_forms_on_the_same_weights():
   proc = subprocess.run(
       [sys.executable, 'benchmarks/bench_model.py', '--batch', '2', '--image-size', '64',
-       '--steps', '1', '--frameworks', 'flax,hf'], cwd=ROOT, env=subprocess_env({}),
-      capture_output=True, text=True, timeout=900)
+       '--steps', '1', '--frameworks', 'flax,hf,jax-export,onnx,savedmodel'], cwd=ROOT,
+      env=subprocess_env({}), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [line.split(' | ') for line in proc.stdout.splitlines()
-          if line.startswith(('| flax |', '| hf |'))]
+          if line.startswith('| ') and not line.startswith(('| framework', '|---'))]
   assert [(r[0].lstrip('| '), r[1]) for r in rows] == [
-      ('flax', 'infer'), ('hf', 'infer'), ('flax', 'train'), ('hf', 'train')]
+      ('flax', 'infer'), ('hf', 'infer'), ('jax-export', 'infer'), ('onnx', 'infer'),
+      ('savedmodel', 'infer'), ('flax', 'train'), ('hf', 'train')]  # exports: inference only
   assert all(float(r[2]) > 0 for r in rows)  # images/s
-  assert all(r[-1].strip(' |').endswith('x') for r in rows if r[0] == '| hf')  # speed-ups
+  assert all(r[-1].strip(' |').endswith('x') for r in rows if r[0] != '| flax')  # speed-ups
+  for form in ('jax-export', 'onnx', 'savedmodel'):  # the same weights: the same logits
+    diff = re.search(rf'logits\({form}\)\| = ([\d.e+-]+)', proc.stdout)
+    assert diff and float(diff.group(1)) <= PARITY_ATOL, proc.stdout
+    assert re.search(rf'- {form}: exported in [\d.]+ s, [\d.]+ MiB', proc.stdout)
