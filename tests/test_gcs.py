@@ -11,10 +11,12 @@ import sys
 import threading
 import uuid
 
+import jax
+import numpy as np
 import pytest
 
 import cvt_flax
-from cvt_flax import files, predict
+from cvt_flax import export, files, predict
 from cvt_flax.convert.__main__ import main as convert_main
 from cvt_flax.io import CheckpointError
 from cvt_flax.preprocess import load_image
@@ -22,8 +24,8 @@ from cvt_flax.training import loop
 from cvt_flax.training.checkpointing import WorkdirError, complete_steps
 from cvt_flax.training.init_from import load_source_model
 from cvt_flax.training.metrics import read_metrics
-from helpers import (DATA, ROOT, assert_same_weights, photos, sigterm_before_step, subprocess_env,
-                     tiny_config, train_losses)
+from helpers import (DATA, PARITY_ATOL, ROOT, assert_same_weights, photos, sigterm_before_step,
+                     subprocess_env, tiny_config, train_losses)
 
 
 def _fresh(gcs, name: str) -> str:
@@ -150,6 +152,24 @@ def test_convert_reads_and_writes_urls(gcs, capsys):
   printed = capsys.readouterr().out
   assert float(printed.split('max |logit difference| = ')[1].split()[0]) < 1e-5
   assert files.isfile(f'{root}/small.pth')
+
+
+def test_export_writes_a_program_and_a_saved_model_to_a_bucket(gcs, tmp_path):
+  root = _fresh(gcs, 'export')
+  model = cvt_flax.from_pretrained(str(DATA / 'hf_tiny'))
+  images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  for format in ('jax', 'savedmodel'):
+    export.export_model(model, f'{root}/{format}', format=format, image_size=64)
+    assert files.read_json(f'{root}/{format}/model.json')['program']['input']['shape'] == [
+        None, 64, 64, 3]
+  with files.local_copy(f'{root}/jax/model.jax') as local:
+    exported = jax.export.deserialize(bytearray(pathlib.Path(local).read_bytes()))
+  np.testing.assert_allclose(exported.call(images), model(images), atol=PARITY_ATOL, rtol=0)
+  # The SavedModel's tree, uploaded file by file (its empty assets/ is no object).
+  assert sorted(files.listdir(f'{root}/savedmodel')) == [
+      'fingerprint.pb', 'model.json', 'saved_model.pb', 'variables']
+  assert sorted(files.listdir(f'{root}/savedmodel/variables')) == [
+      'variables.data-00000-of-00001', 'variables.index']
 
 
 class _Refusing(http.server.BaseHTTPRequestHandler):
