@@ -110,8 +110,8 @@ def _serving_call(args, framework):
     return lambda x: np.asarray(jax.block_until_ready(call(x)))
   if framework == 'onnx':
     import onnxruntime
-    session = onnxruntime.InferenceSession(program, providers=['CPUExecutionProvider'])
-    return lambda x: session.run(None, {doc['program']['input_name']: x})[0]
+    runner = onnxruntime.InferenceSession(program, providers=['CPUExecutionProvider'])
+    return lambda x: runner.run(None, {doc['program']['input_name']: x})[0]
   from cvt_flax.data._tf import tf
   signature = tf.saved_model.load(_served(args, framework)).signatures['serving_default']
   return lambda x: signature(images=tf.constant(x))['logits'].numpy()

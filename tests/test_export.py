@@ -38,9 +38,9 @@ def serve(out, tmp_path, **inputs) -> dict:
                                  str(tmp_path / 'outputs.npz')), timeout=300)
     return dict(np.load(tmp_path / 'outputs.npz'))
   if doc['format'] == 'cvt_flax.onnx':
-    session = onnxruntime.InferenceSession(out / program['file'],
+    runner = onnxruntime.InferenceSession(out / program['file'],
                                            providers=['CPUExecutionProvider'])
-    return {k: session.run([program['output_name']], {program['input_name']: x})[0]
+    return {k: runner.run([program['output_name']], {program['input_name']: x})[0]
             for k, x in inputs.items()}
   assert doc['format'] == 'cvt_flax.saved_model'
   signature = tf.saved_model.load(str(out)).signatures[program['signature']]

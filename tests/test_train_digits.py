@@ -73,9 +73,9 @@ def test_short_digits_run_and_predict_on_its_workdir(digits_dir, tmp_path):
   doc = json.loads((tmp_path / 'onnx' / 'model.json').read_text())
   transform = Preprocess.from_dict(doc['preprocess'])
   images = np.stack([transform(Image.open(path)) for path in paths])
-  session = onnxruntime.InferenceSession(tmp_path / 'onnx' / 'model.onnx',
+  runner = onnxruntime.InferenceSession(tmp_path / 'onnx' / 'model.onnx',
                                          providers=['CPUExecutionProvider'])
-  logits = session.run(None, {doc['program']['input_name']: images})[0]
+  logits = runner.run(None, {doc['program']['input_name']: images})[0]
   assert [doc['class_names'][i] for i in logits.argmax(-1)] == [str(p) for p in predicted]
 
 
