@@ -64,7 +64,7 @@ def evaluate_model(model, input_cfg, *, batch_size: int, devices=None,
     sharding.check_batch_size(batch_size, mesh)
   except errors.ConfigError as e:
     raise EvaluateError(f'--batch-size: {e}') from e
-  model = with_compute(model, platform=mesh.devices.flat[0].platform)
+  model = with_compute(model, platform=mesh.devices.flat[0].platform, mesh=mesh)
   graphdef, *variables = eval_step_lib.split_model(model)
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), tuple(variables))
   variables = jax.device_put(tuple(variables), replicated)

@@ -14,7 +14,8 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   'blocked' (CPU: 'deferred' in cache-sized blocks) | 'xla_fused' / 'cudnn'
                   (`jax.nn.dot_product_attention` with the official scale width**-0.5, XLA's or
                   cuDNN's fused kernel; cuDNN only takes bf16/fp16 and head dims that are
-                  multiples of 8 up to 128, other calls run 'deferred')
+                  multiples of 8 up to 128, other calls run 'deferred') | 'flash' (TPU: Pallas
+                  kernels that keep the scores in VMEM, `cvt_flax.models.tpu`)
   fusion_barrier  CPU: stop XLA:CPU's fusion of the residual gradient across blocks
   per_token_linear  CPU: linear layers applied to (batch * tokens, channels) rather than (batch,
                   tokens, channels): the weight gradient then contracts one axis, which XLA:CPU
@@ -42,11 +43,12 @@ import dataclasses
 import jax
 from flax import nnx
 
-from cvt_flax.models import cpu, layers
+from cvt_flax.models import cpu, layers, tpu
 
 DTYPES = ('float32', 'bfloat16')
 DWCONV_IMPLS = ('auto', 'xla', 'shifts')
-ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'recompute', 'blocked', 'xla_fused', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'recompute', 'blocked', 'xla_fused', 'cudnn',
+                   'flash')
 REMAT = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
          'everything_saveable', 'nothing_saveable')
 # The choice of 'auto' per platform; platforms not listed take 'default'.
@@ -74,6 +76,9 @@ class Compute:
   per_token_linear: bool | None = None  # None = 'auto'
   remat: str = 'none'
   platform: str | None = None  # what 'auto' is resolved for; None = jax.default_backend()
+  # The devices the batch is split over, for kernels XLA cannot partition itself ('flash' runs
+  # per shard of the batch under it); None: one device, or no such kernel.
+  mesh: jax.sharding.Mesh | None = None
 
   def __post_init__(self):
     for field, allowed in (('dtype', DTYPES), ('dwconv_impl', DWCONV_IMPLS),
@@ -123,9 +128,22 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
     return cpu.attention(q, k, v, scale)
   if impl == 'recompute':
     return layers.recompute_attention(q, k, v, scale)
+  if impl == 'flash':
+    return _per_batch_shard(compute.mesh, lambda q, k, v: tpu.flash_attention(q, k, v, scale),
+                            q, k, v)
   if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
     return _fused_attention(q, k, v, scale, 'xla' if impl == 'xla_fused' else 'cudnn')
   return layers.deferred_attention(q, k, v, scale)[0]
+
+
+def _per_batch_shard(mesh, fn, *args):
+  """`fn(*args)`, on a mesh as one call per shard of the batch (leading) axis: a Pallas kernel
+  is opaque to XLA's partitioner, which cannot split it by itself."""
+  if mesh is None or mesh.size == 1:
+    return fn(*args)
+  spec = jax.sharding.PartitionSpec(mesh.axis_names)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                       check_vma=False)(*args)
 
 
 def _cudnn_supports(q) -> bool:
