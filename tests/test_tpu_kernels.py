@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import cvt_flax
-from cvt_flax.aot import compile as aot_compile, tpus
+from cvt_flax.aot import compile as aot_compile, hlo, tpus
 from cvt_flax.models import layers, tpu, with_compute
 from cvt_flax.runtime import compiler, sharding
 from helpers import LOGITS_FP32_PAIR_ATOL, TINY_MODEL
@@ -90,23 +90,33 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(tpu_device
     k = jax.ShapeDtypeStruct((b, h, nk, d), jnp.bfloat16, sharding=sharding)
     step = jax.jit(lambda q, k, v, g: _output_and_grads(
         lambda q, k, v: tpu.flash_attention(q, k, v, 0.125), q, k, v, g))
-    cost = compiler.cost_analysis(step.lower(q, k, k, q).compile())
+    compiled = step.lower(q, k, k, q).compile()
+    cost = compiler.cost_analysis(compiled)
     declared = _estimates(b, h, nq, nk, d)
     # The compiled step's FLOPs are the kernels' (nothing else multiplies), and its bytes include
     # theirs: no kernel is counted as free.
     assert cost['flops'] >= sum(c.flops for c in declared)
     assert cost['bytes accessed'] >= sum(c.bytes_accessed for c in declared)
+  # The aot report's top costs list the kernels, with the bytes of their operands and results.
+  kernels = [row for row in hlo.top_costs(hlo.parse_ops(compiled.as_text()), 50, by=3)
+             if row[0].startswith('custom-call:')]
+  assert sum(row[1] for row in kernels) == 3 and all(row[3] > 0 for row in kernels)  # fwd, dq, dkv
 
 
 def test_model_with_flash_attention_matches_the_xla_path_in_the_interpreter(monkeypatch):
+  # 64 px: the first stage attends to 256 keys (the kernels), the second to 65 ('recompute').
   images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
   model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
   model.eval()
   want = np.asarray(model(images))
-  compiled = tpu.flash_attention
-  monkeypatch.setattr(tpu, 'flash_attention',
-                      lambda q, k, v, scale: compiled(q, k, v, scale, True))  # the interpreter
+  compiled, calls = tpu.flash_attention, []
+
+  def interpreted(q, k, v, scale):
+    calls.append(k.shape[2])
+    return compiled(q, k, v, scale, True)
+  monkeypatch.setattr(tpu, 'flash_attention', interpreted)
   got = np.asarray(with_compute(model, attention_impl='flash')(images))
+  assert calls == [256]
   assert np.abs(got - want).max() <= LOGITS_FP32_PAIR_ATOL
 
 
@@ -118,7 +128,8 @@ def test_on_a_mesh_each_chip_runs_the_kernels_on_its_shard_of_the_batch():
       mesh=mesh))
   model.eval()
   graphdef, state = nnx.split(model)
-  images = jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  images = jax.ShapeDtypeStruct((8, 128, 128, 3), jnp.float32,
+                                sharding=sharding.batch_sharding(mesh))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                       sharding=sharding.replicated(mesh)), state)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))

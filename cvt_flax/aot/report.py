@@ -199,7 +199,9 @@ def costs_text(compiled: Compiled, n: int) -> str:
     lines += [f'top {n} by {title}:', '| op: source | ops | share of cycles | GB |',
               '|---|---:|---:|---:|']
     for source, count, cycles, size in hlo.top_costs(ops, n, by=key):
-      lines.append(f'| {source} | {count} | {cycles / total_cycles:.1%} | {size / 1e9:.2f} |')
+      # A kernel has no cycle estimate in the HLO (its declared cost is in the totals above).
+      share = f'{cycles / total_cycles:.1%}' if cycles else '-'
+      lines.append(f'| {source} | {count} | {share} | {size / 1e9:.2f} |')
   moves, cycles, size = hlo.layout_changes(ops)
   lines.append(f'layout changes (copies, transposes): {moves} ops, {cycles / total_cycles:.1%} of '
                f'the cycles, {size / 1e9:.2f} GB')

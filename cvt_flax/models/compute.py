@@ -15,7 +15,9 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   (`jax.nn.dot_product_attention` with the official scale width**-0.5, XLA's or
                   cuDNN's fused kernel; cuDNN only takes bf16/fp16 and head dims that are
                   multiples of 8 up to 128, other calls run 'deferred') | 'flash' (TPU: Pallas
-                  kernels that keep the scores in VMEM, `cvt_flax.models.tpu`)
+                  kernels that keep the scores in VMEM, `cvt_flax.models.tpu`, for calls with at
+                  least one block of keys, 128; shorter ones, mostly padding in a kernel
+                  (CvT-13's last stage: 50 keys), take 'recompute')
   fusion_barrier  CPU: stop XLA:CPU's fusion of the residual gradient across blocks
   per_token_linear  CPU: linear layers applied to (batch * tokens, channels) rather than (batch,
                   tokens, channels): the weight gradient then contracts one axis, which XLA:CPU
@@ -28,13 +30,12 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
 
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
-'cudnn' for bf16/fp16
-('deferred' for float32); TPU 'xla' + 'recompute'; others 'xla' + 'deferred'. The TPU choices
-come from XLA:TPU's own cost analysis of the compiled train step (`python -m cvt_flax.aot`,
-benchmarks/RESULTS.md): 'recompute' moves fewer bytes than 'deferred', and 'shifts' more than one
-grouped conv. XLA does not fuse the score matrix into its matmuls: each head's (q, k) scores
-(at most 3136 x 785 per image) go through HBM several times per step, which a Pallas flash-
-attention kernel would avoid; that is the largest avoidable traffic left on TPU.
+'cudnn' for bf16/fp16 ('deferred' for float32); TPU 'xla' + 'flash'; others 'xla' + 'deferred'.
+The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
+(`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
+(which moves fewer bytes than 'deferred'), and 'shifts' moves more than one grouped conv. On a mesh
+'flash' needs the `mesh` setting (the trainer and `evaluate` set it): XLA cannot split a Pallas
+kernel over devices by itself, and without it the compile fails on a sharded batch.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ _AUTO = {
             'per_token_linear': True},
     'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'fusion_barrier': False,
             'per_token_linear': False},
-    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'recompute', 'fusion_barrier': False,
+    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'flash', 'fusion_barrier': False,
             'per_token_linear': False},
     'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'fusion_barrier': False,
                 'per_token_linear': False},
@@ -126,11 +127,11 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
     return layers.softmax_attention(q, k, v, scale, dropout=dropout, record=record)
   if impl == 'blocked':
     return cpu.attention(q, k, v, scale)
-  if impl == 'recompute':
-    return layers.recompute_attention(q, k, v, scale)
-  if impl == 'flash':
+  if impl == 'flash' and k.shape[2] >= tpu.BLOCK_K:
     return _per_batch_shard(compute.mesh, lambda q, k, v: tpu.flash_attention(q, k, v, scale),
                             q, k, v)
+  if impl in ('recompute', 'flash'):  # 'flash' on fewer keys than one block: mostly padding
+    return layers.recompute_attention(q, k, v, scale)
   if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
     return _fused_attention(q, k, v, scale, 'xla' if impl == 'xla_fused' else 'cudnn')
   return layers.deferred_attention(q, k, v, scale)[0]

@@ -7,10 +7,11 @@ block of keys in VMEM and keeps running row statistics (the online softmax). The
 `layers.recompute_attention` does, in two kernels: dq (keys innermost) and dk, dv (queries
 innermost). Accumulation is float32; the matmuls take the inputs' dtype.
 
-Any sequence lengths: queries are padded to a multiple of BLOCK_Q and keys and values to a
-multiple of BLOCK_K (the TPU's lane width), and the padded keys are masked out of the softmax
-(CvT-13's last stage attends to 50 keys, padded to 128). Padded query rows are computed and
-dropped.
+Any sequence lengths: the grids run over whole blocks of BLOCK_Q queries and BLOCK_K keys (the
+TPU's lane width), and the last block of each may run past the end. Keys past the end are masked
+out of the softmax and their rows zeroed; queries past the end are computed and never written, and
+add nothing to the key gradients. Nothing is padded in HBM. The kernels still compute the whole
+last blocks: CvT-13's last stage attends to 50 keys in a block of 128.
 
 Every kernel declares a `pl.CostEstimate` of what it does: the FLOPs of its matmuls, its `exp`s,
 and the bytes it moves, counting each block as often as the grid reads it (`*_cost` below, held
@@ -39,8 +40,8 @@ def _dot(a, b, contract):
   return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32)
 
 
-def _rows_valid(block, rows: int, start, count: int):
-  """Of a (rows, n) block starting at row `start`, which rows lie before `count` (rows, 1)."""
+def _rows_valid(rows: int, start, count: int):
+  """Of a (rows, n) block starting at row `start`, which rows lie before `count`: (rows, 1)."""
   return start + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < count
 
 
@@ -103,7 +104,7 @@ def dkv_cost(q, k, v, grad, lse, delta, dk, dv) -> pl.CostEstimate:
 def _scores_t(q, k, scale, key_start, num_keys):
   """k q^T * scale for one block pair (float32, (keys, queries)), keys past the end masked."""
   scores = _dot(k, q, _NT) * scale
-  return jnp.where(_rows_valid(scores, BLOCK_K, key_start, num_keys), scores, _MASKED)
+  return jnp.where(_rows_valid(BLOCK_K, key_start, num_keys), scores, _MASKED)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref, *, scale,
@@ -117,7 +118,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref
     acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
 
   key_start = key_block * BLOCK_K
-  valid = _rows_valid(k_ref, BLOCK_K, key_start, num_keys)
+  valid = _rows_valid(BLOCK_K, key_start, num_keys)
   k, v = _zero_outside(k_ref[...], valid), _zero_outside(v_ref[...], valid)
   scores = _scores_t(q_ref[...], k, scale, key_start, num_keys)
   m_prev = m_ref[...]
@@ -150,7 +151,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref, dq_ref, acc_re
     acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
 
   key_start = key_block * BLOCK_K
-  valid = _rows_valid(k_ref, BLOCK_K, key_start, num_keys)
+  valid = _rows_valid(BLOCK_K, key_start, num_keys)
   k, v = _zero_outside(k_ref[...], valid), _zero_outside(v_ref[...], valid)
   _, ds = _probs_and_ds_t(q_ref[...], k, v, grad_ref[...], lse_ref[...], delta_ref[...], scale,
                           key_start, num_keys)
@@ -172,7 +173,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref, dk_ref, dv_re
 
   # Queries past the end (the last block's padding) contribute nothing: zero all they bring.
   query_start = query_block * BLOCK_Q
-  rows, cols = (_rows_valid(q_ref, BLOCK_Q, query_start, num_queries),
+  rows, cols = (_rows_valid(BLOCK_Q, query_start, num_queries),
                 _cols_valid(query_start, num_queries))
   q, grad = _zero_outside(q_ref[...], rows), _zero_outside(grad_ref[...], rows)
   lse, delta = _zero_outside(lse_ref[...], cols), _zero_outside(delta_ref[...], cols)
