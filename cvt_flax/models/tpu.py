@@ -212,8 +212,11 @@ def _call(kernel, grid, in_specs, out_specs, scratch, out_shape, cost, interpret
 def _specs(d, query_index, key_index):
   """Block specs of q, k, v, grad, lse, delta for a grid whose index maps are given."""
   rows = lambda n, index: pl.BlockSpec((None, n, d), index)
-  stats = pl.BlockSpec((None, 1, BLOCK_Q), lambda *ids: (lambda i, j, _: (i, 0, j))(
-      *query_index(*ids)))
+
+  def stats_index(*ids):  # (bh, 1, nq) arrays: the query block is on the last axis
+    head, block, _ = query_index(*ids)
+    return head, 0, block
+  stats = pl.BlockSpec((None, 1, BLOCK_Q), stats_index)
   return [rows(BLOCK_Q, query_index), rows(BLOCK_K, key_index), rows(BLOCK_K, key_index),
           rows(BLOCK_Q, query_index), stats, stats]
 
