@@ -133,8 +133,8 @@ def test_attention_blocks_are_sized_from_the_reported_l2_cache(tmp_path):
 
 
 def test_unknown_attention_impl_is_a_clear_error():
-  with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
-    cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), attention_impl='flash')
+  with pytest.raises(ValueError, match="attention_impl='splash' is not one of"):
+    cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), attention_impl='splash')
 
 
 def test_compute_settings_are_not_architecture():
@@ -144,7 +144,7 @@ def test_compute_settings_are_not_architecture():
 
 @pytest.mark.parametrize('platform,dwconv,attention,barrier,per_token', [
     ('cpu', 'shifts', 'blocked', True, True), ('gpu', 'xla', 'deferred', False, False),
-    ('tpu', 'xla', 'recompute', False, False)])
+    ('tpu', 'xla', 'flash', False, False)])
 def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, barrier, per_token):
   resolved = Compute(platform=platform).resolved()
   assert (resolved.dwconv_impl, resolved.attention_impl, resolved.fusion_barrier,

@@ -60,8 +60,8 @@ def test_bad_config_arguments_fail_clearly():
   c.dtype = 'float16'
   with pytest.raises(ValueError, match='config.dtype'):
     validate_config(c)
-  c.dtype, c.attention_impl = 'float32', 'flash'
-  with pytest.raises(ValueError, match="config.attention_impl: 'flash' is not one of"):
+  c.dtype, c.attention_impl = 'float32', 'splash'
+  with pytest.raises(ValueError, match="config.attention_impl: 'splash' is not one of"):
     validate_config(c)
   c.attention_impl = 'auto'
   c.model.attention_impl = 'softmax'  # a compute setting where the architecture goes
