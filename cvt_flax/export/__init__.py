@@ -22,7 +22,6 @@ import os
 from types import ModuleType
 
 from cvt_flax import errors, files
-from cvt_flax.export import jax_program
 from cvt_flax.export.spec import DOC_FILE, ExportError, ServingSpec, model_doc
 from cvt_flax.models import CvT
 
@@ -42,7 +41,7 @@ def writer(format: str) -> ModuleType:
   module, needs = FORMATS[format]
   for extra, packages in needs.items():
     errors.require_installed(extra, *packages)
-  return jax_program if format == 'jax' else errors.require(module, 'export')
+  return errors.require(module, 'export')
 
 
 def export_model(model: CvT, path, *, format: str = 'jax', overwrite: bool = False,

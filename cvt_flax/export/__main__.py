@@ -38,11 +38,11 @@ def _parse_args(argv):
 
 def _summary(args, doc) -> str:
   program = doc['program']
-  shape = ','.join('batch' if d is None else str(d) for d in program['input']['shape'])
-  outputs = ','.join('batch' if d is None else str(d) for d in program['output']['shape'])
+  dims = lambda shape: ','.join('batch' if d is None else str(d) for d in shape)
   where = f', for {", ".join(program["platforms"])}' if 'platforms' in program else ''
-  return (f'wrote {args.out}: {program["file"]} ({program["input"]["dtype"]}[{shape}] -> '
-          f'float32[{outputs}], {program["compute_dtype"]} compute{where}) and {export.DOC_FILE}')
+  return (f'wrote {args.out}: {program["file"]} ({program["input"]["dtype"]}'
+          f'[{dims(program["input"]["shape"])}] -> float32[{dims(program["output"]["shape"])}], '
+          f'{program["compute_dtype"]} compute{where}) and {export.DOC_FILE}')
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ from cvt_flax import preprocess as preprocess_lib
 from cvt_flax.errors import CvtFlaxError
 from cvt_flax.io.model_dir import ModelDoc
 from cvt_flax.models import CvT, with_compute
+from cvt_flax.models.compute import DTYPES
 
 DOC_FILE = 'model.json'
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names
@@ -55,8 +56,8 @@ class ServingSpec:
       raise ExportError(f'batch {batch}: expected a positive batch size, or None (any).')
     if input not in INPUTS:
       raise ExportError(f'input {input!r}: expected one of {INPUTS}.')
-    if dtype not in ('float32', 'bfloat16'):
-      raise ExportError(f"dtype {dtype!r}: expected 'float32' or 'bfloat16'.")
+    if dtype not in DTYPES:
+      raise ExportError(f'dtype {dtype!r}: expected {" or ".join(map(repr, DTYPES))}.')
     if image_size is None:
       image_size = model.preprocess.image_size if model.preprocess else 224
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size

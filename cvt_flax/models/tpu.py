@@ -209,24 +209,25 @@ def _call(kernel, grid, in_specs, out_specs, scratch, out_shape, cost, interpret
       cost_estimate=cost)(*args)
 
 
-def _specs(d, query_index, key_index):
-  """Block specs of q, k, v, grad, lse, delta for a grid whose index maps are given."""
+def _specs(d, keys_inner: bool):
+  """Block specs of q, k, v, grad, lse, delta. Grid (bh, query block, key block) when the keys are
+  the inner axis, else (bh, key block, query block). lse and delta are (bh, 1, nq)."""
+  if keys_inner:
+    query, key, stats = (lambda i, j, kk: (i, j, 0)), (lambda i, j, kk: (i, kk, 0)), (
+        lambda i, j, kk: (i, 0, j))
+  else:
+    query, key, stats = (lambda i, kk, j: (i, j, 0)), (lambda i, kk, j: (i, kk, 0)), (
+        lambda i, kk, j: (i, 0, j))
   rows = lambda n, index: pl.BlockSpec((None, n, d), index)
-
-  def stats_index(*ids):  # (bh, 1, nq) arrays: the query block is on the last axis
-    head, block, _ = query_index(*ids)
-    return head, 0, block
-  stats = pl.BlockSpec((None, 1, BLOCK_Q), stats_index)
-  return [rows(BLOCK_Q, query_index), rows(BLOCK_K, key_index), rows(BLOCK_K, key_index),
-          rows(BLOCK_Q, query_index), stats, stats]
+  statistics = pl.BlockSpec((None, 1, BLOCK_Q), stats)
+  return [rows(BLOCK_Q, query), rows(BLOCK_K, key), rows(BLOCK_K, key), rows(BLOCK_Q, query),
+          statistics, statistics]
 
 
 def _forward(q, k, v, scale, interpret):
   bh, nq, d = q.shape
   q_blocks, k_blocks = _blocks(q, k)
-  query = lambda i, j, kk: (i, j, 0)
-  key = lambda i, j, kk: (i, kk, 0)
-  specs = _specs(d, query, key)
+  specs = _specs(d, keys_inner=True)
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bh, 1, nq), _F32))
   return _call(functools.partial(_forward_kernel, scale=scale, num_keys=k.shape[1]),
                (bh, q_blocks, k_blocks), specs[:3], [specs[0], specs[4]],
@@ -238,7 +239,7 @@ def _forward(q, k, v, scale, interpret):
 def _dq(q, k, v, grad, lse, delta, scale, interpret):
   bh, nq, d = q.shape
   q_blocks, k_blocks = _blocks(q, k)
-  specs = _specs(d, lambda i, j, kk: (i, j, 0), lambda i, j, kk: (i, kk, 0))
+  specs = _specs(d, keys_inner=True)
   dq = jax.ShapeDtypeStruct(q.shape, q.dtype)
   return _call(functools.partial(_dq_kernel, scale=scale, num_keys=k.shape[1]),
                (bh, q_blocks, k_blocks), specs, specs[0], [pltpu.VMEM((BLOCK_Q, d), _F32)], dq,
@@ -248,7 +249,7 @@ def _dq(q, k, v, grad, lse, delta, scale, interpret):
 def _dkv(q, k, v, grad, lse, delta, scale, interpret):
   bh, nq, d = q.shape
   q_blocks, k_blocks = _blocks(q, k)
-  specs = _specs(d, lambda i, kk, j: (i, j, 0), lambda i, kk, j: (i, kk, 0))
+  specs = _specs(d, keys_inner=False)
   dk, dv = jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)
   kernel = functools.partial(_dkv_kernel, scale=scale, num_keys=k.shape[1], num_queries=nq)
   return _call(kernel, (bh, k_blocks, q_blocks), specs, [specs[1], specs[2]],
