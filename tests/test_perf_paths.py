@@ -142,13 +142,14 @@ def test_compute_settings_are_not_architecture():
     cvt_flax.make_config('cvt-13', attention_impl='softmax')
 
 
-@pytest.mark.parametrize('platform,dwconv,attention,barrier,per_token', [
-    ('cpu', 'shifts', 'blocked', True, True), ('gpu', 'xla', 'deferred', False, False),
-    ('tpu', 'xla', 'flash', False, False)])
-def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, barrier, per_token):
+@pytest.mark.parametrize('platform,dwconv,attention,mlp,barrier,per_token', [
+    ('cpu', 'shifts', 'blocked', 'xla', True, True), ('gpu', 'xla', 'deferred', 'xla', False, False),
+    ('tpu', 'xla', 'flash', 'fused', False, False)])
+def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, mlp, barrier, per_token):
   resolved = Compute(platform=platform).resolved()
-  assert (resolved.dwconv_impl, resolved.attention_impl, resolved.fusion_barrier,
-          resolved.per_token_linear) == (dwconv, attention, barrier, per_token)
+  assert (resolved.dwconv_impl, resolved.attention_impl, resolved.mlp_impl,
+          resolved.fusion_barrier, resolved.per_token_linear) == (
+              dwconv, attention, mlp, barrier, per_token)
   explicit = Compute(platform=platform, attention_impl='softmax').resolved()
   assert explicit.attention_impl == 'softmax'
   model = cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), platform=platform)
@@ -169,11 +170,12 @@ def _largest_backward_fusion(depth, barrier=True):
 
 
 def test_backward_fusions_do_not_grow_with_depth():
-  # Without the barrier XLA:CPU fuses the residual gradient across all blocks into every block's
-  # weight-gradient fusion (operands grow ~14 per block: quadratic work); see
-  # cpu.gradient_fusion_barrier.
+  # XLA:CPU could fuse the residual gradient across all blocks into every block's weight-gradient
+  # fusion (operands growing ~14 per block: quadratic work). The barrier stops it
+  # (cpu.gradient_fusion_barrier), and so does LayerNorm's closed-form gradient (its custom_vjp
+  # is opaque to that fusion): with the autodiff LayerNorm, fusions grew without the barrier.
   assert _largest_backward_fusion(6) == _largest_backward_fusion(3)
-  assert _largest_backward_fusion(6, barrier=False) > _largest_backward_fusion(3, barrier=False)
+  assert _largest_backward_fusion(6, barrier=False) == _largest_backward_fusion(3, barrier=False)
 
 
 def test_gradient_fusion_barrier_is_the_identity_both_ways():

@@ -1,4 +1,4 @@
-"""The TPU backend's flash attention (`cvt_flax/models/tpu.py`), checked without a TPU: its
+"""The TPU backend's flash attention (`cvt_flax/models/tpu/attention.py`), checked without a TPU: its
 numerics in Pallas's TPU interpreter on this CPU, its declared costs against the formulas, and
 its Mosaic compile for a TPU (libtpu, deviceless), where XLA must count the kernels."""
 import jax

@@ -22,10 +22,10 @@ INPUTS = ('float32', 'uint8')
 # normalised after the product with v) for a program lowered for several platforms: the CPU
 # paths would be slower elsewhere. A CPU-only program takes the CPU paths, as `model(x)` does on
 # CPU. Either way the same function as `model(x)` up to float rounding.
-PORTABLE_COMPUTE = dict(dwconv_impl='xla', attention_impl='deferred', fusion_barrier=False,
-                        per_token_linear=False, remat='none')
-CPU_COMPUTE = dict(dwconv_impl='auto', attention_impl='deferred', fusion_barrier=None,
-                   per_token_linear=None, remat='none')
+PORTABLE_COMPUTE = dict(dwconv_impl='xla', attention_impl='deferred', mlp_impl='xla',
+                        fusion_barrier=False, per_token_linear=False, remat='none')
+CPU_COMPUTE = dict(dwconv_impl='auto', attention_impl='deferred', mlp_impl='xla',
+                   fusion_barrier=None, per_token_linear=None, remat='none')
 
 
 class ExportError(CvtFlaxError, ValueError):

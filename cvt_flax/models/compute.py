@@ -18,6 +18,11 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   kernels that keep the scores in VMEM, `cvt_flax.models.tpu`, for calls with at
                   least one block of keys, 128; shorter ones, mostly padding in a kernel
                   (CvT-13's last stage: 50 keys), take 'recompute')
+  mlp_impl        'xla' (LayerNorm, two linear layers, residual add) | 'fused' (TPU: Pallas
+                  kernels for the whole second half of a block that keep the normalised tokens and
+                  the hidden layer in VMEM and recompute them in the backward pass,
+                  `cvt_flax.models.tpu.mlp`, for layers whose weights fit in VMEM, without
+                  dropout; others take 'xla')
   fusion_barrier  CPU: stop XLA:CPU's fusion of the residual gradient across blocks
   per_token_linear  CPU: linear layers applied to (batch * tokens, channels) rather than (batch,
                   tokens, channels): the weight gradient then contracts one axis, which XLA:CPU
@@ -30,12 +35,14 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
 
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
-'cudnn' for bf16/fp16 ('deferred' for float32); TPU 'xla' + 'flash'; others 'xla' + 'deferred'.
+'cudnn' for bf16/fp16 ('deferred' for float32); TPU 'xla' + 'flash' + the 'fused' MLP; others
+'xla' + 'deferred'.
 The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
 (`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
-(which moves fewer bytes than 'deferred'), and 'shifts' moves more than one grouped conv. On a mesh
-'flash' needs the `mesh` setting (the trainer and `evaluate` set it): XLA cannot split a Pallas
-kernel over devices by itself, and without it the compile fails on a sharded batch.
+(which moves fewer bytes than 'deferred'), the 'fused' MLP than 'xla', and 'shifts' moves more
+than one grouped conv. On a mesh the kernels need the `mesh` setting (the trainer and `evaluate`
+set it): XLA cannot split a Pallas kernel over devices by itself, and without it the compile fails
+on a sharded batch.
 """
 from __future__ import annotations
 
@@ -50,18 +57,19 @@ DTYPES = ('float32', 'bfloat16')
 DWCONV_IMPLS = ('auto', 'xla', 'shifts')
 ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'recompute', 'blocked', 'xla_fused', 'cudnn',
                    'flash')
+MLP_IMPLS = ('auto', 'xla', 'fused')
 REMAT = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
          'everything_saveable', 'nothing_saveable')
 # The choice of 'auto' per platform; platforms not listed take 'default'.
 _AUTO = {
-    'cpu': {'dwconv_impl': 'shifts', 'attention_impl': 'blocked', 'fusion_barrier': True,
-            'per_token_linear': True},
-    'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'fusion_barrier': False,
-            'per_token_linear': False},
-    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'flash', 'fusion_barrier': False,
-            'per_token_linear': False},
-    'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'fusion_barrier': False,
-                'per_token_linear': False},
+    'cpu': {'dwconv_impl': 'shifts', 'attention_impl': 'blocked', 'mlp_impl': 'xla',
+            'fusion_barrier': True, 'per_token_linear': True},
+    'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'mlp_impl': 'xla',
+            'fusion_barrier': False, 'per_token_linear': False},
+    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'flash', 'mlp_impl': 'fused',
+            'fusion_barrier': False, 'per_token_linear': False},
+    'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'mlp_impl': 'xla',
+                'fusion_barrier': False, 'per_token_linear': False},
 }
 _PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}  # jax.export's names for GPU platforms
 CUDNN_DTYPES = ('bfloat16', 'float16')
@@ -73,6 +81,7 @@ class Compute:
   dtype: str = 'float32'
   dwconv_impl: str = 'auto'
   attention_impl: str = 'auto'
+  mlp_impl: str = 'auto'
   fusion_barrier: bool | None = None  # None = 'auto'
   per_token_linear: bool | None = None  # None = 'auto'
   remat: str = 'none'
@@ -83,7 +92,8 @@ class Compute:
 
   def __post_init__(self):
     for field, allowed in (('dtype', DTYPES), ('dwconv_impl', DWCONV_IMPLS),
-                           ('attention_impl', ATTENTION_IMPLS), ('remat', REMAT)):
+                           ('attention_impl', ATTENTION_IMPLS), ('mlp_impl', MLP_IMPLS),
+                           ('remat', REMAT)):
       if getattr(self, field) not in allowed:
         raise ValueError(f'compute setting {field}={getattr(self, field)!r} is not one of '
                          f'{allowed}.')
@@ -135,6 +145,23 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
   if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
     return _fused_attention(q, k, v, scale, 'xla' if impl == 'xla_fused' else 'cudnn')
   return layers.deferred_attention(q, k, v, scale)[0]
+
+
+def mlp_residual(compute: Compute, norm, mlp, drop_path, x):
+  """`x + drop_path(mlp(norm(x)))`, the second half of a block: a LayerNorm, an MLP (`fc1`, `act`,
+  `fc2`, `drop`) and `drop_path` (stochastic depth, an `nnx.Dropout` over whole images)."""
+  width, hidden = mlp.fc1.kernel.shape
+  if (compute.mlp_impl == 'fused' and (mlp.drop.rate == 0 or mlp.drop.deterministic)
+      and tpu.mlp.fits(x.shape[1], width, hidden, x.dtype.itemsize)):
+    # Stochastic depth's factor per image (0 or 1/keep; 1 when inactive), drawn as for `x`.
+    scale = drop_path(jax.numpy.ones((x.shape[0], 1, 1), jax.numpy.float32)).reshape(-1)
+    params = (norm.scale, norm.bias, mlp.fc1.kernel, mlp.fc1.bias, mlp.fc2.kernel, mlp.fc2.bias)
+    with jax.named_scope('mlp'):
+      return tpu.fused_mlp_block(x, scale, *(p.get_value() for p in params), mlp.act,
+                                 norm.epsilon, compute.mesh)
+  with jax.named_scope('layer_norm'):
+    y = norm(x)
+  return x + drop_path(mlp(y))
 
 
 def _per_batch_shard(mesh, fn, *args):

@@ -18,15 +18,13 @@ import numpy as np
 from flax import nnx
 
 from cvt_flax.models import compute as compute_lib
-from cvt_flax.models import layers
+from cvt_flax.models import layers, norms
 from cvt_flax.models.compute import Compute
 from cvt_flax.models.config import STAGE_FIELDS, CvTConfig, make_config
 
 
-def _layer_norm(dim, cfg: CvTConfig, dtype, rngs):
-  # use_fast_variance=False: E[(x-mu)^2] as torch does, not E[x^2]-mu^2, which loses precision.
-  return nnx.LayerNorm(dim, epsilon=cfg.layer_norm_eps, dtype=dtype, use_fast_variance=False,
-                       rngs=rngs)
+def _layer_norm(dim, cfg: CvTConfig, dtype):
+  return norms.LayerNorm(dim, epsilon=cfg.layer_norm_eps, dtype=dtype)
 
 
 def _linear(din, dout, cfg: CvTConfig, dtype, rngs, use_bias=True):
@@ -53,7 +51,7 @@ class ConvProjection(nnx.Module):
 
   def __init__(self, dim, kernel_size, stride, padding, compute: Compute, rngs):
     self.conv = DepthwiseConv(dim, kernel_size, stride, padding, compute, rngs)
-    self.bn = layers.BatchNorm(dim, dtype=compute.jnp_dtype)
+    self.bn = norms.BatchNorm(dim, dtype=compute.jnp_dtype)
 
   def __call__(self, x):
     with jax.named_scope('conv_proj'):
@@ -137,6 +135,8 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
+  """fc1, activation, fc2, with dropout. On TPU `compute_lib.mlp_residual` runs it in one kernel
+  with the LayerNorm before it and the residual add after it, from these same parameters."""
 
   def __init__(self, dim, hidden, drop, cfg: CvTConfig, compute: Compute, rngs):
     self.compute = compute
@@ -158,10 +158,11 @@ class Block(nnx.Module):
   def __init__(self, dim, num_heads, drop_path, stage: dict, cfg: CvTConfig, compute: Compute,
                rngs):
     dtype = compute.jnp_dtype
-    self.norm1 = _layer_norm(dim, cfg, dtype, rngs)
+    self.compute = compute
+    self.norm1 = _layer_norm(dim, cfg, dtype)
     self.attn = Attention(dim, num_heads, stage, cfg, compute, rngs)
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
-    self.norm2 = _layer_norm(dim, cfg, dtype, rngs)
+    self.norm2 = _layer_norm(dim, cfg, dtype)
     self.mlp = Mlp(dim, int(dim * stage['mlp_ratio']), stage['drop_rate'], cfg, compute, rngs)
 
   def __call__(self, x, h, w):
@@ -169,9 +170,7 @@ class Block(nnx.Module):
     with jax.named_scope('layer_norm'):
       y = self.norm1(x)
     x = x + self.drop_path(self.attn(y, h, w))
-    with jax.named_scope('layer_norm'):
-      y = self.norm2(x)
-    return x + self.drop_path(self.mlp(y))
+    return compute_lib.mlp_residual(self.compute, self.norm2, self.mlp, self.drop_path, x)
 
 
 class ConvEmbed(nnx.Module):
@@ -183,7 +182,7 @@ class ConvEmbed(nnx.Module):
                          padding=((padding, padding), (padding, padding)), dtype=dtype,
                          kernel_init=layers.torch_default_uniform(fan_in),
                          bias_init=layers.torch_default_uniform(fan_in), rngs=rngs)
-    self.norm = _layer_norm(dim, cfg, dtype, rngs)
+    self.norm = _layer_norm(dim, cfg, dtype)
 
   def __call__(self, x):
     with jax.named_scope('patch_embed'):
@@ -247,7 +246,7 @@ class CvT(nnx.Module):
       setattr(self, f'stage{i}', Stage(in_chans, stage, cfg, compute, rngs))
       in_chans = stage['dim_embed']
     dim = cfg.dim_embed[-1]
-    self.norm = _layer_norm(dim, cfg, dtype, rngs)
+    self.norm = _layer_norm(dim, cfg, dtype)
     # The official head: trunc_normal(0.02) weight, torch-default bias (it is built outside `apply`).
     self.head = (nnx.Linear(dim, cfg.num_classes, dtype=dtype, kernel_init=layers.trunc_normal(0.02),
                             bias_init=layers.torch_default_uniform(dim), rngs=rngs)

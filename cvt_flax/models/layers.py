@@ -137,47 +137,6 @@ recompute_attention.defvjp(_recompute_attention_fwd, _recompute_attention_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------
-# BatchNorm with PyTorch's exact semantics.
-
-class BatchNorm(nnx.Module):
-  """BatchNorm over all axes but the last, with PyTorch's semantics and state.
-
-  Unlike `nnx.BatchNorm` it updates the running variance with the unbiased batch variance and counts
-  `num_batches_tracked`, as torch.nn.BatchNorm2d does, so that a converted model trains on exactly as
-  in PyTorch and a round trip to a state dict reproduces every tensor. `momentum` uses the Flax
-  convention (0.9 here = PyTorch's 0.1). Statistics are computed in float32. Under `jax.jit` with a
-  batch-sharded input the statistics are over the global batch (synchronised BatchNorm).
-  """
-
-  def __init__(self, num_features, *, momentum=0.9, epsilon=1e-5, dtype=jnp.float32):
-    self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
-    self.use_running_average = False
-    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-    self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
-
-  def __call__(self, x):
-    xf = x.astype(jnp.float32)
-    if self.use_running_average:
-      mean, var = self.mean.get_value(), self.var.get_value()
-    else:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      n = math.prod(x.shape[:-1])
-      unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
-      m = self.momentum
-      self.mean.set_value(m * self.mean.get_value() + (1 - m) * jax.lax.stop_gradient(mean))
-      self.var.set_value(m * self.var.get_value() + (1 - m) * unbiased)
-      self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
-    scale, bias = self.scale.get_value(), self.bias.get_value()
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Average pooling as torch.nn.AvgPool2d(ceil_mode=True, count_include_pad=True).
 
 def ceil_pool_output_size(n, k, s, p):

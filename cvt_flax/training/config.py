@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from cvt_flax.data import default_input_config
 from cvt_flax.errors import ConfigError
-from cvt_flax.models.compute import ATTENTION_IMPLS, DTYPES, DWCONV_IMPLS, REMAT
+from cvt_flax.models.compute import ATTENTION_IMPLS, DTYPES, DWCONV_IMPLS, MLP_IMPLS, REMAT
 from cvt_flax.training.mixup import default_mixup_config
 from cvt_flax.training.optim import default_optimizer_config
 
@@ -26,9 +26,10 @@ def default_config() -> ConfigDict:
   # checkpointed model, so they may change when a run resumes. 'auto' = the fast path for the
   # platform of the mesh's devices.
   c.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 master weights, LayerNorm/softmax float32.
-  # 'softmax' | 'deferred' | 'recompute' | 'blocked' (CPU) | 'xla_fused' | 'cudnn'
+  # 'softmax' | 'deferred' | 'recompute' | 'blocked' (CPU) | 'xla_fused' | 'cudnn' | 'flash' (TPU)
   c.attention_impl = 'auto'
   c.dwconv_impl = 'auto'  # 'xla' | 'shifts' (CPU)
+  c.mlp_impl = 'auto'  # 'xla' | 'fused' (TPU)
   # Recompute activations in the backward pass: 'none', 'block' (keep only each block's input) or
   # a jax.checkpoint_policies name per block ('dots_saveable', ...). For W24 or large batches.
   c.remat = 'none'
@@ -70,7 +71,8 @@ def validate_config(c: ConfigDict) -> None:
     raise ConfigError(f'config.{field}: {why}')
 
   for field, allowed in (('dtype', DTYPES), ('attention_impl', ATTENTION_IMPLS),
-                         ('dwconv_impl', DWCONV_IMPLS), ('remat', REMAT)):
+                         ('dwconv_impl', DWCONV_IMPLS), ('mlp_impl', MLP_IMPLS),
+                         ('remat', REMAT)):
     if c[field] not in allowed:
       fail(field, f'{c[field]!r} is not one of {allowed}')
   if c.batch_size <= 0:

@@ -109,8 +109,8 @@ def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | N
   model_config = resolve_model_config(config, info.num_classes, base_model_config)
   mesh = sharding.make_mesh(devices)
   compute = make_compute(dtype=config.dtype, dwconv_impl=config.dwconv_impl,
-                         attention_impl=config.attention_impl, remat=config.remat,
-                         platform=mesh.devices.flat[0].platform, mesh=mesh)
+                         attention_impl=config.attention_impl, mlp_impl=config.mlp_impl,
+                         remat=config.remat, platform=mesh.devices.flat[0].platform, mesh=mesh)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   sharding.check_batch_size(eval_batch_size(config), mesh)
   schedule = optim.make_lr_schedule(config.optimizer, batch_size=config.batch_size,

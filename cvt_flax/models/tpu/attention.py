@@ -1,4 +1,4 @@
-"""The TPU backend: flash attention as Pallas (Mosaic) kernels, forward and backward.
+"""Flash attention as Pallas (Mosaic) kernels for TPU, forward and backward.
 
 `flash_attention(q, k, v, scale)` computes `layers.deferred_attention`'s output without the
 (queries, keys) score matrix ever reaching HBM: each kernel holds one block of queries against one
@@ -21,45 +21,27 @@ to these formulas by the tests). `interpret=True` runs the kernels in Pallas's T
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from cvt_flax.models.tpu.blocks import (F32, NN, NT, TN, call, dot, nbytes, rows_valid,
+                                        zero_outside)
+
 BLOCK_Q = 128
 BLOCK_K = 128
 _MASKED = -1e30  # the score of a key past the end: exp underflows to 0, and no inf - inf = nan
-_F32 = jnp.float32
-# dot_general contractions of two 2-D blocks: a @ b.T, a.T @ b, a @ b
-_NT, _TN, _NN = ((1,), (1,)), ((0,), (0,)), ((1,), (0,))
-
-
-def _dot(a, b, contract):
-  return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32)
-
-
-def _rows_valid(rows: int, start, count: int):
-  """Of a (rows, n) block starting at row `start`, which rows lie before `count`: (rows, 1)."""
-  return start + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < count
 
 
 def _cols_valid(start, count: int):
   return start + jax.lax.broadcasted_iota(jnp.int32, (1, BLOCK_Q), 1) < count
 
 
-def _zero_outside(x, valid):
-  return jnp.where(valid, x, jnp.zeros_like(x))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Costs: what each kernel computes and moves, from its operands' shapes: (bh, nq, d) queries,
 # (bh, nk, d) keys. Blocks that run past the end of an axis count whole, as the grid moves them.
-
-def _nbytes(*arrays) -> int:
-  return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
-
 
 def _blocks(q, k):
   return pl.cdiv(q.shape[1], BLOCK_Q), pl.cdiv(k.shape[1], BLOCK_K)
@@ -75,15 +57,15 @@ def forward_cost(q, k, v, out, lse) -> pl.CostEstimate:
   """Two matmuls per block pair; k and v are read once per block of queries."""
   d = q.shape[2]
   return pl.CostEstimate(flops=4 * _pairs(q, k) * d, transcendentals=_pairs(q, k),
-                         bytes_accessed=_nbytes(q, out, lse) + _blocks(q, k)[0] * _nbytes(k, v))
+                         bytes_accessed=nbytes(q, out, lse) + _blocks(q, k)[0] * nbytes(k, v))
 
 
 def dq_cost(q, k, v, grad, lse, delta, dq) -> pl.CostEstimate:
   """Three matmuls per block pair (scores, v grad^T, ds^T k); k and v read per block of queries."""
   d = q.shape[2]
   return pl.CostEstimate(flops=6 * _pairs(q, k) * d, transcendentals=_pairs(q, k),
-                         bytes_accessed=_nbytes(q, grad, lse, delta, dq)
-                         + _blocks(q, k)[0] * _nbytes(k, v))
+                         bytes_accessed=nbytes(q, grad, lse, delta, dq)
+                         + _blocks(q, k)[0] * nbytes(k, v))
 
 
 def dkv_cost(q, k, v, grad, lse, delta, dk, dv) -> pl.CostEstimate:
@@ -91,8 +73,8 @@ def dkv_cost(q, k, v, grad, lse, delta, dk, dv) -> pl.CostEstimate:
   once per block of keys."""
   d = q.shape[2]
   return pl.CostEstimate(flops=8 * _pairs(q, k) * d, transcendentals=_pairs(q, k),
-                         bytes_accessed=_nbytes(k, v, dk, dv)
-                         + _blocks(q, k)[1] * _nbytes(q, grad, lse, delta))
+                         bytes_accessed=nbytes(k, v, dk, dv)
+                         + _blocks(q, k)[1] * nbytes(q, grad, lse, delta))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,8 +85,8 @@ def dkv_cost(q, k, v, grad, lse, delta, dk, dv) -> pl.CostEstimate:
 
 def _scores_t(q, k, scale, key_start, num_keys):
   """k q^T * scale for one block pair (float32, (keys, queries)), keys past the end masked."""
-  scores = _dot(k, q, _NT) * scale
-  return jnp.where(_rows_valid(BLOCK_K, key_start, num_keys), scores, _MASKED)
+  scores = dot(k, q, NT) * scale
+  return jnp.where(rows_valid(BLOCK_K, key_start, num_keys), scores, _MASKED)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref, *, scale,
@@ -113,20 +95,20 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref
 
   @pl.when(key_block == 0)
   def _():
-    m_ref[...] = jnp.full(m_ref.shape, _MASKED, _F32)
-    l_ref[...] = jnp.zeros(l_ref.shape, _F32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+    m_ref[...] = jnp.full(m_ref.shape, _MASKED, F32)
+    l_ref[...] = jnp.zeros(l_ref.shape, F32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
   key_start = key_block * BLOCK_K
-  valid = _rows_valid(BLOCK_K, key_start, num_keys)
-  k, v = _zero_outside(k_ref[...], valid), _zero_outside(v_ref[...], valid)
+  valid = rows_valid(BLOCK_K, key_start, num_keys)
+  k, v = zero_outside(k_ref[...], valid), zero_outside(v_ref[...], valid)
   scores = _scores_t(q_ref[...], k, scale, key_start, num_keys)
   m_prev = m_ref[...]
   m_new = jnp.maximum(m_prev, scores.max(axis=0, keepdims=True))
   probs = jnp.exp(scores - m_new)
   alpha = jnp.exp(m_prev - m_new)
   l_ref[...] = alpha * l_ref[...] + probs.sum(axis=0, keepdims=True)
-  acc_ref[...] = alpha * acc_ref[...] + _dot(v, probs.astype(v.dtype), _TN)  # (d, queries)
+  acc_ref[...] = alpha * acc_ref[...] + dot(v, probs.astype(v.dtype), TN)  # (d, queries)
   m_ref[...] = m_new
 
   @pl.when(key_block == pl.num_programs(2) - 1)
@@ -138,7 +120,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, m_ref, l_ref, acc_ref
 def _probs_and_ds_t(q, k, v, grad, lse, delta, scale, key_start, num_keys):
   """The recomputed probabilities and the scores' gradient of one block pair, (keys, queries)."""
   probs = jnp.exp(_scores_t(q, k, scale, key_start, num_keys) - lse)
-  d_probs = _dot(v, grad, _NT)
+  d_probs = dot(v, grad, NT)
   return probs, probs * (d_probs - delta) * scale
 
 
@@ -148,14 +130,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref, dq_ref, acc_re
 
   @pl.when(key_block == 0)
   def _():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, _F32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, F32)
 
   key_start = key_block * BLOCK_K
-  valid = _rows_valid(BLOCK_K, key_start, num_keys)
-  k, v = _zero_outside(k_ref[...], valid), _zero_outside(v_ref[...], valid)
+  valid = rows_valid(BLOCK_K, key_start, num_keys)
+  k, v = zero_outside(k_ref[...], valid), zero_outside(v_ref[...], valid)
   _, ds = _probs_and_ds_t(q_ref[...], k, v, grad_ref[...], lse_ref[...], delta_ref[...], scale,
                           key_start, num_keys)
-  acc_ref[...] += _dot(ds.astype(k.dtype), k, _TN)
+  acc_ref[...] += dot(ds.astype(k.dtype), k, TN)
 
   @pl.when(key_block == pl.num_programs(2) - 1)
   def _():
@@ -168,19 +150,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref, dk_ref, dv_re
 
   @pl.when(query_block == 0)
   def _():
-    dk_acc[...] = jnp.zeros(dk_acc.shape, _F32)
-    dv_acc[...] = jnp.zeros(dv_acc.shape, _F32)
+    dk_acc[...] = jnp.zeros(dk_acc.shape, F32)
+    dv_acc[...] = jnp.zeros(dv_acc.shape, F32)
 
   # Queries past the end (the last block's padding) contribute nothing: zero all they bring.
   query_start = query_block * BLOCK_Q
-  rows, cols = (_rows_valid(BLOCK_Q, query_start, num_queries),
+  rows, cols = (rows_valid(BLOCK_Q, query_start, num_queries),
                 _cols_valid(query_start, num_queries))
-  q, grad = _zero_outside(q_ref[...], rows), _zero_outside(grad_ref[...], rows)
-  lse, delta = _zero_outside(lse_ref[...], cols), _zero_outside(delta_ref[...], cols)
+  q, grad = zero_outside(q_ref[...], rows), zero_outside(grad_ref[...], rows)
+  lse, delta = zero_outside(lse_ref[...], cols), zero_outside(delta_ref[...], cols)
   probs, ds = _probs_and_ds_t(q, k_ref[...], v_ref[...], grad, lse, delta, scale,
                               key_block * BLOCK_K, num_keys)
-  dv_acc[...] += _dot(probs.astype(grad.dtype), grad, _NN)
-  dk_acc[...] += _dot(ds.astype(q.dtype), q, _NN)
+  dv_acc[...] += dot(probs.astype(grad.dtype), grad, NN)
+  dk_acc[...] += dot(ds.astype(q.dtype), q, NN)
 
   @pl.when(query_block == pl.num_programs(2) - 1)
   def _():
@@ -191,22 +173,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, grad_ref, lse_ref, delta_ref, dk_ref, dv_re
 # ----------------------------------------------------------------------------------------------------
 # The calls, on (batch * heads, tokens, head dim) arrays; lse and delta are (batch * heads, 1, nq).
 
-def _compiler_params():
-  return pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel', 'arbitrary'))
-
-
-def _interpret(interpret: bool):
-  """Pallas's TPU interpreter (runs on any backend), or the Mosaic compiler."""
-  return pltpu.InterpretParams() if interpret else False
+_SEMANTICS = ('parallel', 'parallel', 'arbitrary')  # the inner axis accumulates
 
 
 def _call(kernel, grid, in_specs, out_specs, scratch, out_shape, cost, interpret, *args):
-  return pl.pallas_call(
-      kernel, grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=0, grid=grid, in_specs=in_specs, out_specs=out_specs,
-          scratch_shapes=scratch),
-      out_shape=out_shape, compiler_params=_compiler_params(), interpret=_interpret(interpret),
-      cost_estimate=cost)(*args)
+  return call(kernel, grid, _SEMANTICS, in_specs, out_specs, scratch, out_shape, cost, interpret,
+              *args)
 
 
 def _specs(d, keys_inner: bool):
@@ -228,11 +200,11 @@ def _forward(q, k, v, scale, interpret):
   bh, nq, d = q.shape
   q_blocks, k_blocks = _blocks(q, k)
   specs = _specs(d, keys_inner=True)
-  out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bh, 1, nq), _F32))
+  out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bh, 1, nq), F32))
   return _call(functools.partial(_forward_kernel, scale=scale, num_keys=k.shape[1]),
                (bh, q_blocks, k_blocks), specs[:3], [specs[0], specs[4]],
-               [pltpu.VMEM((1, BLOCK_Q), _F32), pltpu.VMEM((1, BLOCK_Q), _F32),
-                pltpu.VMEM((d, BLOCK_Q), _F32)],
+               [pltpu.VMEM((1, BLOCK_Q), F32), pltpu.VMEM((1, BLOCK_Q), F32),
+                pltpu.VMEM((d, BLOCK_Q), F32)],
                out_shape, forward_cost(q, k, v, *out_shape), interpret, q, k, v)
 
 
@@ -242,7 +214,7 @@ def _dq(q, k, v, grad, lse, delta, scale, interpret):
   specs = _specs(d, keys_inner=True)
   dq = jax.ShapeDtypeStruct(q.shape, q.dtype)
   return _call(functools.partial(_dq_kernel, scale=scale, num_keys=k.shape[1]),
-               (bh, q_blocks, k_blocks), specs, specs[0], [pltpu.VMEM((BLOCK_Q, d), _F32)], dq,
+               (bh, q_blocks, k_blocks), specs, specs[0], [pltpu.VMEM((BLOCK_Q, d), F32)], dq,
                dq_cost(q, k, v, grad, lse, delta, dq), interpret, q, k, v, grad, lse, delta)
 
 
@@ -253,7 +225,7 @@ def _dkv(q, k, v, grad, lse, delta, scale, interpret):
   dk, dv = jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)
   kernel = functools.partial(_dkv_kernel, scale=scale, num_keys=k.shape[1], num_queries=nq)
   return _call(kernel, (bh, k_blocks, q_blocks), specs, [specs[1], specs[2]],
-               [pltpu.VMEM((BLOCK_K, d), _F32), pltpu.VMEM((BLOCK_K, d), _F32)], (dk, dv),
+               [pltpu.VMEM((BLOCK_K, d), F32), pltpu.VMEM((BLOCK_K, d), F32)], (dk, dv),
                dkv_cost(q, k, v, grad, lse, delta, dk, dv), interpret,
                q, k, v, grad, lse, delta)
 
@@ -282,7 +254,7 @@ def _flash_backward(scale, interpret, residuals, grad):
   q, k, v, out, lse = residuals
   shape, grad = grad.shape, _merge_heads(grad)
   # Each query's grad . out, the softmax's correction (float32; one fused pass).
-  delta = jnp.sum(grad.astype(_F32) * out.astype(_F32), axis=-1)[:, None, :]
+  delta = jnp.sum(grad.astype(F32) * out.astype(F32), axis=-1)[:, None, :]
   dq = _dq(q, k, v, grad, lse, delta, scale, interpret)
   dk, dv = _dkv(q, k, v, grad, lse, delta, scale, interpret)
   b, h = shape[:2]
