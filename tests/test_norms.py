@@ -1,6 +1,6 @@
-"""LayerNorm with its closed-form gradient (`cvt_flax.models.norms.layer_norm`) against the exact
-answer, with autodiff of the textbook formula (`nnx.LayerNorm`, torch's two-pass variance) as the
-float32 noise floor."""
+"""LayerNorm and BatchNorm with their closed-form gradients (`cvt_flax.models.norms`) against the
+exact answer, with autodiff of the textbook formulas (torch's two-pass variance) as the float32
+noise floor."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,3 +64,48 @@ def test_layer_norm_computes_in_float32_and_returns_the_compute_dtype():
   assert np.abs(np.asarray(y, np.float64) - want).max() <= 2 ** -7 * np.abs(want).max()
   dx = jax.grad(lambda x: jnp.sum(layer(x).astype(jnp.float32)))(x)
   assert dx.dtype == jnp.bfloat16
+
+
+def _exact_batch_norm(x, scale, bias, grads, epsilon=1e-5):
+  """Training-mode BatchNorm's outputs (y, mean, biased var) and the input, scale and bias
+  gradients for cotangents `grads` of all three, in float64 (NumPy)."""
+  x, scale = np.float64(x), np.float64(scale)
+  grad_y, grad_mean, grad_var = (np.float64(g) for g in grads)
+  axes, count = tuple(range(x.ndim - 1)), np.prod(x.shape[:-1])
+  mean = x.mean(axes)
+  centred = x - mean
+  var = (centred ** 2).mean(axes)
+  rstd = 1 / np.sqrt(var + epsilon)
+  normalised = centred * rstd
+  d_normalised = grad_y * scale
+  dx = (rstd * (d_normalised - d_normalised.mean(axes) - normalised * (
+      d_normalised * normalised).mean(axes)) + grad_mean / count + grad_var * 2 * centred / count)
+  return ((normalised * scale + np.float64(bias), mean, var),
+          (dx, (grad_y * normalised).sum(axes), grad_y.sum(axes)))
+
+
+@pytest.mark.parametrize('mean', [0.0, 1e3])
+def test_batch_norm_and_its_gradients_are_exact_to_float32_rounding(mean):
+  rng = np.random.default_rng(1)
+  x = rng.normal(mean, 1.0, (4, 28, 28, 64)).astype(np.float32)  # a stage-1 key projection
+  scale, bias = (rng.normal(offset, 0.1, 64).astype(np.float32) for offset in (1.0, 0.0))
+  # Cotangents for the mean and variance too: the closed form must be right for all three outputs.
+  grads = (rng.normal(size=x.shape).astype(np.float32), rng.normal(size=64).astype(np.float32),
+           rng.normal(size=64).astype(np.float32))
+  want_outs, want_grads = _exact_batch_norm(x, scale, bias, grads)
+
+  def textbook(x, scale, bias):
+    axes = (0, 1, 2)
+    m = jnp.mean(x, axes)
+    v = jnp.mean(jnp.square(x - m), axes)
+    return (x - m) * jax.lax.rsqrt(v + 1e-5) * scale + bias, m, v
+
+  def errors(fn):
+    outs, vjp = jax.vjp(fn, x, scale, bias)
+    return [np.abs(np.asarray(got, np.float64) - want).max()
+            for got, want in zip((*outs, *vjp(grads)), (*want_outs, *want_grads))]
+
+  ours = errors(lambda *a: norms.batch_norm(*a, 1e-5, jnp.float32))
+  floor = errors(textbook)  # autodiff of the two-pass formula: the float32 noise floor
+  for what, error, noise in zip(('y', 'mean', 'var', 'dx', 'dscale', 'dbias'), ours, floor):
+    assert error <= 2 * noise + 1e-12, what

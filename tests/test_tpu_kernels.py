@@ -1,6 +1,7 @@
 """The TPU backend's flash attention (`cvt_flax/models/tpu/attention.py`), checked without a TPU: its
 numerics in Pallas's TPU interpreter on this CPU, its declared costs against the formulas, and
-its Mosaic compile for a TPU (libtpu, deviceless), where XLA must count the kernels."""
+its Mosaic compile for a TPU (libtpu, deviceless), where XLA must count the kernels; and the model
+with both TPU kernels (this and `tests/test_tpu_mlp.py`'s) against its XLA path."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,20 +104,22 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(tpu_device
   assert sum(row[1] for row in kernels) == 3 and all(row[3] > 0 for row in kernels)  # fwd, dq, dkv
 
 
-def test_model_with_flash_attention_matches_the_xla_path_in_the_interpreter(monkeypatch):
-  # 64 px: the first stage attends to 256 keys (the kernels), the second to 65 ('recompute').
+def test_model_on_the_tpu_kernels_matches_the_xla_path_in_the_interpreter(monkeypatch):
+  # 64 px: the first stage attends to 256 keys (the flash kernels), the second to 65
+  # ('recompute'); every block's second half runs in the fused kernel.
   images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
   model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
   model.eval()
   want = np.asarray(model(images))
-  compiled, calls = tpu.flash_attention, []
-
-  def interpreted(q, k, v, scale):
-    calls.append(k.shape[2])
-    return compiled(q, k, v, scale, True)
-  monkeypatch.setattr(tpu, 'flash_attention', interpreted)
-  got = np.asarray(with_compute(model, attention_impl='flash')(images))
-  assert calls == [256]
+  calls = {'flash_attention': [], 'fused_mlp_block': []}
+  for name, kernel in ((name, getattr(tpu, name)) for name in calls):
+    def interpreted(*args, name=name, kernel=kernel):
+      calls[name].append([a.shape for a in args[:2]])
+      return kernel(*args, interpret=True)
+    monkeypatch.setattr(tpu, name, interpreted)
+  got = np.asarray(with_compute(model, attention_impl='flash', mlp_impl='fused')(images))
+  assert [k[2] for _, k in calls['flash_attention']] == [256]  # keys
+  assert len(calls['fused_mlp_block']) == sum(len(stage.blocks) for stage in model.stages)
   assert np.abs(got - want).max() <= LOGITS_FP32_PAIR_ATOL
 
 

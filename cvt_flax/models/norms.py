@@ -1,16 +1,22 @@
 """The model's normalisation layers, with PyTorch's semantics: BatchNorm (the convolutional
-projections') and LayerNorm (everything else).
+projections') and LayerNorm (everything else), each a `jax.custom_vjp` with the closed-form
+gradient.
 
-LayerNorm is a `jax.custom_vjp`: it normalises each token over its channels, so its statistics never
-leave the token's row, and its backward pass recomputes them from the saved input in the same
-elementwise pass that computes the input's gradient. Autodiff of the textbook formula instead
-stores float32 intermediates between several passes; on the CvT-13 TPU step the closed form moves
-5.7 GB less per chip (benchmarks/RESULTS.md).
+Autodiff of the textbook formulas derives the backward pass term by term, with float32
+intermediates between its passes. The closed forms keep only the input for the backward pass and
+recompute the statistics from it there:
+- LayerNorm normalises each token over its channels, so its statistics never leave the token's row:
+  the backward pass is one elementwise pass (plus the scale and bias gradients' sums).
+- BatchNorm's backward pass is one reduction pass over the input and the output gradient (the
+  scale and bias gradients are those two sums; on a mesh, one all-reduce for a block's three
+  projections) and one elementwise pass.
+On the CvT-13 TPU step they move 4.1 GB (LayerNorm) and 1.0 GB (BatchNorm) less per chip
+(benchmarks/RESULTS.md).
 
-BatchNorm stays the textbook two-pass formula under autodiff. A one-pass form (a shifted sum and sum
-of squares, as a `jax.custom_vjp` with the closed-form gradient, one collective per norm on a mesh)
-was measured on the same step and moved more bytes, not fewer: XLA already fuses the first pass
-into the convolution that produces the input (benchmarks/RESULTS.md).
+BatchNorm's forward statistics stay the two passes, `mean(x)` then `mean((x - mean)^2)`. A one-pass
+form (a shifted sum and sum of squares, one collective per norm on a mesh) was measured on the same
+step and moved more bytes, not fewer: XLA already fuses the first pass into the convolution that
+produces the input.
 """
 from __future__ import annotations
 
@@ -44,22 +50,57 @@ class BatchNorm(nnx.Module):
     self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
   def __call__(self, x):
-    xf = x.astype(_F32)
+    scale, bias = self.scale.get_value(), self.bias.get_value()
     if self.use_running_average:
       mean, var = self.mean.get_value(), self.var.get_value()
-    else:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      n = math.prod(x.shape[:-1])
-      unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
-      m = self.momentum
-      self.mean.set_value(m * self.mean.get_value() + (1 - m) * jax.lax.stop_gradient(mean))
-      self.var.set_value(m * self.var.get_value() + (1 - m) * unbiased)
-      self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
-    scale, bias = self.scale.get_value(), self.bias.get_value()
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
+      y = (x.astype(_F32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+      return y.astype(self.dtype)
+    y, mean, var = batch_norm(x, scale, bias, self.epsilon, self.dtype)
+    n = math.prod(x.shape[:-1])
+    unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+    m = self.momentum
+    self.mean.set_value(m * self.mean.get_value() + (1 - m) * jax.lax.stop_gradient(mean))
+    self.var.set_value(m * self.var.get_value() + (1 - m) * unbiased)
+    self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
+    return y
+
+
+def _batch_axes(x):
+  return tuple(range(x.ndim - 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm(x, scale, bias, epsilon: float, dtype):
+  """Training-mode BatchNorm over all axes but the last: (y as `dtype`, the batch mean, the biased
+  batch variance), statistics in float32 (torch's two passes). The gradient, through all three
+  outputs, is the closed form; the backward pass keeps only `x`."""
+  xf = x.astype(_F32)
+  mean = jnp.mean(xf, _batch_axes(x))
+  var = jnp.mean(jnp.square(xf - mean), _batch_axes(x))
+  y = (xf - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+  return y.astype(dtype), mean, var
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, dtype):
+  return batch_norm(x, scale, bias, epsilon, dtype), (x, scale)
+
+
+def _batch_norm_backward(epsilon, dtype, residuals, grads):
+  x, scale = residuals
+  grad_y, grad_mean, grad_var = (g.astype(_F32) for g in grads)
+  axes, count = _batch_axes(x), math.prod(x.shape[:-1])
+  xf = x.astype(_F32)
+  mean = jnp.mean(xf, axes)
+  centred = xf - mean
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axes) + epsilon)
+  grad_bias = jnp.sum(grad_y, axes)
+  grad_scale = jnp.sum(grad_y * centred, axes) * rstd
+  grad_x = ((grad_y - grad_bias / count - centred * (rstd * grad_scale / count)) * (rstd * scale)
+            + grad_mean / count + centred * (2.0 * grad_var / count))
+  return grad_x.astype(x.dtype), grad_scale, grad_bias
+
+
+batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
