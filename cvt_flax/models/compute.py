@@ -138,8 +138,8 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
   if impl == 'blocked':
     return cpu.attention(q, k, v, scale)
   if impl == 'flash' and k.shape[2] >= tpu.BLOCK_K:
-    return _per_batch_shard(compute.mesh, lambda q, k, v: tpu.flash_attention(q, k, v, scale),
-                            q, k, v)
+    return tpu.on_batch_shards(compute.mesh, lambda q, k, v: tpu.flash_attention(q, k, v, scale),
+                               (q, k, v), split_in=3)
   if impl in ('recompute', 'flash'):  # 'flash' on fewer keys than one block: mostly padding
     return layers.recompute_attention(q, k, v, scale)
   if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
@@ -162,16 +162,6 @@ def mlp_residual(compute: Compute, norm, mlp, drop_path, x):
   with jax.named_scope('layer_norm'):
     y = norm(x)
   return x + drop_path(mlp(y))
-
-
-def _per_batch_shard(mesh, fn, *args):
-  """`fn(*args)`, on a mesh as one call per shard of the batch (leading) axis: a Pallas kernel
-  is opaque to XLA's partitioner, which cannot split it by itself."""
-  if mesh is None or mesh.size == 1:
-    return fn(*args)
-  spec = jax.sharding.PartitionSpec(mesh.axis_names)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
-                       check_vma=False)(*args)
 
 
 def _cudnn_supports(q) -> bool:

@@ -8,4 +8,5 @@ TPU interpreter on any backend.
 """
 from cvt_flax.models.tpu.attention import (BLOCK_K, BLOCK_Q, dkv_cost, dq_cost, flash_attention,
                                            forward_cost)
+from cvt_flax.models.tpu.blocks import on_batch_shards
 from cvt_flax.models.tpu.mlp import fused_mlp_block

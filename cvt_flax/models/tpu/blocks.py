@@ -41,3 +41,17 @@ def call(kernel, grid, semantics, in_specs, out_specs, scratch, out_shape, cost,
           scratch_shapes=scratch),
       out_shape=out_shape, compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
       interpret=pltpu.InterpretParams() if interpret else False, cost_estimate=cost)(*args)
+
+
+def on_batch_shards(mesh, fn, args, *, split_in: int, whole_out: int = 0):
+  """`fn(*args)`, on a mesh one call per shard of the batch: XLA's partitioner cannot split a
+  Pallas kernel by itself. The first `split_in` arguments and the (first) output are split along
+  their leading axis; the other arguments, and `whole_out` outputs after the first, are whole on
+  every device. `mesh` None or of one device: a plain call."""
+  if mesh is None or mesh.size == 1:
+    return fn(*args)
+  split, whole = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
+  in_specs = (split,) * split_in + (whole,) * (len(args) - split_in)
+  out_specs = (split,) + (whole,) * whole_out if whole_out else split
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from cvt_flax.models.tpu.blocks import F32, NN, NT, TN, call, dot, nbytes, rows_valid, zero_outside
+from cvt_flax.models.tpu.blocks import (F32, NN, NT, TN, call, dot, nbytes, on_batch_shards,
+                                        rows_valid, zero_outside)
 
 MAX_BLOCK_ROWS = 512
 # What the weights, their float32 gradients and a block's hidden layer may take of VMEM: a v4 core
@@ -187,7 +188,7 @@ def _fused_forward(x, scale, norm_scale, norm_bias, w1, b1, w2, b2, activation, 
                    interpret):
   params = _kernel_params(x.dtype, norm_scale, norm_bias, w1, b1, w2, b2)
   forward = lambda x, scale, *params: _forward(x, scale, params, activation, epsilon, interpret)
-  out = _on_batch_shards(mesh, forward, (x, scale, *params), split_in=2)
+  out = on_batch_shards(mesh, forward, (x, scale, *params), split_in=2)
   return out, (x, scale, norm_scale, norm_bias, w1, b1, w2, b2)
 
 
@@ -201,23 +202,10 @@ def _fused_backward(activation, epsilon, mesh, interpret, residuals, grad):
       param_grads = jax.lax.psum(param_grads, mesh.axis_names)
     return dx, *param_grads
 
-  dx, *param_grads = _on_batch_shards(mesh, backward, (x, grad, scale, *params), split_in=3,
+  dx, *param_grads = on_batch_shards(mesh, backward, (x, grad, scale, *params), split_in=3,
                                       whole_out=len(params))
   return (dx, jnp.zeros_like(scale), *(g[0] if p.ndim == 1 else g
                                         for g, p in zip(param_grads, raw)))
 
 
 fused_mlp_block.defvjp(_fused_forward, _fused_backward)
-
-
-def _on_batch_shards(mesh, fn, args, *, split_in: int, whole_out: int = 0):
-  """`fn(*args)`, on a mesh one call per shard of the batch: the first `split_in` arguments and
-  the (first) output are split along their leading axis; the other arguments, and `whole_out`
-  outputs after the first, are whole on every device."""
-  if mesh is None or mesh.size == 1:
-    return fn(*args)
-  split, whole = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
-  in_specs = (split,) * split_in + (whole,) * (len(args) - split_in)
-  out_specs = (split,) + (whole,) * whole_out if whole_out else split
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)(*args)
