@@ -103,15 +103,26 @@ def _batch_norm_backward(epsilon, dtype, residuals, grads):
 batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
 
 
+def normalise_rows(xf, epsilon: float):
+  """Each row of float32 `xf` (its last axis) centred and scaled to unit variance, torch's two-pass
+  variance: (normalised rows, 1/std per row). LayerNorm's statistics, also in TPU kernels."""
+  centred = xf - jnp.mean(xf, -1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + epsilon)
+  return centred * rstd, rstd
+
+
+def normalise_rows_grad(normalised, rstd, grad_normalised):
+  """The input's gradient of `normalise_rows`, from its outputs and theirs."""
+  return rstd * (grad_normalised - jnp.mean(grad_normalised, -1, keepdims=True)
+                 - normalised * jnp.mean(grad_normalised * normalised, -1, keepdims=True))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(x, scale, bias, epsilon: float, dtype):
   """LayerNorm of `x` over its last axis, statistics in float32 (torch's two-pass variance), the
   result as `dtype`. The backward pass keeps only `x`."""
-  xf = x.astype(_F32)
-  mean = jnp.mean(xf, -1, keepdims=True)
-  centred = xf - mean
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + epsilon)
-  return (centred * rstd * scale + bias).astype(dtype)
+  normalised, _ = normalise_rows(x.astype(_F32), epsilon)
+  return (normalised * scale + bias).astype(dtype)
 
 
 def _layer_norm_forward(x, scale, bias, epsilon, dtype):
@@ -120,16 +131,11 @@ def _layer_norm_forward(x, scale, bias, epsilon, dtype):
 
 def _layer_norm_backward(epsilon, dtype, residuals, grad_y):
   x, scale = residuals
-  xf = x.astype(_F32)
-  centred = xf - jnp.mean(xf, -1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + epsilon)
-  normalised = centred * rstd
+  normalised, rstd = normalise_rows(x.astype(_F32), epsilon)
   grad_y = grad_y.astype(_F32)
   rows = tuple(range(x.ndim - 1))
   grad_scale, grad_bias = jnp.sum(grad_y * normalised, rows), jnp.sum(grad_y, rows)
-  grad_normalised = grad_y * scale
-  grad_x = rstd * (grad_normalised - jnp.mean(grad_normalised, -1, keepdims=True)
-                   - normalised * jnp.mean(grad_normalised * normalised, -1, keepdims=True))
+  grad_x = normalise_rows_grad(normalised, rstd, grad_y * scale)
   return grad_x.astype(x.dtype), grad_scale, grad_bias
 
 

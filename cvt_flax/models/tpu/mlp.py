@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from cvt_flax.models import norms
 from cvt_flax.models.tpu.blocks import (F32, NN, NT, TN, call, dot, nbytes, on_batch_shards,
                                         rows_valid, zero_outside)
 
@@ -77,10 +78,7 @@ def backward_cost(x, grad, scale, norm_scale, norm_bias, w1, b1, w2, *grads) -> 
 
 def _normalise(x, norm_scale, norm_bias, epsilon):
   """LayerNorm of a block's rows: (normalised, 1/std per row, the output in x's dtype)."""
-  xf = x.astype(F32)
-  centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
-  normalised = centred * rstd
+  normalised, rstd = norms.normalise_rows(x.astype(F32), epsilon)
   return normalised, rstd, (normalised * norm_scale + norm_bias).astype(x.dtype)
 
 
@@ -122,9 +120,7 @@ def _backward_kernel(scale_ref, x_ref, grad_ref, norm_scale_ref, norm_bias_ref, 
   d_normed = dot(d_pre, w1_ref[...], NT)
   d_norm_scale_ref[...] += jnp.sum(d_normed * normalised, axis=0, keepdims=True)
   d_norm_bias_ref[...] += jnp.sum(d_normed, axis=0, keepdims=True)
-  d_normalised = d_normed * norm_scale
-  d_x = rstd * (d_normalised - jnp.mean(d_normalised, axis=-1, keepdims=True)
-                - normalised * jnp.mean(d_normalised * normalised, axis=-1, keepdims=True))
+  d_x = norms.normalise_rows_grad(normalised, rstd, d_normed * norm_scale)
   dx_ref[...] = (grad.astype(F32) + d_x).astype(dx_ref.dtype)
 
 
