@@ -106,20 +106,23 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(tpu_device
 
 def test_model_on_the_tpu_kernels_matches_the_xla_path_in_the_interpreter(monkeypatch):
   # 64 px: the first stage attends to 256 keys (the flash kernels), the second to 65
-  # ('recompute'); every block's second half runs in the fused kernel.
+  # ('recompute'); every block's second half and the second stage's convolutions run in the kernels.
   images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
   model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
   model.eval()
   want = np.asarray(model(images))
-  calls = {'flash_attention': [], 'fused_mlp_block': []}
+  calls = {'flash_attention': [], 'fused_mlp_block': [], 'depthwise_convs': []}
   for name, kernel in ((name, getattr(tpu, name)) for name in calls):
     def interpreted(*args, name=name, kernel=kernel):
       calls[name].append([a.shape for a in args[:2]])
       return kernel(*args, interpret=True)
     monkeypatch.setattr(tpu, name, interpreted)
-  got = np.asarray(with_compute(model, attention_impl='flash', mlp_impl='fused')(images))
+  got = np.asarray(with_compute(model, attention_impl='flash', mlp_impl='fused',
+                                dwconv_impl='fused')(images))
   assert [k[2] for _, k in calls['flash_attention']] == [256]  # keys
   assert len(calls['fused_mlp_block']) == sum(len(stage.blocks) for stage in model.stages)
+  # The second stage's 16 x 16 map; the first stage's 32 x 32 exceeds the VMEM budget.
+  assert [shapes[0] for shapes in calls['depthwise_convs']] == [(2, 16, 16, 32)]
   assert np.abs(got - want).max() <= LOGITS_FP32_PAIR_ATOL
 
 

@@ -8,7 +8,10 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
 
   dtype           'float32' | 'bfloat16' compute; parameters stay float32, LayerNorm, BatchNorm
                   statistics and softmax run in float32 either way.
-  dwconv_impl     'xla' (one grouped conv) | 'shifts' (CPU: shifted multiply-adds)
+  dwconv_impl     'xla' (one grouped conv) | 'shifts' (CPU: shifted multiply-adds) | 'fused'
+                  (TPU: the three `dw_bn` projections' convolutions of a block in Pallas kernels
+                  that read the token map once, `cvt_flax.models.tpu.dwconv`, for 3x3 kernels
+                  with padding 1 whose image fits in VMEM; others take 'xla')
   attention_impl  'softmax' (official order) | 'deferred' (normalise after the product with v) |
                   'recompute' ('deferred' whose backward pass recomputes the probabilities) |
                   'blocked' (CPU: 'deferred' in cache-sized blocks) | 'xla_fused' / 'cudnn'
@@ -40,9 +43,11 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
 The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
 (`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
 (which moves fewer bytes than 'deferred'), the 'fused' MLP than 'xla', and 'shifts' moves more
-than one grouped conv. On a mesh the kernels need the `mesh` setting (the trainer and `evaluate`
-set it): XLA cannot split a Pallas kernel over devices by itself, and without it the compile fails
-on a sharded batch.
+than one grouped conv. The 'fused' convolutions are not TPU's 'auto': their kernels move a third
+of the bytes XLA's convolutions do, but the step as a whole moved more, since XLA then transposes
+the BatchNorm gradients into the kernels' layout. On a mesh the kernels need the `mesh` setting
+(the trainer and `evaluate` set it): XLA cannot split a Pallas kernel over devices by itself, and
+without it the compile fails on a sharded batch.
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ from flax import nnx
 from cvt_flax.models import cpu, layers, tpu
 
 DTYPES = ('float32', 'bfloat16')
-DWCONV_IMPLS = ('auto', 'xla', 'shifts')
+DWCONV_IMPLS = ('auto', 'xla', 'shifts', 'fused')
 ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'recompute', 'blocked', 'xla_fused', 'cudnn',
                    'flash')
 MLP_IMPLS = ('auto', 'xla', 'fused')
@@ -124,6 +129,25 @@ def depthwise_conv(compute: Compute, x, kernel, stride: int, padding: int):
   if compute.dwconv_impl == 'shifts':
     return cpu.depthwise_conv_shifts(x, kernel, stride, padding)
   return layers.depthwise_conv_xla(x, kernel, stride, padding)
+
+
+def conv_projections(compute: Compute, projections, fmap):
+  """The `dw_bn` projections (each a `ConvProjection`: depthwise conv, then BatchNorm) of the NHWC
+  token map `fmap`, one output per projection."""
+  convs = [p.conv for p in projections]
+  size = convs[0].kernel.shape[0]
+  strides = tuple(c.stride for c in convs)
+  per_device = fmap.shape[0] // (compute.mesh.size if compute.mesh is not None else 1)
+  if (compute.dwconv_impl == 'fused' and tpu.dwconv.fits(per_device, *fmap.shape[1:])
+      and tpu.dwconv.supported(size, strides, [c.padding for c in convs])):
+    dtype = compute.jnp_dtype
+    # The kernels as XLA's convolution takes them (rounded to the compute dtype), taps in rows.
+    weights = jax.numpy.stack([c.kernel.get_value().astype(dtype).astype(jax.numpy.float32)
+                               .reshape(size * size, -1) for c in convs])
+    with jax.named_scope('conv_proj'):
+      outs = tpu.depthwise_convs(fmap.astype(dtype), weights, strides, compute.mesh)
+      return [p.bn(out) for p, out in zip(projections, outs)]
+  return [p(fmap) for p in projections]
 
 
 def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):

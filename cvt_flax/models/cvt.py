@@ -99,7 +99,8 @@ class Attention(nnx.Module):
     b, _, c = x.shape
     fmap = x.reshape(b, h, w, c)
     if self.method == 'dw_bn':
-      q, k, v = self.conv_proj_q(fmap), self.conv_proj_k(fmap), self.conv_proj_v(fmap)
+      q, k, v = compute_lib.conv_projections(
+          self.compute, (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v), fmap)
     else:  # avg
       q = fmap
       k = v = layers.avg_pool_ceil(fmap, self.kernel_size, self.stride_kv, self.padding_kv)
