@@ -100,6 +100,25 @@ def assert_same_weights(a, b):
     assert wa[key].dtype == wb[key].dtype and np.array_equal(wa[key], wb[key]), key
 
 
+def assert_same_gradients(want, got, relative=1e-5):
+  """Two gradient states (`nnx.grad`'s) agree leaf by leaf, each within `relative` of the largest
+  gradient of all: float32 reordering between two ways of computing one model."""
+  pairs = [(path, np.asarray(w.get_value()), np.asarray(g.get_value()))
+           for (path, w), (_, g) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got))]
+  largest = max(np.abs(w).max() for _, w, _ in pairs)
+  for path, w, g in pairs:
+    assert np.abs(g - w).max() <= relative * largest, path
+
+
+def on_one_and_four_cpu_devices(code: str):
+  """Runs `code`, which prints 'RESULT' and JSON of {'one': ..., 'four': ...}, in a process with
+  four CPU devices; returns the two."""
+  stdout = run_python(code, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+                                 'JAX_PLATFORMS': 'cpu'})
+  out = json.loads(stdout.split('RESULT', 1)[1])
+  return out['one'], out['four']
+
+
 def perturb_(model, seed):
   """Moves every tensor of a torch model away from its init, so that a wrong mapping shows."""
   import torch  # pylint: disable=g-import-not-at-top

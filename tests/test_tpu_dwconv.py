@@ -2,7 +2,6 @@
 (`cvt_flax/models/tpu/dwconv.py`), checked without a TPU: their numerics in Pallas's TPU
 interpreter on this CPU (one device and a batch split over four, and in a training model), their
 declared costs against the formulas, and their Mosaic compile for a TPU (libtpu, deviceless)."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, tpu, with_compute
 from cvt_flax.models.tpu import dwconv
 from cvt_flax.runtime import compiler
-from helpers import run_python
+from helpers import assert_same_gradients, on_one_and_four_cpu_devices
 
 STRIDES = (1, 2, 2)  # q, k, v in every CvT variant
 
@@ -151,10 +150,8 @@ print('RESULT' + json.dumps({'one': run(None), 'four': run(jax.make_mesh((4,), (
 
 
 def test_on_four_devices_the_weight_gradients_are_summed_over_the_batch():
-  stdout = run_python(_FOUR_DEVICES, env={
-      'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'})
-  out = json.loads(stdout.split('RESULT', 1)[1])
-  for what, one, four in zip(WHAT, out['one'], out['four']):
+  one_device, four_devices = on_one_and_four_cpu_devices(_FOUR_DEVICES)
+  for what, one, four in zip(WHAT, one_device, four_devices):
     # Float32 reordering of the sum over images only; a missing sum would leave a quarter.
     np.testing.assert_allclose(four, one, rtol=1e-6, atol=1e-6, err_msg=what)
 
@@ -176,9 +173,4 @@ def test_a_training_model_on_the_kernels_takes_the_same_steps(monkeypatch):
   got_loss, got = nnx.value_and_grad(loss)(fused, images)
   assert calls == [(3, 18, 14, 16), (3, 9, 7, 32)]  # 36x28 px, patches of stride 2, then 2
   assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
-  pairs = [(path, np.asarray(w.get_value()), np.asarray(g.get_value()))
-           for (path, w), (_, g) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got))]
-  largest = max(np.abs(w).max() for _, w, _ in pairs)
-  for path, w, g in pairs:
-    # float32 reordering, as for the block kernel (<= 1e-5 of the largest gradient).
-    assert np.abs(g - w).max() <= 1e-5 * largest, path
+  assert_same_gradients(want, got)  # float32 reordering, as for the block kernel

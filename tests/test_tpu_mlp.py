@@ -2,7 +2,6 @@
 (`cvt_flax/models/tpu/mlp.py`), checked without a TPU: its numerics in Pallas's TPU interpreter on
 this CPU (one device and a batch split over four), its declared costs against the formulas, and its
 Mosaic compile for a TPU (libtpu, deviceless)."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, norms, tpu, with_compute
 from cvt_flax.models.tpu import mlp
 from cvt_flax.runtime import compiler
-from helpers import run_python
+from helpers import assert_same_gradients, on_one_and_four_cpu_devices
 
 ACTIVATIONS = {'quick_gelu': layers.quick_gelu, 'gelu': layers.exact_gelu}
 
@@ -182,12 +181,7 @@ def test_training_with_stochastic_depth_takes_the_same_steps_on_the_kernel(monke
   got_loss, got = nnx.value_and_grad(loss)(fused, images)
   assert any(float(jnp.min(scale)) == 0 for scale in scales)  # an image was dropped
   assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
-  pairs = [(path, np.asarray(w.get_value()), np.asarray(g.get_value()))
-           for (path, w), (_, g) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got))]
-  largest = max(np.abs(w).max() for _, w, _ in pairs)
-  for path, w, g in pairs:
-    # float32 reordering: measured <= 2e-7 of the largest gradient on this CPU.
-    assert np.abs(g - w).max() <= 1e-5 * largest, path
+  assert_same_gradients(want, got)  # float32 reordering: measured <= 2e-7 of the largest
 
 
 _FOUR_DEVICES = r'''
@@ -207,10 +201,8 @@ print('RESULT' + json.dumps({'one': run(None), 'four': run(jax.make_mesh((4,), (
 
 
 def test_on_four_devices_the_parameter_gradients_are_summed_over_the_batch():
-  stdout = run_python(_FOUR_DEVICES, env={
-      'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'})
-  out = json.loads(stdout.split('RESULT', 1)[1])
-  for what, one, four in zip(('out',) + GRADS, out['one'], out['four']):
+  one_device, four_devices = on_one_and_four_cpu_devices(_FOUR_DEVICES)
+  for what, one, four in zip(('out',) + GRADS, one_device, four_devices):
     # Each device sums a quarter of the batch, then the four are added: float32 reordering only
     # (measured: bitwise equal on this CPU). A missing sum would leave a quarter of each.
     np.testing.assert_allclose(four, one, rtol=1e-6, atol=1e-6, err_msg=what)
