@@ -72,7 +72,7 @@ def test_tiny_model_fits_v5e_and_report_says_so(compiled):
   for result in compiled.values():
     assert report.fits(result)
     assert result.per_chip_batch == 16
-    assert result.run.compute.platform == 'tpu' and result.run.compute.dwconv_impl == 'xla'
+    assert result.run.compute.platform == 'tpu' and result.run.compute.dwconv_impl == 'fused'
     text = report.to_text(result)
     assert 'fits: yes' in text and 'v5e:2x2' in text
     assert 0 < result.train.hbm_bytes < result.slice.chip.hbm_bytes

@@ -144,7 +144,7 @@ def test_compute_settings_are_not_architecture():
 
 @pytest.mark.parametrize('platform,dwconv,attention,mlp,barrier,per_token', [
     ('cpu', 'shifts', 'blocked', 'xla', True, True), ('gpu', 'xla', 'deferred', 'xla', False, False),
-    ('tpu', 'xla', 'flash', 'fused', False, False)])
+    ('tpu', 'fused', 'flash', 'fused', False, False)])
 def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, mlp, barrier, per_token):
   resolved = Compute(platform=platform).resolved()
   assert (resolved.dwconv_impl, resolved.attention_impl, resolved.mlp_impl,

@@ -97,8 +97,8 @@ def test_in_bfloat16_the_convolutions_are_as_close_to_exact_as_xla():
 @pytest.mark.parametrize('shape', [(256, 56, 56, 64), (256, 28, 28, 192), (256, 14, 14, 384)])
 def test_each_kernel_declares_its_arithmetic_and_at_least_the_bytes_it_reads_and_writes(shape):
   b, h, width, c = shape
-  x = jax.ShapeDtypeStruct((h, width, c, b), jnp.bfloat16)  # the kernels' layout
-  w = jax.ShapeDtypeStruct((3, 9, c, 1), jnp.float32)
+  x = jax.ShapeDtypeStruct((h, width, b, c), jnp.bfloat16)  # the kernels' layout
+  w = jax.ShapeDtypeStruct((3, 9, 1, c), jnp.float32)
   outs = dwconv._out_shapes(x, STRIDES)
   forward = dwconv.forward_cost(x, w, outs)
   backward = dwconv.backward_cost(x, w, outs, x, w)

@@ -11,7 +11,8 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
   dwconv_impl     'xla' (one grouped conv) | 'shifts' (CPU: shifted multiply-adds) | 'fused'
                   (TPU: the three `dw_bn` projections' convolutions of a block in Pallas kernels
                   that read the token map once, `cvt_flax.models.tpu.dwconv`, for 3x3 kernels
-                  with padding 1 whose image fits in VMEM; others take 'xla')
+                  with padding 1 on maps that fit in VMEM, at 224 px the last stage's; others
+                  take 'xla')
   attention_impl  'softmax' (official order) | 'deferred' (normalise after the product with v) |
                   'recompute' ('deferred' whose backward pass recomputes the probabilities) |
                   'blocked' (CPU: 'deferred' in cache-sized blocks) | 'xla_fused' / 'cudnn'
@@ -38,14 +39,12 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
 
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
-'cudnn' for bf16/fp16 ('deferred' for float32); TPU 'xla' + 'flash' + the 'fused' MLP; others
-'xla' + 'deferred'.
+'cudnn' for bf16/fp16 ('deferred' for float32); TPU the 'fused' convolutions + 'flash' + the
+'fused' MLP; others 'xla' + 'deferred'.
 The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
 (`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
 (which moves fewer bytes than 'deferred'), the 'fused' MLP than 'xla', and 'shifts' moves more
-than one grouped conv. The 'fused' convolutions are not TPU's 'auto': their kernels move a third
-of the bytes XLA's convolutions do, but the step as a whole moved more, since XLA then transposes
-the BatchNorm gradients into the kernels' layout. On a mesh the kernels need the `mesh` setting
+than one grouped conv; the 'fused' convolutions move fewer than 'xla'. On a mesh the kernels need the `mesh` setting
 (the trainer and `evaluate` set it): XLA cannot split a Pallas kernel over devices by itself, and
 without it the compile fails on a sharded batch.
 """
@@ -71,7 +70,7 @@ _AUTO = {
             'fusion_barrier': True, 'per_token_linear': True},
     'gpu': {'dwconv_impl': 'xla', 'attention_impl': 'cudnn', 'mlp_impl': 'xla',
             'fusion_barrier': False, 'per_token_linear': False},
-    'tpu': {'dwconv_impl': 'xla', 'attention_impl': 'flash', 'mlp_impl': 'fused',
+    'tpu': {'dwconv_impl': 'fused', 'attention_impl': 'flash', 'mlp_impl': 'fused',
             'fusion_barrier': False, 'per_token_linear': False},
     'default': {'dwconv_impl': 'xla', 'attention_impl': 'deferred', 'mlp_impl': 'xla',
                 'fusion_barrier': False, 'per_token_linear': False},

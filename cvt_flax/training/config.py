@@ -28,7 +28,7 @@ def default_config() -> ConfigDict:
   c.dtype = 'float32'  # 'bfloat16': bf16 compute, float32 master weights, LayerNorm/softmax float32.
   # 'softmax' | 'deferred' | 'recompute' | 'blocked' (CPU) | 'xla_fused' | 'cudnn' | 'flash' (TPU)
   c.attention_impl = 'auto'
-  c.dwconv_impl = 'auto'  # 'xla' | 'shifts' (CPU) | 'fused' (TPU, opt-in)
+  c.dwconv_impl = 'auto'  # 'xla' | 'shifts' (CPU) | 'fused' (TPU)
   c.mlp_impl = 'auto'  # 'xla' | 'fused' (TPU)
   # Recompute activations in the backward pass: 'none', 'block' (keep only each block's input) or
   # a jax.checkpoint_policies name per block ('dots_saveable', ...). For W24 or large batches.

@@ -9,26 +9,23 @@ zero-bordered VMEM scratch and writes the three outputs; the backward kernel rea
 three output gradients once and writes the input gradient, while the weight gradients accumulate
 in VMEM over the images.
 
-The kernels take the map as (h, w, channels, images): the images in the lanes, the layout XLA:TPU
-gives a depthwise convolution's operands, so the transposes around the kernels are bitcasts there.
-Every shift of a 3x3 window is then along a leading axis, which costs nothing: stride 2 takes every
-other row and column by splitting them into pairs. In the backward pass the stride-2 gradients are
-spread back to full resolution (zeros between), after which all three convolutions are the same
-stride-1 sums: the input gradient correlates each gradient with its flipped kernel, and each
-weight's gradient is the sum over the map of the shifted input times the gradient. A block is 8
-channels by 128 images (or all of either where they do not divide). Everything runs in float32;
-the weights arrive rounded to the compute dtype, as XLA's convolution uses them, so the outputs
-differ from XLA's only in summation order.
+The kernels take the map as (h, w, images, channels): positions major, the channels in the lanes.
+That is the layout XLA:TPU gives the tokens of the q/k/v linear layers after the convolutions, so
+the transposes around the kernels are bitcasts and the BatchNorm between needs no layout change.
+(Two other layouts were built and measured on the step: row-major images, and the images in the
+lanes, XLA's layout for a depthwise convolution. Both added more layout copies than the kernels
+saved.) Every shift of a 3x3 window is along a leading axis, which costs nothing; stride 2 takes
+every other row and column by splitting them into pairs. In the backward pass the stride-2
+gradients are spread back to full resolution (zeros between), after which all three convolutions
+are the same stride-1 sums: the input gradient correlates each gradient with its flipped kernel,
+and each weight's gradient is the sum over the map of the shifted input times the gradient. A
+block is 8 images by 128 channels (or all of either where they do not divide). Everything runs in
+float32; the weights arrive rounded to the compute dtype, as XLA's convolution uses them, so the
+outputs differ from XLA's only in summation order.
 
 Supported: kernel 3, padding 1, strides 1 or 2 (every CvT variant's `dw_bn` projections), maps
 whose block fits in VMEM (`fits`): at 224 px, CvT's last stage (14 x 14); larger maps take XLA's
 convolutions.
-
-Opt-in (`dwconv_impl='fused'`), not TPU's 'auto': on the CvT-13 train step (v5e-8, 256 images per
-chip) the kernels declare 2.3 GB in place of 6.0 GB of XLA's convolution fusions in the last
-stage, but the step moved 129.1 GB instead of 126.7: 6.5 GB of new layout copies (the BatchNorm
-gradients transposed into the kernels' layout, 4.6 GB; reshapes in the forward pass, 1.8 GB).
-Lining the layouts up is the step still to take (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -48,7 +45,7 @@ LANES = 128
 # As for the block kernel (`mlp.VMEM_BUDGET`): a v4 core's 16 MiB, less room for Mosaic's own.
 VMEM_BUDGET = 14 * 2 ** 20
 # Float32 arrays of a block's padded size that Mosaic holds in VMEM at once in the backward kernel:
-# 6.4 at CvT-13's stage 2 (23.7 MB, over the 16 MiB limit; its stage 3 fits).
+# 6.4 for blocks of 8 x 128 at CvT-13's stage 2 (23.7 MB, over the 16 MiB limit).
 _LIVE_BLOCKS = 7
 _SEMANTICS = ('parallel', 'arbitrary')  # channel blocks; images (the weight gradients add up)
 
@@ -63,10 +60,9 @@ def out_size(size: int, stride: int) -> int:
 
 
 def _block(b, c):
-  """(channels, images) per block: 8 channels (a float32 tile's rows) and 128 images (the lanes)
+  """(images, channels) per block: 8 images (a float32 tile's rows) and 128 channels (the lanes)
   where they divide, else all of them."""
-  channels = 8 if c % 8 == 0 else c
-  return channels, LANES if b % LANES == 0 else b
+  return 8 if b % 8 == 0 else b, LANES if c % LANES == 0 else c
 
 
 def _padded(size):
@@ -75,13 +71,13 @@ def _padded(size):
 
 
 def fits(b: int, h: int, w: int, c: int) -> bool:
-  channels, images = _block(b, c)
-  sublanes, lanes = pl.cdiv(channels, 8) * 8, pl.cdiv(images, LANES) * LANES
+  images, channels = _block(b, c)
+  sublanes, lanes = pl.cdiv(images, 8) * 8, pl.cdiv(channels, LANES) * LANES
   return _LIVE_BLOCKS * _padded(h) * _padded(w) * sublanes * lanes * 4 <= VMEM_BUDGET
 
 
 def _to_scratch(pad_ref, image):
-  """(h, w, channels, images) `image`, as float32, into the zeroed scratch, one in from the top
+  """(h, w, images, channels) `image`, as float32, into the zeroed scratch, one in from the top
   and left."""
   h, w = image.shape[:2]
   pad_ref[...] = jnp.zeros(pad_ref.shape, F32)
@@ -137,7 +133,7 @@ def _backward_kernel(x_ref, w_ref, *refs, strides):
     grad_padded = g_pad_ref[...]
     for tap in range(TAPS):
       a, b = divmod(tap, KERNEL)
-      dw_ref[conv, tap] += jnp.sum(_window(padded, a, b, h, w, 1) * grad, axis=(0, 1, 3))[:, None]
+      dw_ref[conv, tap] += jnp.sum(_window(padded, a, b, h, w, 1) * grad, axis=(0, 1, 2))[None]
       # The input's gradient: the gradient correlated with the flipped kernel.
       term = _window(grad_padded, a, b, h, w, 1) * weights[conv, TAPS - 1 - tap]
       dx = term if dx is None else dx + term
@@ -145,22 +141,23 @@ def _backward_kernel(x_ref, w_ref, *refs, strides):
 
 
 def _map_spec(shape, block):
-  """A (h, w, channels, images) map in blocks of (channels, images)."""
-  return pl.BlockSpec((*shape[:2], *block), lambda i, j: (0, 0, i, j))
+  """A (h, w, images, channels) map in blocks of (images, channels); the grid runs over channel
+  blocks, then image blocks."""
+  return pl.BlockSpec((*shape[:2], *block), lambda i, j: (0, 0, j, i))
 
 
 def _weights_spec(w, block):
-  return pl.BlockSpec((*w.shape[:2], block[0], 1), lambda i, j: (0, 0, i, 0))
+  return pl.BlockSpec((*w.shape[:2], 1, block[1]), lambda i, j: (0, 0, 0, i))
 
 
 def _out_shapes(x, strides):
-  """The outputs of (h, w, c, b) `x`."""
-  h, w, c, b = x.shape
-  return [jax.ShapeDtypeStruct((out_size(h, s), out_size(w, s), c, b), x.dtype) for s in strides]
+  """The outputs of (h, w, b, c) `x`."""
+  h, w, b, c = x.shape
+  return [jax.ShapeDtypeStruct((out_size(h, s), out_size(w, s), b, c), x.dtype) for s in strides]
 
 
 def _grid(x, block):
-  return x.shape[2] // block[0], x.shape[3] // block[1]
+  return x.shape[3] // block[1], x.shape[2] // block[0]
 
 
 def forward_cost(x, w, outs) -> pl.CostEstimate:
@@ -178,8 +175,8 @@ def backward_cost(x, w, grads, dx, dw) -> pl.CostEstimate:
 
 
 def _forward(x, w, strides, interpret):
-  """The kernel on (h, w, c, b) `x` and (convs, 9, c, 1) `w`."""
-  block = _block(x.shape[3], x.shape[2])
+  """The kernel on (h, w, b, c) `x` and (convs, 9, 1, c) `w`."""
+  block = _block(x.shape[2], x.shape[3])
   outs = _out_shapes(x, strides)
   kernel = functools.partial(_forward_kernel, strides=strides)
   scratch = [pltpu.VMEM((_padded(x.shape[0]), _padded(x.shape[1]), *block), F32)]
@@ -190,7 +187,7 @@ def _forward(x, w, strides, interpret):
 
 
 def _backward(x, w, grads, strides, interpret):
-  block = _block(x.shape[3], x.shape[2])
+  block = _block(x.shape[2], x.shape[3])
   outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, F32))
   scratch = [pltpu.VMEM((_padded(x.shape[0]), _padded(x.shape[1]), *block), F32)] * 2
   kernel = functools.partial(_backward_kernel, strides=strides)
@@ -202,13 +199,13 @@ def _backward(x, w, grads, strides, interpret):
 
 
 def _to_kernel(x):
-  """NHWC -> (h, w, c, b): the images in the lanes, as XLA:TPU lays out a depthwise conv's
-  operands (so the transpose is a bitcast there)."""
-  return x.transpose(1, 2, 3, 0)
+  """NHWC -> (h, w, b, c): positions major, then images, channels in the lanes, the layout
+  XLA:TPU gives the tokens of the linear layers that follow (so the transpose is a bitcast)."""
+  return x.transpose(1, 2, 0, 3)
 
 
 def _from_kernel(x):
-  return x.transpose(3, 0, 1, 2)
+  return x.transpose(2, 0, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -222,7 +219,7 @@ def depthwise_convs(x, w, strides, mesh=None, interpret=False):
 
 def _convs_forward(x, w, strides, mesh, interpret):
   def forward(x, w):
-    return tuple(_from_kernel(o) for o in _forward(_to_kernel(x), w[..., None], strides,
+    return tuple(_from_kernel(o) for o in _forward(_to_kernel(x), w[:, :, None], strides,
                                                      interpret))
   outs = on_batch_shards(mesh, forward, (x, w), split_in=1, split_out=len(strides))
   return list(outs), (x, w)
@@ -233,9 +230,9 @@ def _convs_backward(strides, mesh, interpret, residuals, grads):
 
   def backward(x, *grads_and_w):
     *grads, w = grads_and_w
-    dx, dw = _backward(_to_kernel(x), w[..., None], [_to_kernel(g) for g in grads], strides,
+    dx, dw = _backward(_to_kernel(x), w[:, :, None], [_to_kernel(g) for g in grads], strides,
                        interpret)
-    dw = dw[..., 0]
+    dw = dw[:, :, 0]
     if mesh is not None and mesh.size > 1:
       dw = jax.lax.psum(dw, mesh.axis_names)
     return _from_kernel(dx), dw
