@@ -44,9 +44,9 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
 The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
 (`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
 (which moves fewer bytes than 'deferred'), the 'fused' MLP than 'xla', and 'shifts' moves more
-than one grouped conv; the 'fused' convolutions move fewer than 'xla'. On a mesh the kernels need the `mesh` setting
-(the trainer and `evaluate` set it): XLA cannot split a Pallas kernel over devices by itself, and
-without it the compile fails on a sharded batch.
+than one grouped conv; the 'fused' convolutions move fewer than 'xla'. On a mesh the kernels need
+the `mesh` setting (the trainer and `evaluate` set it): XLA cannot split a Pallas kernel over
+devices by itself, and without it the compile fails on a sharded batch.
 """
 from __future__ import annotations
 
