@@ -37,13 +37,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from cvt_flax.models.tpu.blocks import F32, call, nbytes, on_batch_shards
+from cvt_flax.models.tpu.blocks import F32, VMEM_BUDGET, call, nbytes, on_batch_shards
 
 KERNEL, PADDING, STRIDES = 3, 1, (1, 2)
 TAPS = KERNEL * KERNEL
 LANES = 128
-# As for the block kernel (`mlp.VMEM_BUDGET`): a v4 core's 16 MiB, less room for Mosaic's own.
-VMEM_BUDGET = 14 * 2 ** 20
 # Float32 arrays of a block's padded size that Mosaic holds in VMEM at once in the backward kernel:
 # 6.4 for blocks of 8 x 128 at CvT-13's stage 2 (23.7 MB, over the 16 MiB limit).
 _LIVE_BLOCKS = 7
@@ -174,27 +172,30 @@ def backward_cost(x, w, grads, dx, dw) -> pl.CostEstimate:
                          bytes_accessed=nbytes(x, w, *grads, dx, dw))
 
 
+def _scratch(x, block):
+  """A float32 VMEM buffer for one block of (h, w, b, c) `x`, zero-bordered."""
+  return pltpu.VMEM((_padded(x.shape[0]), _padded(x.shape[1]), *block), F32)
+
+
 def _forward(x, w, strides, interpret):
   """The kernel on (h, w, b, c) `x` and (convs, 9, 1, c) `w`."""
   block = _block(x.shape[2], x.shape[3])
   outs = _out_shapes(x, strides)
   kernel = functools.partial(_forward_kernel, strides=strides)
-  scratch = [pltpu.VMEM((_padded(x.shape[0]), _padded(x.shape[1]), *block), F32)]
   return call(kernel, _grid(x, block), ('parallel', 'parallel'),
               [_map_spec(x.shape, block), _weights_spec(w, block)],
-              [_map_spec(o.shape, block) for o in outs], scratch, outs,
+              [_map_spec(o.shape, block) for o in outs], [_scratch(x, block)], outs,
               forward_cost(x, w, outs), interpret, x, w)
 
 
 def _backward(x, w, grads, strides, interpret):
   block = _block(x.shape[2], x.shape[3])
   outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, F32))
-  scratch = [pltpu.VMEM((_padded(x.shape[0]), _padded(x.shape[1]), *block), F32)] * 2
   kernel = functools.partial(_backward_kernel, strides=strides)
   in_specs = [_map_spec(x.shape, block), _weights_spec(w, block),
               *(_map_spec(g.shape, block) for g in grads)]
   return call(kernel, _grid(x, block), _SEMANTICS, in_specs,
-              [_map_spec(x.shape, block), _weights_spec(w, block)], scratch, outs,
+              [_map_spec(x.shape, block), _weights_spec(w, block)], [_scratch(x, block)] * 2, outs,
               backward_cost(x, w, grads, *outs), interpret, x, w, *grads)
 
 

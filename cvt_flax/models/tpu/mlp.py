@@ -32,13 +32,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from cvt_flax.models import norms
-from cvt_flax.models.tpu.blocks import (F32, NN, NT, TN, call, dot, nbytes, on_batch_shards,
-                                        rows_valid, zero_outside)
+from cvt_flax.models.tpu.blocks import (F32, NN, NT, TN, VMEM_BUDGET, call, dot, nbytes,
+                                        on_batch_shards, rows_valid, zero_outside)
 
 MAX_BLOCK_ROWS = 512
-# What the weights, their float32 gradients and a block's hidden layer may take of VMEM: a v4 core
-# has 16 MiB (v5p 64, v5e and v6e 128 MiB; Pallas's `tpu_info`), and the step must compile on all.
-VMEM_BUDGET = 14 * 2 ** 20
 _SEMANTICS = ('arbitrary', 'arbitrary')
 
 
