@@ -1,7 +1,8 @@
 """The TPU backend's flash attention (`cvt_flax/models/tpu/attention.py`), checked without a TPU: its
 numerics in Pallas's TPU interpreter on this CPU, its declared costs against the formulas, and
 its Mosaic compile for a TPU (libtpu, deviceless), where XLA must count the kernels; and the model
-with both TPU kernels (this and `tests/test_tpu_mlp.py`'s) against its XLA path."""
+with all the TPU kernels (these and those of `tests/test_tpu_{mha,mlp,dwconv}.py`) against its XLA
+path."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,14 +105,24 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(tpu_device
   assert sum(row[1] for row in kernels) == 3 and all(row[3] > 0 for row in kernels)  # fwd, dq, dkv
 
 
-def test_model_on_the_tpu_kernels_matches_the_xla_path_in_the_interpreter(monkeypatch):
-  # 64 px: the first stage attends to 256 keys (the flash kernels), the second to 65
-  # ('recompute'); every block's second half and the second stage's convolutions run in the kernels.
+# Where an image's keys fit in VMEM (both stages at 64 px) attention takes the token-layout
+# kernels; with no room for them, the first stage's 256 keys take the flash kernels and the
+# second's 65 'recompute'. Every block's second half and the second stage's convolutions run in
+# the kernels either way.
+@pytest.mark.parametrize('mha_budget, keys', [(None, {'token_attention': [256, 65],
+                                                      'flash_attention': []}),
+                                              (0, {'token_attention': [],
+                                                   'flash_attention': [256]})])
+def test_model_on_the_tpu_kernels_matches_the_xla_path_in_the_interpreter(mha_budget, keys,
+                                                                          monkeypatch):
+  if mha_budget is not None:
+    monkeypatch.setattr(tpu.mha, 'VMEM_BUDGET', mha_budget)
   images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
   model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
   model.eval()
   want = np.asarray(model(images))
-  calls = {'flash_attention': [], 'fused_mlp_block': [], 'depthwise_convs': []}
+  calls = {name: [] for name in ('token_attention', 'flash_attention', 'fused_mlp_block',
+                                 'depthwise_convs')}
   for name, kernel in ((name, getattr(tpu, name)) for name in calls):
     def interpreted(*args, name=name, kernel=kernel):
       calls[name].append([a.shape for a in args[:2]])
@@ -119,7 +130,8 @@ def test_model_on_the_tpu_kernels_matches_the_xla_path_in_the_interpreter(monkey
     monkeypatch.setattr(tpu, name, interpreted)
   got = np.asarray(with_compute(model, attention_impl='flash', mlp_impl='fused',
                                 dwconv_impl='fused')(images))
-  assert [k[2] for _, k in calls['flash_attention']] == [256]  # keys
+  for name, want_keys in keys.items():
+    assert [k[-2] for _, k in calls[name]] == want_keys, name
   assert len(calls['fused_mlp_block']) == sum(len(stage.blocks) for stage in model.stages)
   # The second stage's 16 x 16 map; the first stage's 32 x 32 exceeds the VMEM budget.
   assert [shapes[0] for shapes in calls['depthwise_convs']] == [(2, 16, 16, 32)]

@@ -136,8 +136,8 @@ def conv_projections(compute: Compute, projections, fmap):
   convs = [p.conv for p in projections]
   size = convs[0].kernel.shape[0]
   strides = tuple(c.stride for c in convs)
-  per_device = fmap.shape[0] // (compute.mesh.size if compute.mesh is not None else 1)
-  if (compute.dwconv_impl == 'fused' and tpu.dwconv.fits(per_device, *fmap.shape[1:])
+  if (compute.dwconv_impl == 'fused'
+      and tpu.dwconv.fits(_per_device(compute, fmap.shape[0]), *fmap.shape[1:])
       and tpu.dwconv.supported(size, strides, [c.padding for c in convs])):
     dtype = compute.jnp_dtype
     # The kernels as XLA's convolution takes them (rounded to the compute dtype), taps in rows.
@@ -168,6 +168,26 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
   if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
     return _fused_attention(q, k, v, scale, 'xla' if impl == 'xla_fused' else 'cudnn')
   return layers.deferred_attention(q, k, v, scale)[0]
+
+
+def multi_head_attention(compute: Compute, q, k, v, heads: int, scale, *, dropout=None,
+                         record=None):
+  """Attention of (b, tokens, heads * d) q, k, v whose channels hold the heads side by side, the
+  output in the same layout. 'flash' takes `tpu.token_attention` where an image's keys fit in VMEM
+  (no head transposes, no padded keys); everything else splits the heads out for `attention`."""
+  b, n, c = q.shape
+  if (compute.attention_impl == 'flash' and dropout is None and record is None
+      and tpu.mha.fits(_per_device(compute, b), n, k.shape[1], c, q.dtype.itemsize)):
+    return tpu.on_batch_shards(
+        compute.mesh, lambda q, k, v: tpu.token_attention(q, k, v, heads, scale), (q, k, v),
+        split_in=3)
+  split = lambda t: t.reshape(b, t.shape[1], heads, c // heads).transpose(0, 2, 1, 3)
+  out = attention(compute, split(q), split(k), split(v), scale, dropout=dropout, record=record)
+  return out.transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+def _per_device(compute: Compute, batch: int) -> int:
+  return batch // (compute.mesh.size if compute.mesh is not None else 1)
 
 
 def mlp_residual(compute: Compute, norm, mlp, drop_path, x):

@@ -109,14 +109,10 @@ class Attention(nnx.Module):
       q, k, v = (jnp.concatenate([cls_tok.astype(t.dtype), t], axis=1) for t in (q, k, v))
     return q, k, v
 
-  def _heads(self, t):
-    b, n, c = t.shape
-    return t.reshape(b, n, self.num_heads, c // self.num_heads).transpose(0, 2, 1, 3)
-
   def __call__(self, x, h, w):
     q, k, v = self._spatial_qkv(x, h, w)
     with jax.named_scope('qkv_linear'):
-      q, k, v = (self._heads(self._linear(proj, t))
+      q, k, v = (self._linear(proj, t)
                  for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v)))
     record = None
     if self.record_attention:  # for visualisation; see `attention_maps`
@@ -124,11 +120,9 @@ class Attention(nnx.Module):
     drop = self.attn_drop
     dropout = drop if drop.rate > 0 and not drop.deterministic else None
     with jax.named_scope('attention_core'):
-      out = compute_lib.attention(self.compute, q, k, v, self.scale, dropout=dropout,
-                                  record=record)
-    b, nh, n, d = out.shape
+      out = compute_lib.multi_head_attention(self.compute, q, k, v, self.num_heads, self.scale,
+                                             dropout=dropout, record=record)
     with jax.named_scope('attn_out_linear'):
-      out = out.transpose(0, 2, 1, 3).reshape(b, n, nh * d)
       return self.proj_drop(self._linear(self.proj, out))
 
   def _linear(self, layer, x):

@@ -12,3 +12,4 @@ from cvt_flax.models.tpu.attention import (BLOCK_K, BLOCK_Q, dkv_cost, dq_cost, 
 from cvt_flax.models.tpu.blocks import on_batch_shards
 from cvt_flax.models.tpu.dwconv import depthwise_convs
 from cvt_flax.models.tpu.mlp import fused_mlp_block
+from cvt_flax.models.tpu.mha import token_attention
