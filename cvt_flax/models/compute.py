@@ -19,9 +19,11 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   (`jax.nn.dot_product_attention` with the official scale width**-0.5, XLA's or
                   cuDNN's fused kernel; cuDNN only takes bf16/fp16 and head dims that are
                   multiples of 8 up to 128, other calls run 'deferred') | 'flash' (TPU: Pallas
-                  kernels that keep the scores in VMEM, `cvt_flax.models.tpu`, for calls with at
-                  least one block of keys, 128; shorter ones, mostly padding in a kernel
-                  (CvT-13's last stage: 50 keys), take 'recompute')
+                  kernels that keep the scores in VMEM, `cvt_flax.models.tpu`: where an image's
+                  keys fit in VMEM (every CvT stage at 224 px) the token-layout kernels
+                  (`tpu.mha`: the heads stay side by side in the channels, no padded keys);
+                  else the flash kernels in blocks of 128 keys, for calls with at least one
+                  such block; shorter ones take 'recompute')
   mlp_impl        'xla' (LayerNorm, two linear layers, residual add) | 'fused' (TPU: Pallas
                   kernels for the whole second half of a block that keep the normalised tokens and
                   the hidden layer in VMEM and recompute them in the backward pass,

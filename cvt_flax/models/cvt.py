@@ -181,7 +181,11 @@ class ConvEmbed(nnx.Module):
 
   def __call__(self, x):
     with jax.named_scope('patch_embed'):
-      return self.norm(self.proj(x))
+      y = self.proj(x)
+      b, h, w, c = y.shape
+      # Normalised as the tokens the blocks take: XLA:TPU then changes the layout before the
+      # norm's float32 arithmetic rather than after it (benchmarks/RESULTS.md).
+      return self.norm(y.reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
 class Stage(nnx.Module):

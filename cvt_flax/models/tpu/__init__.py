@@ -1,11 +1,12 @@
 """The TPU backend: Pallas (Mosaic) kernels for what XLA would route through HBM.
 
-`flash_attention` keeps the attention scores in VMEM (`attention`); `fused_mlp_block` keeps the
-normalised tokens and the MLP's hidden layer there (`mlp`); `depthwise_convs` reads a token map
-once for a block's three convolutional projections (`dwconv`). Both are `jax.custom_vjp`s whose
-backward passes are kernels too, and every kernel declares a `pl.CostEstimate` of what it computes
-and moves, held to formulas from the shapes by the tests. `interpret=True` runs them in Pallas's
-TPU interpreter on any backend.
+`token_attention` keeps the attention scores in VMEM with every key of an image there, on the
+model's token layout (`mha`); `flash_attention` does it in blocks of 128 keys, for keys that do
+not fit (`attention`); `fused_mlp_block` keeps the normalised tokens and the MLP's hidden layer
+there (`mlp`); `depthwise_convs` reads a token map once for a block's three convolutional
+projections (`dwconv`). All are `jax.custom_vjp`s whose backward passes are kernels too, and every
+kernel declares a `pl.CostEstimate` of what it computes and moves, held to formulas from the
+shapes by the tests. `interpret=True` runs them in Pallas's TPU interpreter on any backend.
 """
 from cvt_flax.models.tpu.attention import (BLOCK_K, BLOCK_Q, dkv_cost, dq_cost, flash_attention,
                                            forward_cost)
