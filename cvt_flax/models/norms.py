@@ -69,6 +69,14 @@ def _batch_axes(x):
   return tuple(range(x.ndim - 1))
 
 
+def _narrow_until_used(grad):
+  """A bfloat16 gradient, kept as it is until each of its uses widens it. It has three (two
+  sums and the input's gradient): XLA:TPU would otherwise write it once widened to float32, twice
+  the bytes, for all three to read (the CvT-13 train step on v5e moved 3.8 GB more per chip,
+  benchmarks/RESULTS.md). Float32 gradients (the CPU's) pass untouched."""
+  return grad if grad.dtype == _F32 else jax.lax.optimization_barrier(grad)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm(x, scale, bias, epsilon: float, dtype):
   """Training-mode BatchNorm over all axes but the last: (y as `dtype`, the batch mean, the biased
@@ -87,7 +95,9 @@ def _batch_norm_forward(x, scale, bias, epsilon, dtype):
 
 def _batch_norm_backward(epsilon, dtype, residuals, grads):
   x, scale = residuals
-  grad_y, grad_mean, grad_var = (g.astype(_F32) for g in grads)
+  grad_y, grad_mean, grad_var = grads
+  grad_y = _narrow_until_used(grad_y).astype(_F32)
+  grad_mean, grad_var = grad_mean.astype(_F32), grad_var.astype(_F32)
   axes, count = _batch_axes(x), math.prod(x.shape[:-1])
   xf = x.astype(_F32)
   mean = jnp.mean(xf, axes)
