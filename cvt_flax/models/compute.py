@@ -10,7 +10,8 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   statistics and softmax run in float32 either way.
   dwconv_impl     'xla' (one grouped conv) | 'shifts' (CPU: shifted multiply-adds) | 'fused'
                   (TPU: the three `dw_bn` projections' convolutions of a block in Pallas kernels
-                  that read the token map once, `cvt_flax.models.tpu.dwconv`, for 3x3 kernels
+                  that read the token map once, with their BatchNorms in training,
+                  `cvt_flax.models.tpu.dwconv`, for 3x3 kernels
                   with padding 1 on maps that fit in VMEM, at 224 px the last stage's; others
                   take 'xla')
   attention_impl  'softmax' (official order) | 'deferred' (normalise after the product with v) |
@@ -53,6 +54,7 @@ devices by itself, and without it the compile fails on a sharded batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 from flax import nnx
@@ -145,9 +147,19 @@ def conv_projections(compute: Compute, projections, fmap):
     # The kernels as XLA's convolution takes them (rounded to the compute dtype), taps in rows.
     weights = jax.numpy.stack([c.kernel.get_value().astype(dtype).astype(jax.numpy.float32)
                                .reshape(size * size, -1) for c in convs])
+    norms = [p.bn for p in projections]
     with jax.named_scope('conv_proj'):
-      outs = tpu.depthwise_convs(fmap.astype(dtype), weights, strides, compute.mesh)
-      return [p.bn(out) for p, out in zip(projections, outs)]
+      if any(norm.use_running_average for norm in norms):
+        outs = tpu.depthwise_convs(fmap.astype(dtype), weights, strides, compute.mesh)
+        return [norm(out) for norm, out in zip(norms, outs)]
+      # Training: the BatchNorms' statistics and both passes inside the kernels.
+      scale, bias = (jax.numpy.stack([getattr(n, name).get_value() for n in norms])
+                     for name in ('scale', 'bias'))
+      outs, means, variances = tpu.depthwise_convs_batch_norm(
+          fmap.astype(dtype), weights, scale, bias, strides, norms[0].epsilon, compute.mesh)
+      for norm, out, mean, var in zip(norms, outs, means, variances):
+        norm.track(mean, var, math.prod(out.shape[:-1]))
+      return [out.astype(norm.dtype) for norm, out in zip(norms, outs)]
   return [p(fmap) for p in projections]
 
 

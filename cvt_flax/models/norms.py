@@ -56,13 +56,17 @@ class BatchNorm(nnx.Module):
       y = (x.astype(_F32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
       return y.astype(self.dtype)
     y, mean, var = batch_norm(x, scale, bias, self.epsilon, self.dtype)
-    n = math.prod(x.shape[:-1])
-    unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+    self.track(mean, var, math.prod(x.shape[:-1]))
+    return y
+
+  def track(self, mean, var, count: int):
+    """Moves the running statistics towards a training batch's `mean` and biased `var` over
+    `count` values per channel (no gradient flows into them), as torch does."""
+    unbiased = jax.lax.stop_gradient(var) * (count / max(count - 1, 1))
     m = self.momentum
     self.mean.set_value(m * self.mean.get_value() + (1 - m) * jax.lax.stop_gradient(mean))
     self.var.set_value(m * self.var.get_value() + (1 - m) * unbiased)
     self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
-    return y
 
 
 def _batch_axes(x):

@@ -11,6 +11,6 @@ shapes by the tests. `interpret=True` runs them in Pallas's TPU interpreter on a
 from cvt_flax.models.tpu.attention import (BLOCK_K, BLOCK_Q, dkv_cost, dq_cost, flash_attention,
                                            forward_cost)
 from cvt_flax.models.tpu.blocks import on_batch_shards
-from cvt_flax.models.tpu.dwconv import depthwise_convs
+from cvt_flax.models.tpu.dwconv import depthwise_convs, depthwise_convs_batch_norm
 from cvt_flax.models.tpu.mlp import fused_mlp_block
 from cvt_flax.models.tpu.mha import token_attention

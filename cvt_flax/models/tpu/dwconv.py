@@ -23,6 +23,14 @@ block is 8 images by 128 channels (or all of either where they do not divide). E
 float32; the weights arrive rounded to the compute dtype, as XLA's convolution uses them, so the
 outputs differ from XLA's only in summation order.
 
+In training, `depthwise_convs_batch_norm` also takes the BatchNorm after each convolution into
+the kernels: a first forward kernel writes only each block's statistics (its mean and sum of
+squared deviations, merged in float32 by Chan's formula), a second the normalised outputs; a
+first backward kernel sums the BatchNorms' output gradients (and their products with the
+normalised outputs) over the batch, a second applies the BatchNorms' backward pass in VMEM before
+the convolutions'. Each kernel recomputes the convolutions from the map (9 multiply-adds per
+output), so no unnormalised output and no BatchNorm pass reaches HBM.
+
 Supported: kernel 3, padding 1, strides 1 or 2 (every CvT variant's `dw_bn` projections), maps
 whose block fits in VMEM (`fits`): at 224 px, CvT's last stage (14 x 14); larger maps take XLA's
 convolutions.
@@ -99,20 +107,77 @@ def _spread(grad, h, w):
   return jnp.stack([rows, jnp.zeros_like(rows)], axis=2).reshape(h, 2 * wo, *rest)[:, :w]
 
 
-def _forward_kernel(x_ref, w_ref, *refs, strides):
-  *out_refs, pad_ref = refs
-  _to_scratch(pad_ref, x_ref[...])
-  padded, weights = pad_ref[...], w_ref[...]
-  for conv, (out_ref, stride) in enumerate(zip(out_refs, strides)):
-    ho, wo = out_ref.shape[:2]
+def _conv_outputs(padded, weights, strides, shapes, dtype):
+  """The convolutions of a padded block (float32) at output sizes `shapes`, each rounded to
+  `dtype` as an output of that dtype is, and held as float32."""
+  outs = []
+  for conv, (stride, (ho, wo)) in enumerate(zip(strides, shapes)):
     acc = None
     for tap in range(TAPS):
       term = _window(padded, *divmod(tap, KERNEL), ho, wo, stride) * weights[conv, tap]
       acc = term if acc is None else acc + term
-    out_ref[...] = acc.astype(out_ref.dtype)
+    outs.append(acc.astype(dtype).astype(F32))
+  return outs
 
 
-def _backward_kernel(x_ref, w_ref, *refs, strides):
+def _forward_kernel(x_ref, w_ref, *refs, strides, normalise=False):
+  """The outputs; where `normalise`, the first of `refs` holds each convolution's BatchNorm
+  (convs, 3, 1, c): mean, scale / std, bias."""
+  bn_ref, refs = (refs[0], refs[1:]) if normalise else (None, refs)
+  *out_refs, pad_ref = refs
+  _to_scratch(pad_ref, x_ref[...])
+  outs = _conv_outputs(pad_ref[...], w_ref[...], strides, [o.shape[:2] for o in out_refs],
+                       x_ref.dtype)
+  for conv, (out, out_ref) in enumerate(zip(outs, out_refs)):
+    if normalise:
+      bn = bn_ref[conv]
+      out = (out - bn[0]) * bn[1] + bn[2]
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def _channel_sum(t):
+  """The sum over a block's positions and images: (1, channels)."""
+  return t.sum(axis=(0, 1)).sum(axis=0, keepdims=True)
+
+
+def _statistics_kernel(x_ref, w_ref, stats_ref, pad_ref, *, strides, shapes):
+  """Each convolution's block mean and sum of squared deviations from it (convs, 2, 1, c)."""
+  _to_scratch(pad_ref, x_ref[...])
+  outs = _conv_outputs(pad_ref[...], w_ref[...], strides, shapes, x_ref.dtype)
+  for conv, out in enumerate(outs):
+    mean = _channel_sum(out) / math.prod(out.shape[:3])
+    stats_ref[conv, 0] = mean
+    stats_ref[conv, 1] = _channel_sum(jnp.square(out - mean))
+
+
+def _bn_grads(x_ref, bn_ref, padded, weights, grad_refs, strides):
+  """The BatchNorms' output gradients and the convolutions' recomputed outputs (float32); `bn_ref`:
+  (convs, 2, 1, c), each convolution's mean and 1/std."""
+  grads = [g[...].astype(F32) for g in grad_refs]
+  outs = _conv_outputs(padded, weights, strides, [g.shape[:2] for g in grads], x_ref.dtype)
+  return grads, [(out - bn_ref[conv, 0]) * bn_ref[conv, 1] for conv, out in enumerate(outs)]
+
+
+def _bn_sums_kernel(x_ref, w_ref, bn_ref, *refs, strides):
+  """Each BatchNorm's gradient sums over the images: (convs, 2, 1, c), sum(dy), sum(dy * xhat)."""
+  grad_refs, (sums_ref, pad_ref) = refs[:len(strides)], refs[len(strides):]
+
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    sums_ref[...] = jnp.zeros(sums_ref.shape, F32)
+
+  _to_scratch(pad_ref, x_ref[...])
+  grads, normalised = _bn_grads(x_ref, bn_ref, pad_ref[...], w_ref[...], grad_refs, strides)
+  for conv, (grad, xhat) in enumerate(zip(grads, normalised)):
+    sums_ref[conv, 0] += _channel_sum(grad)
+    sums_ref[conv, 1] += _channel_sum(grad * xhat)
+
+
+def _backward_kernel(x_ref, w_ref, *refs, strides, normalise=False):
+  """dx and dw; where `normalise`, the first of `refs` holds each BatchNorm's (convs, 5, 1, c):
+  mean, 1/std, and the coefficients of its backward pass (`_bn_coefficients`), and the
+  gradients are the BatchNorms' outputs'."""
+  bn_ref, refs = (refs[0], refs[1:]) if normalise else (None, refs)
   grad_refs, (dx_ref, dw_ref, x_pad_ref, g_pad_ref) = refs[:len(strides)], refs[len(strides):]
   h, w = x_ref.shape[:2]
 
@@ -122,9 +187,14 @@ def _backward_kernel(x_ref, w_ref, *refs, strides):
 
   _to_scratch(x_pad_ref, x_ref[...])
   padded, weights = x_pad_ref[...], w_ref[...]
+  if normalise:  # the convolutions' output gradients, from the BatchNorms'
+    grads, normalised = _bn_grads(x_ref, bn_ref, padded, weights, grad_refs, strides)
+    grads = [bn_ref[conv, 2] * grad + bn_ref[conv, 3] + bn_ref[conv, 4] * xhat
+             for conv, (grad, xhat) in enumerate(zip(grads, normalised))]
+  else:
+    grads = [g[...].astype(F32) for g in grad_refs]
   dx = None
-  for conv, (grad_ref, stride) in enumerate(zip(grad_refs, strides)):
-    grad = grad_ref[...].astype(F32)
+  for conv, (grad, stride) in enumerate(zip(grads, strides)):
     if stride == 2:  # each output at the full-resolution position its window starts from
       grad = _spread(grad, h, w)
     _to_scratch(g_pad_ref, grad)
@@ -158,18 +228,24 @@ def _grid(x, block):
   return x.shape[3] // block[1], x.shape[2] // block[0]
 
 
-def forward_cost(x, w, outs) -> pl.CostEstimate:
-  """9 multiply-adds per output value; reads the map and the weights, writes the outputs."""
+def forward_cost(x, w, outs, *rows, written=True) -> pl.CostEstimate:
+  """9 multiply-adds per output value; reads the map, the weights and any per-channel `rows`,
+  writes the outputs (or, not `written`, only reads them: the statistics kernels, whose last
+  row is their small result)."""
   macs = sum(TAPS * math.prod(o.shape) for o in outs)
-  return pl.CostEstimate(flops=2 * macs, transcendentals=0, bytes_accessed=nbytes(x, w, *outs))
+  moved = nbytes(x, w, *outs, *rows) if written else nbytes(x, w, *rows)
+  return pl.CostEstimate(flops=2 * macs, transcendentals=0, bytes_accessed=moved)
 
 
-def backward_cost(x, w, grads, dx, dw) -> pl.CostEstimate:
+def backward_cost(x, w, grads, dx, dw, *rows) -> pl.CostEstimate:
   """Per output, 9 multiply-adds for the input's gradient and 9 for the weights' at each input
-  position (stride 2's gradients are spread to full resolution first)."""
+  position (stride 2's gradients are spread to full resolution first); with BatchNorm (`rows`),
+  9 more to recompute each output."""
   macs = 2 * len(grads) * TAPS * math.prod(x.shape)
+  if rows:
+    macs += sum(TAPS * math.prod(g.shape) for g in grads)
   return pl.CostEstimate(flops=2 * macs, transcendentals=0,
-                         bytes_accessed=nbytes(x, w, *grads, dx, dw))
+                         bytes_accessed=nbytes(x, w, *grads, dx, dw, *rows))
 
 
 def _scratch(x, block):
@@ -177,26 +253,61 @@ def _scratch(x, block):
   return pltpu.VMEM((_padded(x.shape[0]), _padded(x.shape[1]), *block), F32)
 
 
-def _forward(x, w, strides, interpret):
-  """The kernel on (h, w, b, c) `x` and (convs, 9, 1, c) `w`."""
+def _rows_spec(rows, block):
+  """A (convs, rows, 1, c) array of per-channel rows, in channel blocks."""
+  return pl.BlockSpec((rows.shape[0], rows.shape[1], 1, block[1]), lambda i, j: (0, 0, 0, i))
+
+
+def _forward(x, w, strides, interpret, bn=None):
+  """The kernel on (h, w, b, c) `x` and (convs, 9, 1, c) `w`; BatchNorms applied where `bn`."""
   block = _block(x.shape[2], x.shape[3])
   outs = _out_shapes(x, strides)
-  kernel = functools.partial(_forward_kernel, strides=strides)
+  extra = () if bn is None else (bn,)
+  kernel = functools.partial(_forward_kernel, strides=strides, normalise=bn is not None)
   return call(kernel, _grid(x, block), ('parallel', 'parallel'),
-              [_map_spec(x.shape, block), _weights_spec(w, block)],
+              [_map_spec(x.shape, block), _weights_spec(w, block),
+               *(_rows_spec(a, block) for a in extra)],
               [_map_spec(o.shape, block) for o in outs], [_scratch(x, block)], outs,
-              forward_cost(x, w, outs), interpret, x, w)
+              forward_cost(x, w, outs, *extra), interpret, x, w, *extra)
 
 
-def _backward(x, w, grads, strides, interpret):
+def _statistics(x, w, strides, interpret):
+  """Per image block, each convolution's mean and sum of squared deviations: (blocks, convs, 2,
+  1, c) float32."""
+  block = _block(x.shape[2], x.shape[3])
+  grid = _grid(x, block)
+  stats = jax.ShapeDtypeStruct((grid[1], len(strides), 2, 1, x.shape[3]), F32)
+  spec = pl.BlockSpec((None, len(strides), 2, 1, block[1]), lambda i, j: (j, 0, 0, 0, i))
+  shapes = [o.shape[:2] for o in _out_shapes(x, strides)]
+  kernel = functools.partial(_statistics_kernel, strides=strides, shapes=shapes)
+  return call(kernel, grid, ('parallel', 'parallel'),
+              [_map_spec(x.shape, block), _weights_spec(w, block)], spec, [_scratch(x, block)],
+              stats, forward_cost(x, w, _out_shapes(x, strides), stats, written=False),
+              interpret, x, w)
+
+
+def _bn_sums(x, w, grads, bn, strides, interpret):
+  block = _block(x.shape[2], x.shape[3])
+  sums = jax.ShapeDtypeStruct((len(strides), 2, 1, x.shape[3]), F32)
+  kernel = functools.partial(_bn_sums_kernel, strides=strides)
+  in_specs = [_map_spec(x.shape, block), _weights_spec(w, block), _rows_spec(bn, block),
+              *(_map_spec(g.shape, block) for g in grads)]
+  return call(kernel, _grid(x, block), _SEMANTICS, in_specs, _rows_spec(sums, block),
+              [_scratch(x, block)], sums,
+              forward_cost(x, w, grads, bn, *grads, sums, written=False), interpret,
+              x, w, bn, *grads)
+
+
+def _backward(x, w, grads, strides, interpret, bn=None):
   block = _block(x.shape[2], x.shape[3])
   outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, F32))
-  kernel = functools.partial(_backward_kernel, strides=strides)
+  extra = () if bn is None else (bn,)
+  kernel = functools.partial(_backward_kernel, strides=strides, normalise=bn is not None)
   in_specs = [_map_spec(x.shape, block), _weights_spec(w, block),
-              *(_map_spec(g.shape, block) for g in grads)]
+              *(_rows_spec(a, block) for a in extra), *(_map_spec(g.shape, block) for g in grads)]
   return call(kernel, _grid(x, block), _SEMANTICS, in_specs,
               [_map_spec(x.shape, block), _weights_spec(w, block)], [_scratch(x, block)] * 2, outs,
-              backward_cost(x, w, grads, *outs), interpret, x, w, *grads)
+              backward_cost(x, w, grads, *outs, *extra), interpret, x, w, *extra, *grads)
 
 
 def _to_kernel(x):
@@ -242,3 +353,89 @@ def _convs_backward(strides, mesh, interpret, residuals, grads):
 
 
 depthwise_convs.defvjp(_convs_forward, _convs_backward)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The convolutions with their training-mode BatchNorms.
+
+def _merge_statistics(stats, strides, fmap_shape):
+  """The batch mean and biased variance (convs, c) from the blocks' means and sums of squared
+  deviations (Chan's parallel merge: equal counts per block, no cancellation)."""
+  means, squares = stats[:, :, 0, 0], stats[:, :, 1, 0]
+  mean = jnp.mean(means, axis=0)
+  b, h, w, _ = fmap_shape
+  per_block = jnp.asarray([out_size(h, s) * out_size(w, s) * b / stats.shape[0]
+                           for s in strides], F32)[:, None]
+  spread = jnp.sum(jnp.square(means - mean), axis=0)
+  return mean, (jnp.sum(squares, axis=0) + per_block * spread) / (per_block * stats.shape[0])
+
+
+def _counts(strides, fmap_shape):
+  b, h, w, _ = fmap_shape
+  return jnp.asarray([b * out_size(h, s) * out_size(w, s) for s in strides], F32)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def depthwise_convs_batch_norm(x, w, scale, bias, strides, epsilon, mesh=None, interpret=False):
+  """`depthwise_convs` followed by a training-mode BatchNorm of each output (the statistics over
+  all the batch's images and positions): (outputs in x's dtype, batch means (convs, c), biased
+  batch variances (convs, c)). `scale`, `bias`: (convs, c) float32. Each convolution's output is
+  rounded to x's dtype before it is normalised, as a separate BatchNorm would receive it.
+
+  Two kernels forward (the statistics of each image block, merged in float32; then the
+  normalised outputs) and two backward (the BatchNorms' gradient sums; then dx and dw with the
+  BatchNorms' backward pass applied in VMEM). Each recomputes the convolutions from the map, so no
+  unnormalised output reaches HBM."""
+  return _bn_forward(x, w, scale, bias, strides, epsilon, mesh, interpret)[0]
+
+
+def _bn_forward(x, w, scale, bias, strides, epsilon, mesh, interpret):
+  w4 = w[:, :, None]
+  stats = on_batch_shards(mesh, lambda x, w: _statistics(_to_kernel(x), w, strides, interpret),
+                          (x, w4), split_in=1)
+  mean, var = _merge_statistics(stats, strides, x.shape)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  bn = jnp.stack([mean, scale * rstd, bias], axis=1)[:, :, None]
+
+  def forward(x, w, bn):
+    return tuple(_from_kernel(o) for o in _forward(_to_kernel(x), w, strides, interpret, bn))
+  outs = on_batch_shards(mesh, forward, (x, w4, bn), split_in=1, split_out=len(strides))
+  return (list(outs), mean, var), (x, w, scale, mean, rstd)
+
+
+def _bn_backward(strides, epsilon, mesh, interpret, residuals, cotangents):
+  x, w, scale, mean, rstd = residuals
+  grads, d_mean, d_var = cotangents
+  w4, norm = w[:, :, None], jnp.stack([mean, rstd], axis=1)[:, :, None]
+  grads = [g.astype(x.dtype) for g in grads]
+
+  def sums(x, *grads_and_rest):
+    *grads, w, norm = grads_and_rest
+    total = _bn_sums(_to_kernel(x), w, [_to_kernel(g) for g in grads], norm, strides, interpret)
+    if mesh is not None and mesh.size > 1:
+      total = jax.lax.psum(total, mesh.axis_names)
+    return (total,)
+
+  (total,) = on_batch_shards(mesh, sums, (x, *grads, w4, norm), split_in=1 + len(grads),
+                             split_out=0, whole_out=1)
+  d_bias, d_scale = total[:, 0, 0], total[:, 1, 0]  # sum(dy), sum(dy * xhat)
+  count = _counts(strides, x.shape)
+  k1 = scale * rstd
+  coefficients = jnp.stack([mean, rstd, k1, d_mean / count - k1 * d_bias / count,
+                            2 * d_var / (count * rstd) - k1 * d_scale / count], axis=1)[:, :, None]
+
+  def backward(x, *grads_and_rest):
+    *grads, w, coefficients = grads_and_rest
+    dx, dw = _backward(_to_kernel(x), w, [_to_kernel(g) for g in grads], strides, interpret,
+                       coefficients)
+    dw = dw[:, :, 0]
+    if mesh is not None and mesh.size > 1:
+      dw = jax.lax.psum(dw, mesh.axis_names)
+    return _from_kernel(dx), dw
+
+  dx, dw = on_batch_shards(mesh, backward, (x, *grads, w4, coefficients),
+                           split_in=1 + len(grads), whole_out=1)
+  return dx, dw, d_scale, d_bias
+
+
+depthwise_convs_batch_norm.defvjp(_bn_forward, _bn_backward)
