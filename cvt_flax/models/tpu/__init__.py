@@ -4,7 +4,8 @@
 model's token layout (`mha`); `flash_attention` does it in blocks of 128 keys, for keys that do
 not fit (`attention`); `fused_mlp_block` keeps the normalised tokens and the MLP's hidden layer
 there (`mlp`); `depthwise_convs` reads a token map once for a block's three convolutional
-projections (`dwconv`). All are `jax.custom_vjp`s whose backward passes are kernels too, and every
+projections, and `depthwise_convs_batch_norm` does so with their training-mode BatchNorms
+(`dwconv`). All are `jax.custom_vjp`s whose backward passes are kernels too, and every
 kernel declares a `pl.CostEstimate` of what it computes and moves, held to formulas from the
 shapes by the tests. `interpret=True` runs them in Pallas's TPU interpreter on any backend.
 """
