@@ -124,7 +124,9 @@ def tpu_device():
   return aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
 
 
-@pytest.mark.parametrize('shape', STAGES + [(256, 197, 50, 384, 6)])
+# CvT-13's stages, its last at 256 images per chip, and CvT-W24's last stage at 384 px (16 heads,
+# 32 images per chip: the microbatch of its recipe with accumulation), the widest blocks.
+@pytest.mark.parametrize('shape', STAGES + [(256, 197, 50, 384, 6), (32, 577, 145, 1024, 16)])
 def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(shape, tpu_device):
   b, nq, nk, c, heads = shape
   sharding = jax.sharding.SingleDeviceSharding(tpu_device)
