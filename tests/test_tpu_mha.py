@@ -70,7 +70,7 @@ def _max_errors(got, want):
 # CvT-13's last stage (all queries in one block, 6 heads of 64 lanes); a blocked call: three
 # images of 300 queries in blocks of 64 (the last one runs past the end) against 40 keys, 2 heads.
 @pytest.mark.parametrize('shape, budget', [((2, 197, 50, 384, 6), None),
-                                           ((3, 300, 40, 128, 2), 700_000)])
+                                           ((3, 300, 40, 128, 2), 800_000)])
 def test_attention_and_its_gradients_are_exact_to_float32_rounding(shape, budget, monkeypatch):
   b, nq, nk, c, heads = shape
   if budget:
