@@ -175,8 +175,8 @@ def _bn_sums_kernel(x_ref, w_ref, bn_ref, *refs, strides):
 
 def _backward_kernel(x_ref, w_ref, *refs, strides, normalise=False):
   """dx and dw; where `normalise`, the first of `refs` holds each BatchNorm's (convs, 5, 1, c):
-  mean, 1/std, and the coefficients of its backward pass (`_bn_coefficients`), and the
-  gradients are the BatchNorms' outputs'."""
+  mean, 1/std, and the coefficients of its backward pass (`_bn_backward`), and the gradients
+  are the BatchNorms' outputs'."""
   bn_ref, refs = (refs[0], refs[1:]) if normalise else (None, refs)
   grad_refs, (dx_ref, dw_ref, x_pad_ref, g_pad_ref) = refs[:len(strides)], refs[len(strides):]
   h, w = x_ref.shape[:2]
@@ -278,12 +278,12 @@ def _statistics(x, w, strides, interpret):
   grid = _grid(x, block)
   stats = jax.ShapeDtypeStruct((grid[1], len(strides), 2, 1, x.shape[3]), F32)
   spec = pl.BlockSpec((None, len(strides), 2, 1, block[1]), lambda i, j: (j, 0, 0, 0, i))
-  shapes = [o.shape[:2] for o in _out_shapes(x, strides)]
-  kernel = functools.partial(_statistics_kernel, strides=strides, shapes=shapes)
+  outs = _out_shapes(x, strides)
+  kernel = functools.partial(_statistics_kernel, strides=strides,
+                             shapes=[o.shape[:2] for o in outs])
   return call(kernel, grid, ('parallel', 'parallel'),
               [_map_spec(x.shape, block), _weights_spec(w, block)], spec, [_scratch(x, block)],
-              stats, forward_cost(x, w, _out_shapes(x, strides), stats, written=False),
-              interpret, x, w)
+              stats, forward_cost(x, w, outs, stats, written=False), interpret, x, w)
 
 
 def _bn_sums(x, w, grads, bn, strides, interpret):
@@ -358,21 +358,20 @@ depthwise_convs.defvjp(_convs_forward, _convs_backward)
 # ----------------------------------------------------------------------------------------------------
 # The convolutions with their training-mode BatchNorms.
 
+def _counts(strides, fmap_shape):
+  """Each convolution's outputs per channel over the batch: (convs, 1)."""
+  b, h, w, _ = fmap_shape
+  return jnp.asarray([b * out_size(h, s) * out_size(w, s) for s in strides], F32)[:, None]
+
+
 def _merge_statistics(stats, strides, fmap_shape):
   """The batch mean and biased variance (convs, c) from the blocks' means and sums of squared
   deviations (Chan's parallel merge: equal counts per block, no cancellation)."""
   means, squares = stats[:, :, 0, 0], stats[:, :, 1, 0]
   mean = jnp.mean(means, axis=0)
-  b, h, w, _ = fmap_shape
-  per_block = jnp.asarray([out_size(h, s) * out_size(w, s) * b / stats.shape[0]
-                           for s in strides], F32)[:, None]
+  count = _counts(strides, fmap_shape)
   spread = jnp.sum(jnp.square(means - mean), axis=0)
-  return mean, (jnp.sum(squares, axis=0) + per_block * spread) / (per_block * stats.shape[0])
-
-
-def _counts(strides, fmap_shape):
-  b, h, w, _ = fmap_shape
-  return jnp.asarray([b * out_size(h, s) * out_size(w, s) for s in strides], F32)[:, None]
+  return mean, (jnp.sum(squares, axis=0) + count / stats.shape[0] * spread) / count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
