@@ -18,16 +18,18 @@ smoothing 0.1, random erasing 0.25; stochastic depth 0.1 (0.3 for W24). Eval: re
 + center crop (224 models), warp to 384x384 (384 models). bfloat16 compute, float32 weights.
 W24 shards weights and optimizer state (FSDP).
 """
+from cvt_flax.errors import ConfigError
 from cvt_flax.training.config import default_config
 
 _VARIANTS = ('cvt-13', 'cvt-21', 'cvt-w24')
 
 
 def get_config(arg='cvt-13,224'):
-  variant, resolution = (arg or 'cvt-13,224').split(',')
+  variant, _, resolution = (arg or 'cvt-13,224').partition(',')
+  if variant not in _VARIANTS or resolution not in ('224', '384'):
+    raise ConfigError(f'configs/imagenet.py:{arg}: expected <{"|".join(_VARIANTS)}>,<224|384>, '
+                      'e.g. configs/imagenet.py:cvt-13,224')
   resolution = int(resolution)
-  if variant not in _VARIANTS or resolution not in (224, 384):
-    raise ValueError(f'configs/imagenet.py:{arg}: expected <{"|".join(_VARIANTS)}>,<224|384>')
   c = default_config()
   c.model = dict(variant=variant,
                  drop_path_rate=(0.0, 0.0, 0.3 if variant == 'cvt-w24' else 0.1))

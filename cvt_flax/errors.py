@@ -1,15 +1,21 @@
-"""The errors a user can fix, and the one tuple every command catches.
+"""The errors a user can fix, and the one way every command reports them.
 
 Every failure caused by the input rather than by a bug (a file, key, shape, field, flag, dataset,
 disk or missing package) raises a subclass of `CvtFlaxError` whose message names the problem and
-the fix. The commands (`train.py`, `predict`, `evaluate`, `convert`) print such a message as one
-line, without a traceback; anything else is a bug and keeps its traceback.
+the fix. Every command (`train.py`, `predict`, `evaluate`, `convert`, `export`, `aot`, `flops`)
+runs its work inside `reported()`: such an error becomes one line on stderr, `error: ...`, and exit
+status 2 (the status argparse gives a bad flag); anything else is a bug and keeps its traceback. A
+`Note` the library warns with becomes one `note: ...` line there.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import sys
+import warnings
 from types import ModuleType
+from typing import Iterator, NoReturn
 
 
 class CvtFlaxError(Exception):
@@ -24,8 +30,43 @@ class MissingExtraError(CvtFlaxError, ImportError):
   """A feature needs a package of an optional extra that is not installed."""
 
 
+class Note(UserWarning):
+  """Something a user should know that is not an error (an older file format read with the
+  defaults it implies): a warning in Python, one `note: ...` line from the commands."""
+
+
 # What the commands report as one line. FileNotFoundError: a path given on the command line.
 EXPECTED_ERRORS = (CvtFlaxError, FileNotFoundError)
+# The exit status of a command stopped by a user's mistake (argparse's for a bad flag).
+USER_ERROR_STATUS = 2
+
+
+def fail(message) -> NoReturn:
+  """Ends a command: `error: message` as one line on stderr, exit status USER_ERROR_STATUS."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_STATUS)
+
+
+_show_warning = warnings.showwarning  # Python's own, for every warning but a Note
+
+
+def _print_note(message, category, filename, lineno, file=None, line=None):
+  if issubclass(category, Note):
+    print(f'note: {message}', file=sys.stderr, flush=True)
+  else:
+    _show_warning(message, category, filename, lineno, file, line)
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+  """A command's work: an expected error ends it through `fail`, a `Note` prints as one line;
+  anything else (a bug) propagates with its traceback."""
+  with warnings.catch_warnings():
+    warnings.showwarning = _print_note
+    try:
+      yield
+    except EXPECTED_ERRORS as e:
+      fail(e)
 
 # The optional extras of pyproject.toml, by what they are for.
 EXTRAS = {

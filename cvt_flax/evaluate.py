@@ -1,4 +1,4 @@
-"""Measure a checkpoint's accuracy on a dataset: top-1, top-5, loss, images/s.
+r"""Measure a checkpoint's accuracy on a dataset: top-1, top-5, loss, images/s.
 
   python -m cvt_flax.evaluate --checkpoint REF --dataset NAME [--split S] [--data-dir D]
       [--batch-size N] [--json]
@@ -6,7 +6,8 @@
 REF: any checkpoint reference (a model directory, a training workdir, an official `.pth`, an HF
 directory or weights file, a hub name such as `microsoft/cvt-13`). NAME: a prepared TFDS dataset
 (`imagenet2012`, `cifar10`, the offline `digits`...) or `imagefolder:ROOT` (ROOT/<split>/<class>/
-<image>). Images get the checkpoint's own preprocessing (the flags below override it) through the
+<image>). The split: --split, else the dataset's evaluation split (validation, val or test, the first
+it has); the result line names it. Images get the checkpoint's own preprocessing (the flags below override it) through the
 trainer's eval pipeline and eval step, sharded over all devices as in training; each example is
 counted once. A progress line goes to stderr; with --json the last line of stdout is one JSON
 object: {"top1", "top5", "loss", "num_examples", "images_per_sec", ...}.
@@ -39,12 +40,14 @@ def _input_pipeline():
   return errors.require('cvt_flax.data', 'train')
 
 
-def input_config(dataset: str, split: str, data_dir: str | None,
+def input_config(dataset: str, split: str | None, data_dir: str | None,
                  preprocess: preprocess_lib.Preprocess):
-  """The eval input config of `dataset`/`split` with the eval transform `preprocess`."""
+  """The eval input config of `dataset`/`split` (None: the dataset's evaluation split) with the
+  eval transform `preprocess`."""
   data = _input_pipeline()
   cfg = data.default_input_config()
-  cfg.dataset, cfg.eval_split, cfg.train_split, cfg.data_dir = dataset, split, '', data_dir
+  cfg.dataset, cfg.train_split, cfg.data_dir = dataset, '', data_dir
+  cfg.eval_split = split or data.default_eval_split(cfg)
   data.with_eval_preprocess(cfg, preprocess)
   cfg.lock()
   return cfg
@@ -83,7 +86,7 @@ def _parse_args(argv):
   parser.add_argument('--checkpoint', required=True, help='checkpoint reference')
   parser.add_argument('--revision', help='hub revision (branch, tag or commit)')
   parser.add_argument('--dataset', required=True, help='TFDS name or imagefolder:ROOT')
-  parser.add_argument('--split', default='validation', help='default: validation')
+  parser.add_argument('--split', help="default: the dataset's validation, val or test split")
   parser.add_argument('--data-dir', help='TFDS data dir (default: TFDS\'s)')
   parser.add_argument('--batch-size', type=int, default=64, help='global, over all devices')
   parser.add_argument('--dtype', choices=DTYPES, default='float32', help='compute dtype')
@@ -95,19 +98,17 @@ def _parse_args(argv):
 def main(argv=None) -> int:
   args = _parse_args(argv)
   platforms.skip_tpu_without_chips()
-  try:
+  platforms.quiet_tensorflow()
+  with errors.reported():
     _input_pipeline()  # without the `train` extra: its one line, before any model is loaded
     model = with_compute(io.from_pretrained(args.checkpoint, revision=args.revision),
                          dtype=args.dtype)
     transform = preprocess_lib.from_flags(model.preprocess, args)
     cfg = input_config(args.dataset, args.split, args.data_dir, transform)
     result = evaluate_model(model, cfg, batch_size=args.batch_size, progress=True)
-  except errors.EXPECTED_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  result.update(checkpoint=args.checkpoint, dataset=args.dataset, split=args.split,
+  result.update(checkpoint=args.checkpoint, dataset=args.dataset, split=cfg.eval_split,
                 preprocess=transform.to_dict())
-  print(f'{args.checkpoint} on {args.dataset} {args.split}: top-1 {result["top1"]:.2%}, top-5 '
+  print(f'{args.checkpoint} on {args.dataset} {cfg.eval_split}: top-1 {result["top1"]:.2%}, top-5 '
         f'{result["top5"]:.2%}, loss {result["loss"]:.4f}, {int(result["num_examples"])} images, '
         f'{result["images_per_sec"]:.1f} images/s')
   if args.json:

@@ -11,11 +11,14 @@ operation, so its FLOPs / 2 lands a little above the analytic count.
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cvt_flax import errors
 from cvt_flax.models import layers
 from cvt_flax.models import (Compute, CvTConfig, abstract_model, count_params,
                              make_config)
@@ -93,10 +96,12 @@ def xla_cost(cfg: CvTConfig, image_size: int, batch: int = 1) -> dict[str, float
   return {key: float(cost[key]) / batch for key in ('flops', 'transcendentals') if key in cost}
 
 
-def report(variants_and_sizes, with_xla: bool = True) -> str:
-  """A Markdown table: parameters and compute next to the paper's numbers."""
-  rows = ['| model | size | params (M) | paper params (M) | paper GMACs | analytic GMACs |'
-          ' XLA GFLOP | XLA GFLOP / 2 |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+def report_rows(variants_and_sizes, with_xla: bool = True) -> Iterator[str]:
+  """A Markdown table, line by line as each row is computed: parameters and compute next to the
+  paper's numbers (XLA's count compiles each model, seconds to a minute per row)."""
+  yield ('| model | size | params (M) | paper params (M) | paper GMACs | analytic GMACs |'
+         ' XLA GFLOP | XLA GFLOP / 2 |')
+  yield '|---|---:|---:|---:|---:|---:|---:|---:|'
   for variant, size in variants_and_sizes:
     cfg = make_config(variant)
     params = count_params(abstract_model(cfg)) / 1e6
@@ -104,23 +109,35 @@ def report(variants_and_sizes, with_xla: bool = True) -> str:
     macs = analytic_macs(cfg, size)['total'] / 1e9
     xla = f"{xla_cost(cfg, size)['flops'] / 1e9:.2f}" if with_xla else '-'
     half = f'{float(xla) / 2:.2f}' if with_xla else '-'
-    rows.append(f'| {variant} | {size} | {params:.2f} | {paper_params} | {paper_gmacs} | '
-                f'{macs:.2f} | {xla} | {half} |')
-  return '\n'.join(rows)
+    yield (f'| {variant} | {size} | {params:.2f} | {paper_params} | {paper_gmacs} | '
+           f'{macs:.2f} | {xla} | {half} |')
+
+
+def _rows(args) -> list[tuple[str, int]]:
+  if not args.variants:
+    return list(PAPER)
+  try:
+    sizes = [int(s) for s in args.sizes.split(',')]
+  except ValueError as e:
+    raise errors.ConfigError(f'--sizes {args.sizes}: expected image sizes such as 224,384') from e
+  return [(v, s) for v in args.variants.split(',') for s in sizes]
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description='CvT parameters and GMACs vs the paper.')
+  parser = argparse.ArgumentParser(prog='python -m cvt_flax.flops',
+                                   description='CvT parameters and GMACs vs the paper.')
   parser.add_argument('--variants', help='comma-separated, e.g. cvt-13,cvt-21 (default: paper table)')
   parser.add_argument('--sizes', default='224,384', help='image sizes used with --variants')
   parser.add_argument('--no-xla', action='store_true', help="skip XLA's cost analysis (compiles)")
   args = parser.parse_args(argv)
   platforms.skip_tpu_without_chips()
-  if args.variants:
-    rows = [(v, int(s)) for v in args.variants.split(',') for s in args.sizes.split(',')]
-  else:
-    rows = list(PAPER)
-  print(report(rows, with_xla=not args.no_xla))
+  with errors.reported():
+    rows = _rows(args)
+    if not args.no_xla:
+      print(f'XLA compiles each of the {len(rows)} models for its count (--no-xla skips it); '
+            'the rows follow as they are done.', file=sys.stderr, flush=True)
+    for line in report_rows(rows, with_xla=not args.no_xla):
+      print(line, flush=True)
 
 
 if __name__ == '__main__':

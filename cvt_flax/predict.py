@@ -83,7 +83,7 @@ def main(argv=None) -> int:
   platforms.skip_tpu_without_chips()
   if args.max_image_pixels:
     preprocess_lib.set_max_image_pixels(args.max_image_pixels)
-  try:
+  with errors.reported():
     images = [preprocess_lib.load_image(p) for p in args.images]
     model = io.from_pretrained(args.checkpoint, revision=args.revision)
     if model.preprocess is None:
@@ -91,9 +91,6 @@ def main(argv=None) -> int:
             'transform (see --image-size, --resize).', file=sys.stderr)
     transform = preprocess_lib.from_flags(model.preprocess, args)
     results = classify(model, images, args.top_k, transform)
-  except errors.EXPECTED_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
   if args.json:
     print(json.dumps([{'image': path, 'top_k': top} for path, top in zip(args.images, results)],
                      indent=1))

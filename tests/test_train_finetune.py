@@ -30,7 +30,7 @@ def test_official_pth_at_a_new_resolution(digits_dir, tmp_path):
   pth = str(DATA / 'official_tiny.pth')  # 3 stages, 10 classes, made for 64 px images
   spec = str(DATA / 'official_tiny.json')  # widths of 16/32/48 do not reveal the head count
   cfg = tiny_config(digits_dir, init_from=pth, init_from_spec=spec, num_train_steps=2,
-                    checkpoint_every_steps=2)
+                    checkpoint_every_steps=2, **{'optimizer.warmup_steps': 1})
   cfg.model = {'variant': 'init_from', 'drop_path_rate': (0.0, 0.0, 0.1)}
   cfg.input.image_size = 32  # no position embeddings: the weights work at any resolution
   source = load_pytorch(pth, spec=spec)

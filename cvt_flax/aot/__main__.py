@@ -10,33 +10,29 @@ it fits and how fast it should run.
 
 The run is the one `train.py` would build on that slice (`cvt_flax.aot.compile`). A config that
 takes its architecture from `init_from` (configs/finetune.py) names it here with
-`--config.model.variant`. Exit status: 0 if the train and eval steps fit in the chips' HBM, 2 if
-they do not (the message says what to change), 1 for bad input.
+`--config.model.variant`. Exit status: 0 if the train and eval steps fit in the chips' HBM; 2 if
+they do not (the message says what to change) or for bad input (one line, `error: ...`). While it
+compiles, stderr says what and for how long.
 """
 import json
-import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-
 from cvt_flax import errors, files
+from cvt_flax.runtime import platforms
 
-try:
+platforms.quiet_tensorflow()  # before a config file imports TensorFlow
+
+with errors.reported():
   errors.require_installed('train', 'absl', 'ml_collections', 'tensorflow')
-except errors.MissingExtraError as _missing:
-  sys.exit(f'ERROR: {_missing}')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from cvt_flax.aot import compile as aot_compile, report, tpus
-from cvt_flax.runtime import platforms
-from cvt_flax.training import config as config_lib
+from cvt_flax.training import config as config_lib, config_flag
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
-                                          lock_config=True)
+_CONFIG = config_flag.define_config_flag()
 _TOPOLOGY = flags.DEFINE_string('topology', None,
                                 "TPU slice as Cloud TPU names it: v4-8, v5e-16, v5p-128, v6e-256 "
                                 "('help' lists them).")
@@ -50,26 +46,28 @@ _HLO_OUT = flags.DEFINE_string('hlo_out', None, "Write the train step's compiled
 flags.mark_flags_as_required(['topology'])
 
 
+def _progress(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    errors.fail(f'unexpected arguments {argv[1:]}: settings are flags (--helpshort).')
   platforms.skip_tpu_without_chips()  # the compile-only TPU devices load libtpu themselves
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   if _TOPOLOGY.value == 'help':
     print(tpus.describe_slices())
     return
-  if _CONFIG.value is None:
-    raise app.UsageError('--config is required.')
-  try:
+  with errors.reported():
+    if _CONFIG.value is None:
+      raise errors.ConfigError('--config is required (configs/FILE.py[:ARG]).')
     config = _CONFIG.value
     config_lib.validate_config(config)
     tpu_slice = tpus.parse_slice(_TOPOLOGY.value)
     compiled = aot_compile.compile_for_slice(config, tpu_slice, with_eval=_EVAL.value,
-                                             num_train_examples=_TRAIN_EXAMPLES.value)
-  except errors.EXPECTED_ERRORS as e:
-    print(f'ERROR: {e}', file=sys.stderr)
-    sys.exit(1)
+                                             num_train_examples=_TRAIN_EXAMPLES.value,
+                                             progress=_progress)
   print(report.to_text(compiled), flush=True)
   if _TOP_COSTS.value and compiled.train.hlo_text:
     print(report.costs_text(compiled, _TOP_COSTS.value))
@@ -82,4 +80,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_flag.parse_flags)

@@ -6,12 +6,14 @@ steps are the trainer's own: `training.loop.compile_train_step` and `runtime.eva
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import re
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +127,32 @@ _REQUIRED = re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\)')
 _UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
 
 
+_TICK_SECONDS = 30.0  # how often `progress` hears that a compile goes on
+
+
+@contextlib.contextmanager
+def _reporting(progress: Callable[[str], None] | None, what: str) -> Iterator[None]:
+  """Tells `progress` what is compiling, every _TICK_SECONDS that it still is, and how long it took."""
+  if progress is None:
+    yield
+    return
+  start, done = time.perf_counter(), threading.Event()
+  progress(f'compiling {what} ...')
+
+  def tick():
+    while not done.wait(_TICK_SECONDS):
+      progress(f'  still compiling {what}: {time.perf_counter() - start:.0f} s')
+
+  ticker = threading.Thread(target=tick, daemon=True)
+  ticker.start()
+  try:
+    yield
+  finally:
+    done.set()
+    ticker.join()
+    progress(f'{what}: {time.perf_counter() - start:.1f} s')
+
+
 def _timed(compile_fn) -> CompiledStep:
   start = time.perf_counter()
   try:
@@ -163,11 +191,20 @@ def state_bytes_per_chip(abstract_state: Any) -> int:
 
 
 def compile_for_slice(config: ConfigDict, tpu_slice: Slice, *, with_eval: bool = True,
-                      num_train_examples: int | None = None) -> Compiled:
-  """Builds the run on the slice's devices and compiles its steps (train, then eval)."""
+                      num_train_examples: int | None = None,
+                      progress: Callable[[str], None] | None = None) -> Compiled:
+  """Builds the run on the slice's devices and compiles its steps (train, then eval).
+
+  `progress`, if given, hears what is compiling while it does (a line at the start, every 30 s,
+  and with the time it took)."""
   devices = slice_devices(tpu_slice)
   run = run_lib.build_run(config, workdir='', devices=devices,
                           dataset=dataset_info(config, num_train_examples))
-  train = _timed(lambda: loop.compile_train_step(run))
-  evaluation = _timed(lambda: _compile_eval_step(run)) if with_eval else None
+  per_chip = f'{tpu_slice.name}, {config.batch_size // tpu_slice.num_chips} images per chip'
+  with _reporting(progress, f'the train step for {per_chip}'):
+    train = _timed(lambda: loop.compile_train_step(run))
+  evaluation = None
+  if with_eval:
+    with _reporting(progress, f'the eval step for {tpu_slice.name}'):
+      evaluation = _timed(lambda: _compile_eval_step(run))
   return Compiled(tpu_slice, run, train, evaluation, state_bytes_per_chip(run.abstract_state))

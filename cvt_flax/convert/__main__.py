@@ -112,7 +112,10 @@ def check_logits(src_path: str, model, size: int, seed: int = 0) -> float:
 
 def _save(model, args) -> None:
   if args.format == 'flax':
-    io.save_model(model, args.out, overwrite=args.overwrite)
+    try:
+      io.save_model(model, args.out, overwrite=args.overwrite)
+    except FileExistsError:
+      errors.fail(f'{args.out} exists; pass --overwrite to replace it.')
   elif args.format == 'official':
     pytorch.save_official(model, args.out)
   else:
@@ -125,7 +128,7 @@ def _save(model, args) -> None:
 def main(argv=None) -> int:
   args = _parse_args(argv)
   platforms.skip_tpu_without_chips()
-  try:
+  with errors.reported():
     src = io.resolve(args.src, revision=args.revision)
     pytorch_source = io.detect(src) == io.PYTORCH
     if args.check and not pytorch_source:
@@ -140,9 +143,6 @@ def main(argv=None) -> int:
       if args.check and check_logits(src, model, args.check_size) > CHECK_TOLERANCE:
         print('check FAILED: the converted model does not reproduce PyTorch', file=sys.stderr)
         return 1
-  except (*errors.EXPECTED_ERRORS, FileExistsError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
   return 0
 
 

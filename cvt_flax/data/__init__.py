@@ -15,5 +15,6 @@ errors.require_installed('train', 'tensorflow', 'tensorflow_datasets', 'ml_colle
 from cvt_flax.data import _tf  # pylint: disable=unused-import  (must come before any TF use)
 from cvt_flax.data.checks import DataError
 from cvt_flax.data.config import default_input_config, eval_preprocess, with_eval_preprocess
-from cvt_flax.data.pipeline import (DatasetInfo, get_dataset_info, get_dataset_info_unprepared,
-                                    make_eval_iterator, make_train_iterator, num_eval_batches)
+from cvt_flax.data.pipeline import (DatasetInfo, default_eval_split, get_dataset_info,
+                                    get_dataset_info_unprepared, make_eval_iterator,
+                                    make_train_iterator, num_eval_batches)

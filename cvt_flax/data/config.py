@@ -25,7 +25,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   cfg.dataset = 'imagenet2012'
   cfg.data_dir = config_dict.placeholder(str)  # None: TFDS's default data dir.
   cfg.train_split = 'train'
-  cfg.eval_split = 'validation'
+  cfg.eval_split = 'validation'  # '': the dataset's validation, val or test split, the first it has
   cfg.image_size = 224
   # The eval transform (`cvt_flax.preprocess.Preprocess`, also written into the checkpoints):
   # 'crop': resize the shorter side to image_size / crop_pct, then center crop (224 models).

@@ -19,6 +19,7 @@ Eval: each process reads its own part of the eval split (the parts cover every e
 in file order, unshuffled and without randomness. All processes yield the same number of batches; the
 tail is padded with zero images whose `mask` is 0.
 """
+import difflib
 import math
 from typing import NamedTuple
 
@@ -46,15 +47,52 @@ class DatasetInfo(NamedTuple):
   class_names: tuple[str, ...] | None = None  # the label feature's names, if it has any
 
 
+# The evaluation split a dataset is taken to have when none is named, in this order.
+EVAL_SPLITS = ('validation', 'val', 'test')
+
+
 def _builder(cfg):
   if folder.is_image_folder(cfg.dataset):
     return folder.image_folder_builder(cfg.dataset)
   if cfg.dataset not in LOCAL_BUILDERS:
-    return tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+    try:
+      return tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise checks.DataError(_unknown_dataset_message(cfg.dataset)) from e
   builder = LOCAL_BUILDERS[cfg.dataset](data_dir=cfg.data_dir)
   if not builder.is_prepared():
     builder.download_and_prepare()
   return builder
+
+
+def _unknown_dataset_message(name: str) -> str:
+  known = sorted(LOCAL_BUILDERS) + sorted(tfds.list_builders(with_community_datasets=False))
+  close = difflib.get_close_matches(name, known, n=1)
+  return (f'input.dataset={name!r}: no such dataset' + (f'; did you mean {close[0]!r}?' if close
+                                                        else '.')
+          + f' Use a TFDS name, {", ".join(LOCAL_BUILDERS)} (offline), or imagefolder:ROOT '
+          '(ROOT/<split>/<class>/<image>).')
+
+
+def _splits(builder) -> list[str]:
+  return list(builder.info.splits)
+
+
+def default_eval_split(input_cfg) -> str:
+  """The split to evaluate on when none is named: the first of EVAL_SPLITS the dataset has."""
+  return _eval_split(_builder(input_cfg), input_cfg.dataset, '')
+
+
+def _eval_split(builder, dataset: str, split: str) -> str:
+  """`split`, or if '' the first of EVAL_SPLITS that `builder` has."""
+  if split:
+    return split
+  available = _splits(builder)
+  for name in EVAL_SPLITS:
+    if name in available:
+      return name
+  raise checks.DataError(f'dataset {dataset!r} has no {", ".join(EVAL_SPLITS)} split to evaluate '
+                         f'on: set input.eval_split to one of its splits ({", ".join(available)}).')
 
 
 def _read(builder, split, cache):
@@ -72,9 +110,9 @@ def _read(builder, split, cache):
         f'(e.g. `tfds build {builder.name} --data_dir=...`, ImageNet needs its manual_dir), then '
         f'set input.data_dir. TFDS said: {e}') from e
   except (KeyError, ValueError) as e:
-    available = ', '.join(builder.info.splits) or 'unknown'
-    raise ValueError(f'dataset {builder.name!r}: cannot read split {split!r} '
-                     f'(available splits: {available}): {e}') from e
+    available = ', '.join(_splits(builder)) or 'unknown'
+    raise checks.DataError(f'dataset {builder.name!r} has no split {str(split)!r}; its splits: '
+                           f'{available}.') from e
   return _with_ids(builder, ds, cache)
 
 
@@ -125,8 +163,9 @@ def _dataset_info(builder, input_cfg, count: bool) -> DatasetInfo:
       num_classes=_num_classes(builder),
       num_train_examples=(_num_records(_read(builder, train_split, False), 'train split')
                           if count and train_split else 0),
-      num_eval_examples=(_num_records(_read(builder, input_cfg.eval_split, False), 'eval split')
-                         if count else 0),
+      num_eval_examples=(_num_records(_read(builder, _eval_split(builder, input_cfg.dataset,
+                                                                 input_cfg.eval_split), False),
+                                       'eval split') if count else 0),
       class_names=names or None)
 
 
@@ -261,8 +300,9 @@ def num_eval_batches(num_examples, global_batch_size, process_count):
 def _eval_records(cfg, process_index, process_count):
   """(this process's encoded eval records, the size of the whole eval split)."""
   builder = _builder(cfg)
-  total = _num_records(_read(builder, cfg.eval_split, False), f'eval split {cfg.eval_split!r}')
-  split = tfds.split_for_jax_process(cfg.eval_split, process_index=process_index,
+  name = _eval_split(builder, cfg.dataset, cfg.eval_split)
+  total = _num_records(_read(builder, name, False), f'eval split {name!r}')
+  split = tfds.split_for_jax_process(name, process_index=process_index,
                                      process_count=process_count, drop_remainder=False)
   return _read(builder, split, cache=False), total  # One pass per iterator: nothing to reuse.
 

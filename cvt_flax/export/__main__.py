@@ -48,18 +48,15 @@ def _summary(args, doc) -> str:
 def main(argv=None) -> int:
   args = _parse_args(argv)
   platforms_lib.skip_tpu_without_chips()
-  try:
+  with errors.reported():
     export.writer(args.format)  # an unknown format or a missing extra, before loading anything
     model = io.from_pretrained(args.checkpoint, revision=args.revision)
-    doc = export.export_model(model, args.out, format=args.format, overwrite=args.overwrite,
-                              batch=args.batch, image_size=args.image_size, dtype=args.dtype,
-                              platforms=tuple(args.platforms.split(',')), input=args.input)
-  except FileExistsError:
-    print(f'error: {args.out} exists; pass --overwrite to replace it.', file=sys.stderr)
-    return 2
-  except errors.EXPECTED_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    try:
+      doc = export.export_model(model, args.out, format=args.format, overwrite=args.overwrite,
+                                batch=args.batch, image_size=args.image_size, dtype=args.dtype,
+                                platforms=tuple(args.platforms.split(',')), input=args.input)
+    except FileExistsError:
+      errors.fail(f'{args.out} exists; pass --overwrite to replace it.')
   print(_summary(args, doc))
   return 0
 

@@ -3,12 +3,16 @@
 A reference is, in this order:
   * an existing local path or `gs://` URL (`cvt_flax.files`):
       - a cvt-flax model directory (config.json with format "cvt_flax.model" + state/),
-      - a training workdir (model_config.json + checkpoints/): its newest checkpoint,
+      - a training workdir (model_config.json + checkpoints/): its newest checkpoint, or one of
+        its checkpoints, WORKDIR/checkpoints/<step>: that step,
       - an HF checkpoint directory (config.json of a CvT + model.safetensors / pytorch_model.bin),
       - an official `.pth` (state dict or training checkpoint), or an HF weights file
         (.safetensors / .bin with config.json beside it);
   * a Hugging Face hub name, `org/name` or `org/name@revision` (`cvt_flax.io.hub`).
-An existing local path always wins over a hub name of the same spelling. PyTorch files at a URL are
+An existing local path always wins over a hub name of the same spelling, and a reference that can
+only be meant as a path is never looked up on the hub: one that starts with `/`, `.` or `~`, has
+more than one `/`, ends in a file suffix (`.pth`, `.safetensors`, ...), or names a directory that
+exists here (`runs/digitz` where `runs/` exists) is "no such file or directory". PyTorch files at a URL are
 copied to a local temporary directory first (torch and the converters read local files).
 
 Which to call: `from_pretrained` for any of these (what the commands use). `load_checkpoint` only
@@ -17,12 +21,13 @@ that anything else is an error rather than a conversion or a download.
 """
 from __future__ import annotations
 
+import difflib
 import os
 
 from cvt_flax import convert, files
 from cvt_flax.io import hub
 from cvt_flax.io.model_dir import CONFIG_FILE, FORMAT, STATE_DIR, CheckpointError, load_model_dir
-from cvt_flax.io.workdir import is_training_workdir, load_workdir_model
+from cvt_flax.io.workdir import is_training_workdir, load_workdir_model, step_directory
 from cvt_flax.models import CvT
 
 MODEL_DIR, WORKDIR, PYTORCH = 'cvt-flax model directory', 'training workdir', 'PyTorch checkpoint'
@@ -44,7 +49,7 @@ def detect(path: str) -> str:
   if files.isdir(path):
     if _is_model_dir(path):
       return MODEL_DIR
-    if is_training_workdir(path):
+    if is_training_workdir(path) or step_directory(path):
       return WORKDIR
   return PYTORCH
 
@@ -60,7 +65,8 @@ def _load(path: str, kind: str, *, spec=None, num_classes: int | None = None,
   if kind == MODEL_DIR:
     return load_model_dir(path)
   if kind == WORKDIR:
-    return load_workdir_model(path, step)
+    workdir, step = step_directory(path) or (path, step)
+    return load_workdir_model(workdir, step)
   with files.local_copy(path, convert.SOURCE_FILES) as local:
     return convert.load_pytorch(local, spec=spec, num_classes=num_classes, activation=activation,
                                 image_size=image_size)
@@ -89,11 +95,34 @@ def resolve(ref, *, revision: str | None = None, cache_dir: str | None = None,
   parsed = hub.parse_hub_name(ref)
   if parsed is None:
     raise FileNotFoundError(f'{ref}: no such file or directory, and not a hub name (org/name).')
+  if _meant_as_path(ref):
+    raise FileNotFoundError(f'{ref}: no such file or directory{_close_match(ref)}.')
   repo_id, pinned = parsed
   if pinned and revision and pinned != revision:
     raise CheckpointError(f'{ref}: two revisions given ({pinned!r} in the name, {revision!r}).')
   return hub.download(repo_id, revision=pinned or revision, cache_dir=cache_dir,
                       local_files_only=local_files_only)
+
+
+# What a checkpoint file's name ends in; a hub name ending so is taken as a file.
+_FILE_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors', '.json', '.ckpt', '.tar', '.npz')
+
+
+def _meant_as_path(ref: str) -> bool:
+  """Whether a reference written like a hub name can only be meant as a path (module docstring)."""
+  name = ref.split('@', 1)[0]
+  parent = os.path.dirname(name)
+  return (name.startswith(('/', '.', '~')) or name.count('/') > 1
+          or name.lower().endswith(_FILE_SUFFIXES) or (bool(parent) and os.path.isdir(parent)))
+
+
+def _close_match(path: str) -> str:
+  """'; did you mean P?' for an existing sibling of `path` spelt alike, else ''."""
+  parent, name = os.path.split(path.rstrip('/'))
+  if not os.path.isdir(parent or '.'):
+    return ''
+  close = difflib.get_close_matches(name, os.listdir(parent or '.'), n=1)
+  return f'; did you mean {os.path.join(parent, close[0])}?' if close else ''
 
 
 def from_pretrained(name_or_path, *, revision: str | None = None, cache_dir: str | None = None,

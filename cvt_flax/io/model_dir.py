@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from cvt_flax import files, labels
 from cvt_flax import preprocess as preprocess_lib
-from cvt_flax.errors import CvtFlaxError
+from cvt_flax.errors import CvtFlaxError, Note
 from cvt_flax.io import trees
 from cvt_flax.models import CvT, CvTConfig, abstract_model, finish_abstract_model
 from cvt_flax.models.config import config_from_saved
@@ -50,7 +50,7 @@ class CheckpointError(CvtFlaxError, ValueError):
   """A path does not hold a loadable model; the message says which file and why."""
 
 
-class FormatNote(UserWarning):
+class FormatNote(Note):
   """A model file in an older format was read with the defaults it implies."""
 
 

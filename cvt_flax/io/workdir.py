@@ -48,6 +48,15 @@ def is_training_workdir(path: str) -> bool:
           and files.isdir(os.path.join(path, CHECKPOINTS_DIR)))
 
 
+def step_directory(path: str) -> tuple[str, int] | None:
+  """(workdir, step) if `path` is one checkpoint of a training workdir, WORKDIR/checkpoints/<step>."""
+  parent, name = os.path.split(os.fspath(path).rstrip('/'))
+  if not name.isdigit() or os.path.basename(parent) != CHECKPOINTS_DIR:
+    return None
+  workdir = os.path.dirname(parent)
+  return (workdir, int(name)) if is_training_workdir(workdir) else None
+
+
 def write_workdir_model_doc(workdir: str, doc: ModelDoc) -> None:
   write_model_doc(os.path.join(workdir, MODEL_CONFIG_FILE), doc)
 

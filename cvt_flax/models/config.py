@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from cvt_flax.errors import ConfigError
+
 # Official SPEC key -> our field name (per-stage fields).
 STAGE_FIELDS = {
     'PATCH_SIZE': 'patch_size',
@@ -89,20 +91,20 @@ class CvTConfig:
     n = self.num_stages
     for name in STAGE_FIELDS.values():
       if len(getattr(self, name)) != n:
-        raise ValueError(f'CvT config: `{name}` has {len(getattr(self, name))} entries, '
+        raise ConfigError(f'CvT config: `{name}` has {len(getattr(self, name))} entries, '
                          f'`dim_embed` has {n}; every per-stage field needs one entry per stage.')
     for i, (dim, heads) in enumerate(zip(self.dim_embed, self.num_heads)):
       if dim % heads:
-        raise ValueError(f'CvT config: stage {i} width {dim} is not divisible by {heads} heads.')
+        raise ConfigError(f'CvT config: stage {i} width {dim} is not divisible by {heads} heads.')
     for i, m in enumerate(self.qkv_proj_method):
       if m not in PROJ_METHODS:
-        raise ValueError(f'CvT config: stage {i} qkv_proj_method {m!r} is not one of {PROJ_METHODS}.')
+        raise ConfigError(f'CvT config: stage {i} qkv_proj_method {m!r} is not one of {PROJ_METHODS}.')
     if any(self.cls_token[:-1]):
-      raise ValueError('CvT config: only the last stage may have a cls token (as in the official code).')
+      raise ConfigError('CvT config: only the last stage may have a cls token (as in the official code).')
     if self.activation not in ACTIVATIONS:
-      raise ValueError(f'CvT config: activation {self.activation!r} is not one of {ACTIVATIONS}.')
+      raise ConfigError(f'CvT config: activation {self.activation!r} is not one of {ACTIVATIONS}.')
     if self.init not in ('trunc_norm', 'xavier'):
-      raise ValueError(f"CvT config: init {self.init!r} is not 'trunc_norm' or 'xavier'.")
+      raise ConfigError(f"CvT config: init {self.init!r} is not 'trunc_norm' or 'xavier'.")
     return self
 
   def differences(self, other: 'CvTConfig') -> list[str]:
@@ -138,7 +140,7 @@ def stage_defaults(name: str, num_stages: int) -> tuple:
 def _stage_tuple(key: str, value: Any) -> tuple:
   if isinstance(value, (list, tuple)):
     return tuple(value)
-  raise ValueError(f'CvT config: `{key}` must be a list with one entry per stage, got {value!r}.')
+  raise ConfigError(f'CvT config: `{key}` must be a list with one entry per stage, got {value!r}.')
 
 
 def from_official_spec(spec: Mapping[str, Any], **overrides) -> CvTConfig:
@@ -146,15 +148,15 @@ def from_official_spec(spec: Mapping[str, Any], **overrides) -> CvTConfig:
   spec = dict(spec)
   unknown = set(spec) - set(STAGE_FIELDS) - _IGNORED_SPEC_KEYS
   if unknown:
-    raise ValueError(f'Official CvT SPEC: unknown keys {sorted(unknown)}.')
+    raise ConfigError(f'Official CvT SPEC: unknown keys {sorted(unknown)}.')
   if any(spec.get('POS_EMBED') or []):
-    raise ValueError('Official CvT SPEC: POS_EMBED=True is not supported (no released model uses it).')
+    raise ConfigError('Official CvT SPEC: POS_EMBED=True is not supported (no released model uses it).')
   fields = {name: _stage_tuple(key, spec[key]) for key, name in STAGE_FIELDS.items() if key in spec}
   if 'INIT' in spec:
     fields['init'] = spec['INIT']
   missing = [k for k in ('DIM_EMBED', 'NUM_HEADS', 'DEPTH') if k not in spec]
   if missing:
-    raise ValueError(f'Official CvT SPEC: missing keys {missing}.')
+    raise ConfigError(f'Official CvT SPEC: missing keys {missing}.')
   return make_config(dict(fields, **overrides))
 
 
@@ -165,7 +167,7 @@ def make_config(variant_or_fields: Any = 'cvt-13', **overrides) -> CvTConfig:
     fields = src.to_dict()
   elif isinstance(src, str):
     if src.lower() not in VARIANTS:
-      raise ValueError(f'Unknown CvT variant {src!r}; known: {sorted(VARIANTS)}.')
+      raise ConfigError(f'Unknown CvT variant {src!r}; known: {sorted(VARIANTS)}.')
     fields = dict(VARIANTS[src.lower()])
   else:
     fields = dict(src.to_dict() if hasattr(src, 'to_dict') else src)
@@ -178,11 +180,11 @@ def make_config(variant_or_fields: Any = 'cvt-13', **overrides) -> CvTConfig:
   unknown = set(fields) - known
   compute = sorted(unknown & set(COMPUTE_FIELDS))
   if compute:
-    raise ValueError(f'CvT config: {compute} are compute settings, not part of the architecture: '
+    raise ConfigError(f'CvT config: {compute} are compute settings, not part of the architecture: '
                      'pass them to create_model(..., dtype=..., attention_impl=...) or set '
                      '--config.dtype / --config.attention_impl / --config.dwconv_impl in training.')
   if unknown:
-    raise ValueError(f'CvT config: unknown fields {sorted(unknown)}; known: {sorted(known)}.')
+    raise ConfigError(f'CvT config: unknown fields {sorted(unknown)}; known: {sorted(known)}.')
   n = len(fields.get('dim_embed', CvTConfig.dim_embed))
   for name in STAGE_FIELDS.values():
     fields[name] = (_stage_tuple(name, fields[name]) if name in fields
@@ -204,7 +206,7 @@ def configs_from_official_yaml(path: str, **overrides) -> CvTConfig:
     model = doc['MODEL']
     spec = model['SPEC']
   except (KeyError, TypeError) as e:
-    raise ValueError(f'{path}: not an official CvT YAML (no MODEL.SPEC).') from e
+    raise ConfigError(f'{path}: not an official CvT YAML (no MODEL.SPEC).') from e
   if 'NUM_CLASSES' in model:
     overrides.setdefault('num_classes', model['NUM_CLASSES'])
   return from_official_spec(spec, **overrides)

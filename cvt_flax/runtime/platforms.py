@@ -72,3 +72,12 @@ def check_jax_devices() -> str:
         f'({versions}): its {accelerator} backend did not start (see the warning above). '
         f'Fix: {fix}.')
   return line
+
+
+def quiet_tensorflow() -> None:
+  """Keeps TensorFlow's C++ INFO and WARNING lines (tf.data's 'Local rendezvous is aborting' for
+  each image that fails to decode, CPU feature notes) off a command's stderr, where cvt-flax says
+  what went wrong in its own one line. Before TensorFlow is imported. `import jax` sets '1' (INFO
+  off) where nothing was set, so '1' counts as unset; a user's '0' or '3' stands."""
+  if os.environ.get('TF_CPP_MIN_LOG_LEVEL', '1') == '1':
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'

@@ -258,6 +258,15 @@ def prepare_workdir(workdir: str) -> None:
                        'another --workdir or fix its permissions / free space.') from e
 
 
+def remove_unused_workdir(workdir: str) -> None:
+  """Removes a local `workdir` that holds no file (only the empty directories a run that never
+  started made): a failed first command leaves no trace. A bucket's empty prefixes do not exist."""
+  if files.is_remote(workdir) or not os.path.isdir(workdir) or jax.process_index() != 0:
+    return
+  if not any(names for _, _, names in os.walk(workdir)):
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _probe_remote(workdir: str, probe: str) -> None:
   try:
     files.write_text(probe, 'cvt-flax write probe\n')

@@ -11,6 +11,8 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
+from cvt_flax.errors import ConfigError
+
 # Leaves named like this are weight matrices / conv filters and get weight decay. Everything else
 # (biases, LayerNorm and BatchNorm scale/bias, the cls token) does not, as in the official recipe.
 DECAYED_LEAF_NAMES = frozenset({'kernel'})
@@ -51,18 +53,31 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in DECAYED_LEAF_NAMES, params)
 
 
+def warmup_steps(opt_cfg: ConfigDict, steps_per_epoch: int) -> int:
+  """The warmup's length in optimizer steps: `warmup_steps`, or if < 0 `warmup_epochs`."""
+  if opt_cfg.warmup_steps >= 0:
+    return opt_cfg.warmup_steps
+  return int(round(opt_cfg.warmup_epochs * steps_per_epoch))
+
+
 def make_lr_schedule(opt_cfg: ConfigDict, *, batch_size: int, total_steps: int,
                      steps_per_epoch: int) -> optax.Schedule:
   """Linear warmup from `warmup_init_lr` to the scaled peak, then cosine down to `min_lr`.
 
   `schedule(k)` is the lr of the (k+1)-th optimizer step: schedule(0) = warmup_init_lr,
-  schedule(warmup) = peak, schedule(total_steps) = min_lr.
+  schedule(warmup) = peak, schedule(total_steps) = min_lr. A warmup that does not end before
+  the run does is a ConfigError naming both lengths.
   """
   peak = scaled_learning_rate(opt_cfg.base_lr, batch_size, opt_cfg.base_batch_size)
-  warmup = opt_cfg.warmup_steps
-  if warmup < 0:
-    warmup = int(round(opt_cfg.warmup_epochs * steps_per_epoch))
-  warmup = min(warmup, total_steps - 1)  # short runs (tests): the cosine keeps at least one step
+  warmup = warmup_steps(opt_cfg, steps_per_epoch)
+  if warmup >= total_steps:
+    source = (f'optimizer.warmup_steps={warmup}' if opt_cfg.warmup_steps >= 0 else
+              f'optimizer.warmup_epochs={opt_cfg.warmup_epochs:g} x {steps_per_epoch} steps per '
+              'epoch')
+    raise ConfigError(f'config: a warmup of {warmup} steps ({source}) reaches the end of the run '
+                      f'at {total_steps} steps, so the learning rate would never decay: set '
+                      f'--config.optimizer.warmup_steps below {total_steps} (a twentieth of the '
+                      'run is usual for fine-tuning).')
   return optax.warmup_cosine_decay_schedule(
       init_value=opt_cfg.warmup_init_lr, peak_value=peak, warmup_steps=warmup,
       decay_steps=total_steps, end_value=opt_cfg.min_lr)

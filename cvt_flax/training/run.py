@@ -182,9 +182,21 @@ def initial_or_restored_state(config: ConfigDict, workdir: str, ckpt,
   return run, create_initial_state(run, weights), 0
 
 
+def resolved_values(run: Run) -> dict[str, Any]:
+  """What the trainer derived from the config for this run (train_config.json's "resolved")."""
+  cfg = run.config
+  return {'total_steps': run.total_steps, 'steps_per_epoch': run.steps_per_epoch,
+          'warmup_steps': optim.warmup_steps(cfg.optimizer, run.steps_per_epoch),
+          'peak_lr': optim.scaled_learning_rate(cfg.optimizer.base_lr, cfg.batch_size,
+                                                cfg.optimizer.base_batch_size),
+          'eval_split': cfg.input.eval_split or data.default_eval_split(cfg.input)}
+
+
 def write_run_files(run: Run, workdir: str) -> None:
-  """WORKDIR/model_config.json (the model document) and train_config.json; process 0 only."""
+  """WORKDIR/model_config.json (the model document) and train_config.json (the config, its
+  fields derived from others as the overrides left them, and the values the trainer derived under
+  "resolved"); process 0 only."""
   if jax.process_index() == 0:
     workdir_io.write_workdir_model_doc(workdir, run.model_doc())
-    files.write_json(os.path.join(workdir, workdir_io.TRAIN_CONFIG_FILE), run.config.to_dict(),
-                     sort_keys=True)
+    files.write_json(os.path.join(workdir, workdir_io.TRAIN_CONFIG_FILE),
+                     {**run.config.to_dict(), 'resolved': resolved_values(run)}, sort_keys=True)
