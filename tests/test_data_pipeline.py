@@ -181,7 +181,7 @@ def test_bad_inputs_raise_clear_errors(auto_prepared_dir, tmp_path):
     data.make_train_iterator(cfg, global_batch_size=64, seed=0, process_count=3)
   with pytest.raises(ValueError, match='process_index=2'):
     data.make_eval_iterator(cfg, global_batch_size=64, process_index=2, process_count=2)
-  with pytest.raises(ValueError, match=r"'validation'.*available splits: train, test"):
+  with pytest.raises(ValueError, match=r"no split 'validation'; its splits: train, test"):
     data.get_dataset_info(input_config('digits', auto_prepared_dir, eval_split='validation'))
   with pytest.raises(ValueError, match='resize'):
     data.make_eval_iterator(input_config('digits', auto_prepared_dir, resize='squash'),

@@ -187,8 +187,15 @@ def test_image_folder_layout_errors_and_process_split(tmp_path):
   with pytest.raises(FileNotFoundError, match='is not a directory'):
     data.get_dataset_info(_config(f'imagefolder:{tmp_path}/missing'))
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(ValueError, match=r'no images found; expected .*/<split>/<class>/<image>'):
+  with pytest.raises(data.DataError, match=r'no images in .*empty; expected .*/<split>/<class>/<image>'):
     data.get_dataset_info(_config(f'imagefolder:{tmp_path}/empty'))
+  for split in ('train', 'test'):  # class directories, and not one image in the eval split
+    for name in ('a', 'b'):
+      (tmp_path / 'hollow' / split / name).mkdir(parents=True)
+  (tmp_path / 'hollow' / 'train' / 'a' / '0.png').write_bytes(_encode(_solid('RGB'), 'PNG'))
+  with pytest.raises(data.DataError, match=r'hollow/test holds no images \(its class directories '
+                     r'a, b are empty\)'):
+    data.get_dataset_info(_config(f'imagefolder:{tmp_path}/hollow'))
   good = _encode(_solid('RGB'), 'PNG')
   files = {name: {f'{i}.png': good for i in range(n)} for name, n in (('a', 3), ('b', 4))}
   cfg = _config(_image_folder(tmp_path / 'ok', {'train': files, 'test': files}))

@@ -118,10 +118,10 @@ def test_storage_lost_during_an_async_save_to_a_bucket_fails_once_then_resumes(
     run.wait_for(marker.exists, 'the commit of step 9')
     emulator.kill()
     release.touch()
-    run.finish(expect_returncode=1)
-    errors = [line for line in run.stderr().splitlines() if line.startswith('ERROR')]
+    run.finish(expect_returncode=2)
+    errors = [line for line in run.stderr().splitlines() if line.startswith('error')]
     assert len(errors) == 1, run.stderr()[-3000:]
-    assert errors[0].startswith(f'ERROR: Saving the training checkpoint of step 9 in {workdir}/'
+    assert errors[0].startswith(f'error: Saving the training checkpoint of step 9 in {workdir}/'
                                 'checkpoints failed:')
     assert 'The newest complete checkpoint is step 6' in errors[0]
 

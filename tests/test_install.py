@@ -111,7 +111,7 @@ def test_core_install_loads_predicts_saves_without_the_extras(core_venv, tmp_pat
     (['-m', 'cvt_flax.evaluate', '--checkpoint', DATA / 'hf_tiny', '--dataset', 'digits'], 'train',
      2),
     (['-m', 'cvt_flax.convert', DATA / 'official_tiny.pth', 'out'], 'torch', 2),
-    (['train.py', '--config', 'digits.py', '--workdir', 'run'], 'train', 1),
+    (['train.py', '--config', 'digits.py', '--workdir', 'run'], 'train', 2),
     (['-m', 'cvt_flax.convert', 'gs://bucket/model', 'out'], 'gcs', 2),
     (['-m', 'cvt_flax.export', DATA / 'hf_tiny', 'out', '--format', 'onnx'], 'torch', 2),
     (['-m', 'cvt_flax.export', DATA / 'hf_tiny', 'out', '--format', 'savedmodel'], 'train', 2),

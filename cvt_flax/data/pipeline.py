@@ -92,7 +92,8 @@ def _eval_split(builder, dataset: str, split: str) -> str:
     if name in available:
       return name
   raise checks.DataError(f'dataset {dataset!r} has no {", ".join(EVAL_SPLITS)} split to evaluate '
-                         f'on: set input.eval_split to one of its splits ({", ".join(available)}).')
+                         f'on: name one of its splits ({", ".join(available)}) with --split '
+                         '(evaluate) or --config.input.eval_split (train.py).')
 
 
 def _read(builder, split, cache):

@@ -49,7 +49,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     errors.fail(_misspelt_field_message(field, e, argv))
   except OSError as e:  # ml_collections could not load the file
-    errors.fail(_unloadable_file_message(flags.FLAGS[_NAME].config_filename, e))
+    errors.fail(_unloadable_file_message(_config_argument(argv), e))
 
 
 def _user_error_in(error: BaseException) -> errors.CvtFlaxError | None:
@@ -83,8 +83,18 @@ def _misspelt_field_message(field: str, error: AttributeError, argv: list[str]) 
   return f'{flag}: the config has no field {field!r}; {hint}'
 
 
-def _unloadable_file_message(config_filename: str, error: OSError) -> str:
-  path = config_filename.split(':', 1)[0]
+def _config_argument(argv: list[str]) -> str:
+  """FILE[:ARG] as given to --config (`--config X` or `--config=X`)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{_NAME}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{_NAME}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def _unloadable_file_message(config_argument: str, error: OSError) -> str:
+  path = config_argument.split(':', 1)[0]
   if os.path.isfile(path):  # the file exists but raised OSError while loading: say what it said
     return f'--{_NAME} {path}: cannot load it: {error.__cause__ or error}'
   folder = os.path.dirname(path) or '.'
