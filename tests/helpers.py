@@ -247,6 +247,14 @@ def build_digits(data_dir: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Subprocesses.
 
+def exit_status(main, argv) -> int:
+  """What a command's `main(argv)` returns, or the status it exits with (`errors.fail`)."""
+  try:
+    return main(argv)
+  except SystemExit as e:
+    return e.code
+
+
 def subprocess_env(extra: dict | None = None) -> dict:
   """The environment for a Python subprocess that imports cvt_flax and these helpers, on CPU."""
   env = dict(os.environ, JAX_PLATFORMS='cpu',

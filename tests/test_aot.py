@@ -9,6 +9,7 @@ tests share one fixture of three compiles (about 75 s on 2 cores); the two that 
 import importlib.metadata
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -158,6 +159,9 @@ def test_cli_reports_a_run_that_cannot_fit(digits_dir, tmp_path):
     assert fix in proc.stdout
   # 24.4 GiB of temporaries at 128 images per chip: microbatches of 64 bring them to ~12 GiB.
   assert '--config.grad_accum_steps=2 (the same global batch in microbatches of 64' in proc.stdout
+  # Progress on stderr while it compiles: what, then how long it took.
+  assert 'compiling the train step for v5e-4, 128 images per chip ...' in proc.stderr
+  assert re.search(r'the train step for v5e-4, 128 images per chip: [\d.]+ s', proc.stderr)
   assert 'Failed to find host bounds' not in proc.stderr
 
 

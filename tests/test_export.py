@@ -12,7 +12,7 @@ import cvt_flax
 from cvt_flax import errors, export
 from cvt_flax.data._tf import tf
 from cvt_flax.export.__main__ import main
-from helpers import DATA, PARITY_ATOL, run_python
+from helpers import DATA, PARITY_ATOL, exit_status, run_python
 
 FORMATS = tuple(export.FORMATS)
 
@@ -135,13 +135,13 @@ def test_bad_input_gets_one_line(tmp_path, capsys, monkeypatch):
       ([hf, str(tmp_path / 'e'), '--format', 'onnx', '--dtype', 'bfloat16'], 'float32 only'),
       ([hf, str(tmp_path / 'f'), '--format', 'onnx', '--platforms', 'tpu'], 'drop --platforms'),
       ([hf, str(tmp_path / 'g'), '--dtype', 'float16'], "expected 'float32' or 'bfloat16'")]:
-    assert main(argv) == 2
+    assert exit_status(main, argv) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('error: ') and message in err, err
   find_spec = errors.importlib.util.find_spec
   monkeypatch.setattr(errors.importlib.util, 'find_spec',
                       lambda name: None if name == 'onnxscript' else find_spec(name))
-  assert main([hf, str(tmp_path / 'h'), '--format', 'onnx']) == 2
+  assert exit_status(main, [hf, str(tmp_path / 'h'), '--format', 'onnx']) == 2
   err = capsys.readouterr().err
   assert "onnxscript is not installed" in err and "pip install 'cvt-flax[export]'" in err
   assert sorted(p.name for p in tmp_path.iterdir()) == ['taken']  # nothing half-written

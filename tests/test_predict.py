@@ -11,7 +11,7 @@ import cvt_flax
 from cvt_flax import predict
 from cvt_flax.io import FormatNote
 from cvt_flax.preprocess import Preprocess, load_image
-from helpers import DATA, logits_and_features, png_bomb
+from helpers import DATA, exit_status, logits_and_features, png_bomb
 
 
 @pytest.fixture(scope='module')
@@ -103,17 +103,17 @@ def test_unreadable_files_are_named(checkpoint, tmp_path, capsys):
   truncated.write_bytes(truncated.read_bytes()[:100])
   for path, message in [(bad, 'not a readable image'), (truncated, 'corrupt or truncated'),
                         (tmp_path / 'missing.png', 'no such file')]:
-    assert predict.main(['--checkpoint', checkpoint, str(path)]) == 2
+    assert exit_status(predict.main, ['--checkpoint', checkpoint, str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and message in err
-  assert predict.main(['--checkpoint', str(tmp_path / 'nope'), str(bad)]) == 2
+  assert exit_status(predict.main, ['--checkpoint', str(tmp_path / 'nope'), str(bad)]) == 2
 
 
 def test_decompression_bomb_is_one_line_and_a_trusted_one_can_be_allowed(checkpoint, tmp_path,
                                                                          capsys, monkeypatch):
   bomb = tmp_path / 'bomb.png'
   bomb.write_bytes(png_bomb())  # 30000 x 30000
-  assert predict.main(['--checkpoint', checkpoint, str(bomb)]) == 2
+  assert exit_status(predict.main, ['--checkpoint', checkpoint, str(bomb)]) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith(f'error: {bomb}: image of 900,000,000 pixels, '
                                                  'more than the 178,956,970 allowed')

@@ -159,7 +159,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
 def _start(config: ConfigDict, workdir: str, devices):
   """(checkpointer, run, state, start step), with the run's files written. A workdir this made
   is removed again if the run fails before it starts (a missing dataset, a bad init_from)."""
-  fresh = not files.exists(workdir)
+  fresh = not files.is_remote(workdir) and not files.exists(workdir)
   checkpointing.prepare_workdir(workdir)  # an unwritable workdir fails here, before any work
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, workdir_io.CHECKPOINTS_DIR),
                                     keep=config.keep_checkpoints, async_save=config.checkpoint_async)
