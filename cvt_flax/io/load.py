@@ -96,7 +96,7 @@ def resolve(ref, *, revision: str | None = None, cache_dir: str | None = None,
   if parsed is None:
     raise FileNotFoundError(f'{ref}: no such file or directory, and not a hub name (org/name).')
   if _meant_as_path(ref):
-    raise FileNotFoundError(f'{ref}: no such file or directory{_close_match(ref)}.')
+    raise FileNotFoundError(f'{ref}: no such file or directory{_close_match(ref) or "."}')
   repo_id, pinned = parsed
   if pinned and revision and pinned != revision:
     raise CheckpointError(f'{ref}: two revisions given ({pinned!r} in the name, {revision!r}).')
