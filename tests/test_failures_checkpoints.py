@@ -17,7 +17,7 @@ from orbax.checkpoint._src.path import atomicity
 from cvt_flax.training import loop
 from cvt_flax.convert import ConversionError
 from cvt_flax.io import CheckpointError
-from cvt_flax.io.trees import to_nested_dict
+from cvt_flax.models.weights import to_nested_dict
 from cvt_flax.models import CvT
 from cvt_flax.training import checkpointing
 from cvt_flax.training.checkpointing import (Checkpointer, CheckpointRestoreError, complete_steps,

@@ -35,10 +35,9 @@ import orbax.checkpoint as ocp
 from cvt_flax import files, labels
 from cvt_flax import preprocess as preprocess_lib
 from cvt_flax.errors import CvtFlaxError, Note
-from cvt_flax.io import trees
 from cvt_flax.models import CvT, CvTConfig, abstract_model, finish_abstract_model
 from cvt_flax.models.config import config_from_saved
-from cvt_flax.models.weights import describe_differences, flat_variables, shapes
+from cvt_flax.models.weights import describe_differences, flat_variables, flatten, nest, shapes
 
 FORMAT = 'cvt_flax.model'
 VERSION = 2
@@ -131,7 +130,7 @@ def save_model(model: CvT, path, *, overwrite: bool = False, preprocess=None,
   with files.atomic_directory(path, commit_file=CONFIG_FILE, parts=(STATE_DIR,),
                               overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(tmp, STATE_DIR), trees.nest(weights))
+      checkpointer.save(os.path.join(tmp, STATE_DIR), nest(weights))
       checkpointer.wait_until_finished()
     # config.json last: the directory only looks like a model once complete.
     write_model_doc(os.path.join(tmp, CONFIG_FILE), doc)
@@ -154,15 +153,15 @@ def _restore_weights(model: CvT, state_dir: str) -> None:
     raise CheckpointError(f'{state_dir}: missing; the model has a config but no weights.')
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      stored = trees.flatten(checkpointer.metadata(state_dir).item_metadata.tree, sep='.')
+      stored = flatten(checkpointer.metadata(state_dir).item_metadata.tree, sep='.')
       differences = describe_differences(shapes(stored), shapes(expected), found_name='stored',
                                          wanted_name='config needs')
       if differences:
         raise CheckpointError(f'{state_dir}: the stored weights do not match the model in '
                               f'{CONFIG_FILE}:\n  ' + '\n  '.join(differences))
-      target = trees.nest({k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
+      target = nest({k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
                            for k, v in expected.items()})
-      restored = trees.flatten(checkpointer.restore(state_dir, target), sep='.')
+      restored = flatten(checkpointer.restore(state_dir, target), sep='.')
   except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # Orbax/tensorstore raise many kinds

@@ -21,9 +21,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from cvt_flax import files, logs
-from cvt_flax.io import trees
 from cvt_flax.io.model_dir import CheckpointError, ModelDoc, read_model_doc, write_model_doc
 from cvt_flax.models import CvT, abstract_model, finish_abstract_model
+from cvt_flax.models.weights import from_nested_dict, to_nested_dict
 
 MODEL_CONFIG_FILE = 'model_config.json'
 TRAIN_CONFIG_FILE = 'train_config.json'
@@ -77,7 +77,7 @@ def load_workdir_model(workdir: str, step: int | None = None) -> CvT:
     model = abstract_model(doc.config)
     params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {'params': trees.to_nested_dict(params), 'batch_stats': trees.to_nested_dict(stats)}
+    target = {'params': to_nested_dict(params), 'batch_stats': to_nested_dict(stats)}
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     args = ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
@@ -90,7 +90,7 @@ def load_workdir_model(workdir: str, step: int | None = None) -> CvT:
                             f'checkpoint ({type(e).__name__}: {str(e)[:300]}).') from e
   finally:
     manager.close()
-  nnx.update(model, trees.from_nested_dict(restored['params'], params),
-             trees.from_nested_dict(restored['batch_stats'], stats))
+  nnx.update(model, from_nested_dict(restored['params'], params),
+             from_nested_dict(restored['batch_stats'], stats))
   finish_abstract_model(model).eval()
   return doc.apply(model)

@@ -1,4 +1,4 @@
-"""The CPU backend: computations that are only faster on XLA:CPU, and XLA:CPU's compiler options.
+"""The CPU backend: computations that are only faster on XLA:CPU.
 
 Everything here computes the same function as the plain XLA path it replaces (differences are float
 summation order); `cvt_flax.models.compute` chooses them when the devices are CPUs, never on GPU
@@ -8,12 +8,11 @@ or TPU, where each of them would be slower (sequential loops, opaque conditional
     written out the same way (XLA:CPU's grouped-conv kernel is an order of magnitude slower).
   * `attention`: attention in cache-sized blocks of queries, with a recomputing backward.
   * `gradient_fusion_barrier`: stops XLA:CPU's fusion of the residual gradient across blocks.
-  * `COMPILER_OPTIONS`, `release_freed_memory`: the scheduler and library choices, and glibc heap
-    release.
+
+XLA:CPU's compiler options and the release of the compiler's memory are `cvt_flax.runtime.compiler`'s.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import glob
 import os
@@ -22,38 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from cvt_flax.models import layers
-
-# XLA:CPU's default scheduler computes values early and keeps them alive: in CvT's training step
-# it materialises the depthwise convolutions' shifted input windows in the forward pass and holds
-# them until the backward pass reads them. The memory-optimised scheduler does not (the memory it
-# saves: benchmarks/RESULTS.md). Same computation, same numbers.
-#
-# Which ops XLA:CPU hands to the YNNPACK library is a default that differs between XLA builds and
-# CPUs; here it is stated. Its reductions, not XLA's own loops: CvT's training step is full of
-# column reductions (bias, LayerNorm and BatchNorm gradients, BatchNorm batch statistics), which
-# XLA's emitter runs far slower (the step took twice as long without them). Its matmuls and
-# convolutions, no: XLA's own (Eigen) run the step's GEMMs and the patch embeddings' weight
-# gradients faster (benchmarks/RESULTS.md). A reduction that consumes a dot may still take the dot
-# into its YNNPACK fusion.
-COMPILER_OPTIONS = {
-    'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
-    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE',
-}
-
-
-def release_freed_memory() -> None:
-  """Returns memory that the process freed (e.g. the compiler's, after a compile) to the OS.
-
-  glibc keeps freed small allocations in its heap; XLA's compilation of a CvT-13 training step
-  leaves a sizeable part of its memory there (benchmarks/RESULTS.md), which would otherwise count
-  towards the process's peak memory for the whole run. A no-op where glibc's `malloc_trim` is not
-  available.
-  """
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
 
 # ----------------------------------------------------------------------------------------------------
 # A fusion barrier for the backward pass.

@@ -36,9 +36,9 @@ import orbax.checkpoint as ocp
 
 from cvt_flax import files
 from cvt_flax.errors import CvtFlaxError
-from cvt_flax.io.trees import flatten, from_nested_dict, to_nested_dict
 from cvt_flax.io.workdir import STATE_ITEM as _ITEM, read_only_manager
-from cvt_flax.models.weights import describe_differences, shapes
+from cvt_flax.models.weights import (describe_differences, flatten, from_nested_dict, shapes,
+                                     to_nested_dict)
 
 
 class CheckpointSaveError(CvtFlaxError, RuntimeError):
