@@ -19,7 +19,7 @@ import helpers
 from cvt_flax import errors, flops
 from cvt_flax.aot import compile as aot_compile, hlo, report, tpus
 from cvt_flax.errors import ConfigError
-from cvt_flax.models.tpu import mlp as tpu_mlp
+from cvt_flax.models.tpu import mlp_residual as tpu_mlp
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                 reason="needs libtpu (pip install 'cvt-flax[tpu]')")
@@ -106,7 +106,7 @@ def test_compiled_flops_agree_with_the_analytic_count(compiled):
 
 def _fused_block_extra_flops(cfg, image_size: int, batch: int) -> int:
   """FLOPs the fused block kernel declares beyond the model's MLP: its blocks' padded rows, and
-  fc1 again in the backward pass (14 FLOPs per row and MAC of a layer, not 12; tpu.mlp's costs)."""
+  fc1 again in the backward pass (14 FLOPs per row and MAC of a layer, not 12; tpu.mlp_residual's costs)."""
   extra, side = 0, image_size
   for i in range(cfg.num_stages):
     side = (side + 2 * cfg.patch_padding[i] - cfg.patch_size[i]) // cfg.patch_stride[i] + 1

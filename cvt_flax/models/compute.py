@@ -11,7 +11,7 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
   dwconv_impl     'xla' (one grouped conv) | 'shifts' (CPU: shifted multiply-adds) | 'fused'
                   (TPU: the three `dw_bn` projections' convolutions of a block in Pallas kernels
                   that read the token map once, with their BatchNorms in training,
-                  `cvt_flax.models.tpu.dwconv`, for 3x3 kernels
+                  `cvt_flax.models.tpu.depthwise_conv`, for 3x3 kernels
                   with padding 1 on maps that fit in VMEM, at 224 px the last stage's; others
                   take 'xla')
   attention_impl  'softmax' (official order) | 'deferred' (normalise after the product with v) |
@@ -22,13 +22,14 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
                   multiples of 8 up to 128, other calls run 'deferred') | 'flash' (TPU: Pallas
                   kernels that keep the scores in VMEM, `cvt_flax.models.tpu`: where an image's
                   keys fit in VMEM (every CvT stage at 224 px) the token-layout kernels
-                  (`tpu.mha`: the heads stay side by side in the channels, no padded keys);
+                  (`tpu.token_attention`: the heads stay side by side in the channels, no padded
+                  keys);
                   else the flash kernels in blocks of 128 keys, for calls with at least one
                   such block; shorter ones take 'recompute')
   mlp_impl        'xla' (LayerNorm, two linear layers, residual add) | 'fused' (TPU: Pallas
                   kernels for the whole second half of a block that keep the normalised tokens and
                   the hidden layer in VMEM and recompute them in the backward pass,
-                  `cvt_flax.models.tpu.mlp`, for layers whose weights fit in VMEM, without
+                  `cvt_flax.models.tpu.mlp_residual`, for layers whose weights fit in VMEM, without
                   dropout; others take 'xla')
   fusion_barrier  CPU: stop XLA:CPU's fusion of the residual gradient across blocks
   per_token_linear  CPU: linear layers applied to (batch * tokens, channels) rather than (batch,
@@ -141,8 +142,8 @@ def conv_projections(compute: Compute, projections, fmap):
   size = convs[0].kernel.shape[0]
   strides = tuple(c.stride for c in convs)
   if (compute.dwconv_impl == 'fused'
-      and tpu.dwconv.fits(_per_device(compute, fmap.shape[0]), *fmap.shape[1:])
-      and tpu.dwconv.supported(size, strides, [c.padding for c in convs])):
+      and tpu.depthwise_conv.fits(_per_device(compute, fmap.shape[0]), *fmap.shape[1:])
+      and tpu.depthwise_conv.supported(size, strides, [c.padding for c in convs])):
     dtype = compute.jnp_dtype
     # The kernels as XLA's convolution takes them (rounded to the compute dtype), taps in rows.
     weights = jax.numpy.stack([c.kernel.get_value().astype(dtype).astype(jax.numpy.float32)
@@ -150,12 +151,13 @@ def conv_projections(compute: Compute, projections, fmap):
     norms = [p.bn for p in projections]
     with jax.named_scope('conv_proj'):
       if any(norm.use_running_average for norm in norms):
-        outs = tpu.depthwise_convs(fmap.astype(dtype), weights, strides, compute.mesh)
+        outs = tpu.depthwise_conv.depthwise_convs(fmap.astype(dtype), weights, strides,
+                                                  compute.mesh)
         return [norm(out) for norm, out in zip(norms, outs)]
       # Training: the BatchNorms' statistics and both passes inside the kernels.
       scale, bias = (jax.numpy.stack([getattr(n, name).get_value() for n in norms])
                      for name in ('scale', 'bias'))
-      outs, means, variances = tpu.depthwise_convs_batch_norm(
+      outs, means, variances = tpu.depthwise_conv.depthwise_convs_batch_norm(
           fmap.astype(dtype), weights, scale, bias, strides, norms[0].epsilon, compute.mesh)
       for norm, out, mean, var in zip(norms, outs, means, variances):
         norm.track(mean, var, math.prod(out.shape[:-1]))
@@ -174,9 +176,10 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
     return layers.softmax_attention(q, k, v, scale, dropout=dropout, record=record)
   if impl == 'blocked':
     return cpu.attention(q, k, v, scale)
-  if impl == 'flash' and k.shape[2] >= tpu.BLOCK_K:
-    return tpu.on_batch_shards(compute.mesh, lambda q, k, v: tpu.flash_attention(q, k, v, scale),
-                               (q, k, v), split_in=3)
+  if impl == 'flash' and k.shape[2] >= tpu.flash_attention.BLOCK_K:
+    return tpu.on_batch_shards(
+        compute.mesh, lambda q, k, v: tpu.flash_attention.flash_attention(q, k, v, scale),
+        (q, k, v), split_in=3)
   if impl in ('recompute', 'flash'):  # 'flash' on fewer keys than one block: mostly padding
     return layers.recompute_attention(q, k, v, scale)
   if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
@@ -191,10 +194,10 @@ def multi_head_attention(compute: Compute, q, k, v, heads: int, scale, *, dropou
   (no head transposes, no padded keys); everything else splits the heads out for `attention`."""
   b, n, c = q.shape
   if (compute.attention_impl == 'flash' and dropout is None and record is None
-      and tpu.mha.fits(_per_device(compute, b), n, k.shape[1], c, q.dtype.itemsize)):
+      and tpu.token_attention.fits(_per_device(compute, b), n, k.shape[1], c, q.dtype.itemsize)):
     return tpu.on_batch_shards(
-        compute.mesh, lambda q, k, v: tpu.token_attention(q, k, v, heads, scale), (q, k, v),
-        split_in=3)
+        compute.mesh, lambda q, k, v: tpu.token_attention.token_attention(q, k, v, heads, scale),
+        (q, k, v), split_in=3)
   split = lambda t: t.reshape(b, t.shape[1], heads, c // heads).transpose(0, 2, 1, 3)
   out = attention(compute, split(q), split(k), split(v), scale, dropout=dropout, record=record)
   return out.transpose(0, 2, 1, 3).reshape(b, n, c)
@@ -209,12 +212,12 @@ def mlp_residual(compute: Compute, norm, mlp, drop_path, x):
   `fc2`, `drop`) and `drop_path` (stochastic depth, an `nnx.Dropout` over whole images)."""
   width, hidden = mlp.fc1.kernel.shape
   if (compute.mlp_impl == 'fused' and (mlp.drop.rate == 0 or mlp.drop.deterministic)
-      and tpu.mlp.fits(x.shape[1], width, hidden, x.dtype.itemsize)):
+      and tpu.mlp_residual.fits(x.shape[1], width, hidden, x.dtype.itemsize)):
     # Stochastic depth's factor per image (0 or 1/keep; 1 when inactive), drawn as for `x`.
     scale = drop_path(jax.numpy.ones((x.shape[0], 1, 1), jax.numpy.float32)).reshape(-1)
     params = (norm.scale, norm.bias, mlp.fc1.kernel, mlp.fc1.bias, mlp.fc2.kernel, mlp.fc2.bias)
     with jax.named_scope('mlp'):
-      return tpu.fused_mlp_block(x, scale, *(p.get_value() for p in params), mlp.act,
+      return tpu.mlp_residual.fused_mlp_block(x, scale, *(p.get_value() for p in params), mlp.act,
                                  norm.epsilon, compute.mesh)
   with jax.named_scope('layer_norm'):
     y = norm(x)

@@ -1,17 +1,18 @@
-"""The TPU backend: Pallas (Mosaic) kernels for what XLA would route through HBM.
+"""The TPU backend: Pallas (Mosaic) kernels for what XLA would route through HBM, one op a module.
 
-`token_attention` keeps the attention scores in VMEM with every key of an image there, on the
-model's token layout (`mha`); `flash_attention` does it in blocks of 128 keys, for keys that do
-not fit (`attention`); `fused_mlp_block` keeps the normalised tokens and the MLP's hidden layer
-there (`mlp`); `depthwise_convs` reads a token map once for a block's three convolutional
-projections, and `depthwise_convs_batch_norm` does so with their training-mode BatchNorms
-(`dwconv`). All are `jax.custom_vjp`s whose backward passes are kernels too, and every
-kernel declares a `pl.CostEstimate` of what it computes and moves, held to formulas from the
-shapes by the tests. `interpret=True` runs them in Pallas's TPU interpreter on any backend.
+  token_attention  attention on the model's token layout, every key of an image in VMEM
+  flash_attention  attention in blocks of 128 keys, for keys that do not fit
+  mlp_residual     a block's second half (LayerNorm, MLP, stochastic depth, residual add), the
+                   normalised tokens and the hidden layer kept in VMEM
+  depthwise_conv   a block's three depthwise convolutions reading the token map once
+                   (`depthwise_convs`), and with their training-mode BatchNorms
+                   (`depthwise_convs_batch_norm`)
+
+This package's front door is these modules: `cvt_flax.models.compute` calls each op as
+`tpu.<op>.<entry>` and asks `tpu.<op>.fits(...)` whether a shape fits its VMEM plan. Every entry is
+a `jax.custom_vjp` whose backward pass is kernels too, and every kernel declares a
+`pl.CostEstimate` of what it computes and moves, held to formulas from the shapes by the tests.
+`interpret=True` runs them in Pallas's TPU interpreter on any backend.
 """
-from cvt_flax.models.tpu.attention import (BLOCK_K, BLOCK_Q, dkv_cost, dq_cost, flash_attention,
-                                           forward_cost)
+from cvt_flax.models.tpu import depthwise_conv, flash_attention, mlp_residual, token_attention
 from cvt_flax.models.tpu.blocks import on_batch_shards
-from cvt_flax.models.tpu.dwconv import depthwise_convs, depthwise_convs_batch_norm
-from cvt_flax.models.tpu.mlp import fused_mlp_block
-from cvt_flax.models.tpu.mha import token_attention

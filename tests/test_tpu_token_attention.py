@@ -1,4 +1,4 @@
-"""The TPU backend's attention on the model's token layout (`cvt_flax/models/tpu/mha.py`), checked
+"""The TPU backend's attention on the model's token layout (`cvt_flax/models/tpu/token_attention.py`), checked
 without a TPU: its numerics in Pallas's TPU interpreter on this CPU (whole and blocked queries,
 float32 and bfloat16), its declared costs against the formulas, and its Mosaic compile for a TPU
 (libtpu, deviceless), where XLA must count the kernels; and a training model on them."""
@@ -10,8 +10,8 @@ from flax import nnx
 
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, tpus
-from cvt_flax.models import layers, tpu, with_compute
-from cvt_flax.models.tpu import mha
+from cvt_flax.models import layers, with_compute
+from cvt_flax.models.tpu import token_attention
 from cvt_flax.runtime import compiler
 from helpers import assert_same_gradients
 
@@ -54,7 +54,7 @@ def _output_and_grads(attention, q, k, v, grad):
 
 
 def _kernels(heads, scale):
-  return lambda q, k, v: tpu.token_attention(q, k, v, heads, scale, True)
+  return lambda q, k, v: token_attention.token_attention(q, k, v, heads, scale, True)
 
 
 def _xla(heads, scale):
@@ -74,8 +74,8 @@ def _max_errors(got, want):
 def test_attention_and_its_gradients_are_exact_to_float32_rounding(shape, budget, monkeypatch):
   b, nq, nk, c, heads = shape
   if budget:
-    monkeypatch.setattr(mha, 'VMEM_BUDGET', budget)
-    assert mha.plan(b, nq, nk, c, 4) == (1, 64)
+    monkeypatch.setattr(token_attention, 'VMEM_BUDGET', budget)
+    assert token_attention.plan(b, nq, nk, c, 4) == (1, 64)
   q, k, v, grad = _inputs(b, nq, nk, c)
   scale = c ** -0.5
   exact = _exact(q, k, v, grad, heads, scale)
@@ -102,9 +102,9 @@ def test_in_bfloat16_the_kernels_err_no_more_than_xla():
 def _estimates(b, nq, nk, c, heads, dtype=jnp.bfloat16):
   q = jax.ShapeDtypeStruct((b, nq, c), dtype)
   k = jax.ShapeDtypeStruct((b, nk, c), dtype)
-  blocks = -(-nq // mha.plan(b, nq, nk, c, 2)[1])
-  return (mha.forward_cost(q, k, k, q, heads, blocks),
-          mha.backward_cost(q, k, k, q, q, k, k, heads, blocks))
+  blocks = -(-nq // token_attention.plan(b, nq, nk, c, 2)[1])
+  return (token_attention.forward_cost(q, k, k, q, heads, blocks),
+          token_attention.backward_cost(q, k, k, q, q, k, k, heads, blocks))
 
 
 @pytest.mark.parametrize('shape', STAGES)
@@ -133,7 +133,7 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(shape, tpu
   q = jax.ShapeDtypeStruct((b, nq, c), jnp.bfloat16, sharding=sharding)
   k = jax.ShapeDtypeStruct((b, nk, c), jnp.bfloat16, sharding=sharding)
   def forward_and_backward(q, k, v, grad):
-    out, vjp = jax.vjp(lambda q, k, v: tpu.token_attention(q, k, v, heads, c ** -0.5), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: token_attention.token_attention(q, k, v, heads, c ** -0.5), q, k, v)
     return out, vjp(grad)
 
   step = jax.jit(forward_and_backward)
@@ -147,12 +147,12 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(shape, tpu
 def test_a_training_model_on_the_kernels_takes_the_same_steps(monkeypatch):
   """The loss and every parameter gradient equal XLA's path, with a cls-token stage (a 9 x 7
   map: 1 + 63 queries against 1 + 20 keys)."""
-  kernel, calls = tpu.token_attention, []
+  kernel, calls = token_attention.token_attention, []
 
   def interpreted(q, k, *args):
     calls.append((q.shape, k.shape))
     return kernel(q, k, *args, interpret=True)
-  monkeypatch.setattr(tpu, 'token_attention', interpreted)
+  monkeypatch.setattr(token_attention, 'token_attention', interpreted)
   model = cvt_flax.create_model('tiny', num_classes=10, rngs=nnx.Rngs(3))  # cls token last
   on_kernels = with_compute(model, attention_impl='flash')
   images = np.random.default_rng(4).normal(size=(3, 36, 28, 3)).astype(np.float32)

@@ -1,5 +1,5 @@
 """The TPU backend's depthwise convolutions with their training-mode BatchNorms inside the kernels
-(`cvt_flax/models/tpu/dwconv.py`, `depthwise_convs_batch_norm`), checked without a TPU: numerics
+(`cvt_flax/models/tpu/depthwise_conv.py`, `depthwise_convs_batch_norm`), checked without a TPU: numerics
 against float64 in Pallas's TPU interpreter (one device and a batch split over four, where the
 statistics must be the whole batch's), the declared costs, and the Mosaic compile."""
 import jax
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from cvt_flax.aot import compile as aot_compile, tpus
-from cvt_flax.models import layers, norms, tpu
-from cvt_flax.models.tpu import dwconv
+from cvt_flax.models import layers, norms
+from cvt_flax.models.tpu import depthwise_conv
 from cvt_flax.runtime import compiler
 from helpers import on_one_and_four_cpu_devices
-from test_tpu_dwconv import STRIDES, _exact, _inputs
+from test_tpu_depthwise_conv import STRIDES, _exact, _inputs
 
 EPSILON = 1e-5
 WHAT = ('q', 'k', 'v', 'means', 'variances', 'dx', 'dw', 'd_scale', 'd_bias')
@@ -58,7 +58,7 @@ def _xla(x, w, scale, bias):
 
 
 def _kernels(mesh=None):
-  return lambda x, w, scale, bias: tpu.depthwise_convs_batch_norm(
+  return lambda x, w, scale, bias: depthwise_conv.depthwise_convs_batch_norm(
       x, w, scale, bias, STRIDES, EPSILON, mesh, interpret=True)
 
 
@@ -89,7 +89,7 @@ def test_outputs_statistics_and_all_gradients_are_exact_to_float32_rounding(shap
 _FOUR_DEVICES = r'''
 import json
 import jax, numpy as np
-from test_tpu_dwconv_bn import _bn_inputs, _everything, _kernels
+from test_tpu_depthwise_conv_batch_norm import _bn_inputs, _everything, _kernels
 x, w, scale, bias, grads, d_mean, d_var = _bn_inputs((8, 6, 6, 8), 0.5)
 def run(mesh):
   args = (x, w, scale, bias, grads)
@@ -116,9 +116,9 @@ def test_the_kernels_declare_their_arithmetic_and_the_bytes_they_read_and_write(
   x = jax.ShapeDtypeStruct((h, h, b, c), jnp.bfloat16)  # the kernels' layout
   w = jax.ShapeDtypeStruct((3, 9, 1, c), jnp.float32)
   rows = jax.ShapeDtypeStruct((3, 5, 1, c), jnp.float32)
-  outs = dwconv._out_shapes(x, STRIDES)
-  statistics = dwconv.forward_cost(x, w, outs, rows, written=False)
-  backward = dwconv.backward_cost(x, w, outs, x, w, rows)
+  outs = depthwise_conv._out_shapes(x, STRIDES)
+  statistics = depthwise_conv.forward_cost(x, w, outs, rows, written=False)
+  backward = depthwise_conv.backward_cost(x, w, outs, x, w, rows)
   image, small = h * h * c * 2, (h // 2) * (h // 2) * c * 2  # bf16 maps
   assert statistics.bytes_accessed >= b * image  # the map, and no output
   assert statistics.bytes_accessed < b * (image + small)
@@ -136,11 +136,11 @@ def test_mosaic_compiles_cvt13_last_stage_with_its_batch_norms(b):
   h, c = 14, 384
   x = jax.ShapeDtypeStruct((b, h, h, c), jnp.bfloat16, sharding=placed)
   rows = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=placed) for s in ((3, 9, c), (3, c))]
-  grads = [jax.ShapeDtypeStruct((b, dwconv.out_size(h, s), dwconv.out_size(h, s), c),
+  grads = [jax.ShapeDtypeStruct((b, depthwise_conv.out_size(h, s), depthwise_conv.out_size(h, s), c),
                                 jnp.bfloat16, sharding=placed) for s in STRIDES]
 
   def step(x, w, scale, bias, grads):
-    fn = lambda *a: tpu.depthwise_convs_batch_norm(*a, STRIDES, EPSILON)
+    fn = lambda *a: depthwise_conv.depthwise_convs_batch_norm(*a, STRIDES, EPSILON)
     out, vjp = jax.vjp(fn, x, w, scale, bias)
     return out, vjp((grads, jnp.zeros_like(scale), jnp.zeros_like(scale)))
 

@@ -1,7 +1,7 @@
-"""The TPU backend's flash attention (`cvt_flax/models/tpu/attention.py`), checked without a TPU: its
-numerics in Pallas's TPU interpreter on this CPU, its declared costs against the formulas, and
-its Mosaic compile for a TPU (libtpu, deviceless), where XLA must count the kernels; and the model
-with all the TPU kernels (these and those of `tests/test_tpu_{mha,mlp,dwconv}.py`) against its XLA
+"""The TPU backend's flash attention (`cvt_flax/models/tpu/flash_attention.py`), checked without a
+TPU: its numerics in Pallas's TPU interpreter on this CPU, its declared costs against the formulas,
+and its Mosaic compile for a TPU (libtpu, deviceless), where XLA must count the kernels; and the
+model with all the TPU kernels (these and those of the other `tests/test_tpu_*.py`) against its XLA
 path."""
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ def test_flash_attention_and_its_gradients_are_exact_to_float32_rounding(shape):
   k, v = (rng.normal(size=(b, h, nk, d)).astype(np.float32) for _ in range(2))
   scale = (h * d) ** -0.5
   exact = _reference(q, k, v, scale, grad)
-  flash = _output_and_grads(lambda q, k, v: tpu.flash_attention(q, k, v, scale, True),
+  flash = _output_and_grads(lambda q, k, v: tpu.flash_attention.flash_attention(q, k, v, scale, True),
                             q, k, v, grad)
   # The noise floor, measured here: XLA's float32 attention against the same exact answer.
   xla = _output_and_grads(lambda q, k, v: layers.recompute_attention(q, k, v, scale),
@@ -61,8 +61,8 @@ def _estimates(b, h, nq, nk, d, dtype=jnp.bfloat16):
   q = jax.ShapeDtypeStruct((b * h, nq, d), dtype)
   k = jax.ShapeDtypeStruct((b * h, nk, d), dtype)
   stats = jax.ShapeDtypeStruct((b * h, 1, nq), jnp.float32)
-  return (tpu.forward_cost(q, k, k, q, stats), tpu.dq_cost(q, k, k, q, stats, stats, q),
-          tpu.dkv_cost(q, k, k, q, stats, stats, k, k))
+  return (tpu.flash_attention.forward_cost(q, k, k, q, stats), tpu.flash_attention.dq_cost(q, k, k, q, stats, stats, q),
+          tpu.flash_attention.dkv_cost(q, k, k, q, stats, stats, k, k))
 
 
 @pytest.mark.parametrize('shape', [(8, 1, 3136, 784, 64), (8, 6, 197, 50, 64)])
@@ -91,7 +91,7 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(tpu_device
     q = jax.ShapeDtypeStruct((b, h, nq, d), jnp.bfloat16, sharding=sharding)
     k = jax.ShapeDtypeStruct((b, h, nk, d), jnp.bfloat16, sharding=sharding)
     step = jax.jit(lambda q, k, v, g: _output_and_grads(
-        lambda q, k, v: tpu.flash_attention(q, k, v, 0.125), q, k, v, g))
+        lambda q, k, v: tpu.flash_attention.flash_attention(q, k, v, 0.125), q, k, v, g))
     compiled = step.lower(q, k, k, q).compile()
     cost = compiler.cost_analysis(compiled)
     declared = _estimates(b, h, nq, nk, d)
@@ -116,18 +116,19 @@ def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(tpu_device
 def test_model_on_the_tpu_kernels_matches_the_xla_path_in_the_interpreter(mha_budget, keys,
                                                                           monkeypatch):
   if mha_budget is not None:
-    monkeypatch.setattr(tpu.mha, 'VMEM_BUDGET', mha_budget)
+    monkeypatch.setattr(tpu.token_attention, 'VMEM_BUDGET', mha_budget)
   images = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
   model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
   model.eval()
   want = np.asarray(model(images))
-  calls = {name: [] for name in ('token_attention', 'flash_attention', 'fused_mlp_block',
-                                 'depthwise_convs')}
-  for name, kernel in ((name, getattr(tpu, name)) for name in calls):
-    def interpreted(*args, name=name, kernel=kernel):
+  ops = {'token_attention': tpu.token_attention, 'flash_attention': tpu.flash_attention,
+         'fused_mlp_block': tpu.mlp_residual, 'depthwise_convs': tpu.depthwise_conv}
+  calls = {name: [] for name in ops}
+  for name, op in ops.items():
+    def interpreted(*args, name=name, kernel=getattr(op, name)):
       calls[name].append([a.shape for a in args[:2]])
       return kernel(*args, interpret=True)
-    monkeypatch.setattr(tpu, name, interpreted)
+    monkeypatch.setattr(op, name, interpreted)
   got = np.asarray(with_compute(model, attention_impl='flash', mlp_impl='fused',
                                 dwconv_impl='fused')(images))
   for name, want_keys in keys.items():

@@ -1,5 +1,5 @@
 """The TPU backend's fused second half of a block, `x + drop_path(mlp(layer_norm(x)))`
-(`cvt_flax/models/tpu/mlp.py`), checked without a TPU: its numerics in Pallas's TPU interpreter on
+(`cvt_flax/models/tpu/mlp_residual.py`), checked without a TPU: its numerics in Pallas's TPU interpreter on
 this CPU (one device and a batch split over four), its declared costs against the formulas, and its
 Mosaic compile for a TPU (libtpu, deviceless)."""
 
@@ -12,8 +12,8 @@ from scipy.special import erf
 
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, tpus
-from cvt_flax.models import layers, norms, tpu, with_compute
-from cvt_flax.models.tpu import mlp
+from cvt_flax.models import layers, norms, with_compute
+from cvt_flax.models.tpu import mlp_residual
 from cvt_flax.runtime import compiler
 from helpers import assert_same_gradients, on_one_and_four_cpu_devices
 
@@ -81,7 +81,7 @@ def _xla(name, scale, dtype=jnp.float32):
 
 
 def _fused(name, scale, mesh=None):
-  return lambda x, *params: tpu.fused_mlp_block(x, jnp.asarray(scale), *params, ACTIVATIONS[name],
+  return lambda x, *params: mlp_residual.fused_mlp_block(x, jnp.asarray(scale), *params, ACTIVATIONS[name],
                                                 1e-5, mesh, True)
 
 
@@ -129,9 +129,9 @@ def test_each_kernel_declares_its_matmuls_and_at_least_the_bytes_it_reads_and_wr
   scale = jax.ShapeDtypeStruct((b,), jnp.float32)
   params = _params(width, jnp.bfloat16)
   grads = [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in params]
-  forward = mlp.forward_cost(x, scale, *params, x)
-  backward = mlp.backward_cost(x, x, scale, *params[:-1], x, *grads)
-  rows = b * -(-n // mlp.block_rows(n)) * mlp.block_rows(n)  # whole blocks, padding included
+  forward = mlp_residual.forward_cost(x, scale, *params, x)
+  backward = mlp_residual.backward_cost(x, x, scale, *params[:-1], x, *grads)
+  rows = b * -(-n // mlp_residual.block_rows(n)) * mlp_residual.block_rows(n)  # whole blocks, padding included
   assert rows >= b * n
   assert forward.flops == 2 * 2 * rows * width * hidden  # fc1, fc2
   assert backward.flops == 5 * 2 * rows * width * hidden  # fc1 again, dw2, d hidden, dw1, dx
@@ -146,30 +146,30 @@ def test_mosaic_compiles_every_cvt13_stage_and_xla_counts_the_kernels():
   device = aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
   placed = jax.sharding.SingleDeviceSharding(device)
   for b, n, width in [(8, 3136, 64), (8, 784, 192), (8, 197, 384)]:
-    assert mlp.fits(n, width, 4 * width, 2)
+    assert mlp_residual.fits(n, width, 4 * width, 2)
     x = jax.ShapeDtypeStruct((b, n, width), jnp.bfloat16, sharding=placed)
     scale = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=placed)
     params = [jax.ShapeDtypeStruct(p.shape[-1:] if p.shape[0] == 1 else p.shape, jnp.float32,
                                    sharding=placed) for p in _params(width, jnp.float32)]
     step = jax.jit(lambda x, s, p, g: _output_and_grads(
-        lambda x, *p: tpu.fused_mlp_block(x, s, *p, layers.quick_gelu, 1e-5), x, p, g))
+        lambda x, *p: mlp_residual.fused_mlp_block(x, s, *p, layers.quick_gelu, 1e-5), x, p, g))
     compiled = step.lower(x, scale, params, x).compile()
     cost = compiler.cost_analysis(compiled)
     # The kernels' FLOPs are the step's (nothing else multiplies), and its bytes include theirs.
     assert cost['flops'] >= 14 * b * n * width * 4 * width
     assert cost['bytes accessed'] >= 5 * b * n * width * 2
-  assert not mlp.fits(577, 1024, 4096, 2)  # CvT-W24's last stage takes XLA's path
+  assert not mlp_residual.fits(577, 1024, 4096, 2)  # CvT-W24's last stage takes XLA's path
 
 
 def test_training_with_stochastic_depth_takes_the_same_steps_on_the_kernel(monkeypatch):
   """In training mode, with stochastic depth dropping images, the model on the kernel draws the
   same masks and gives the same outputs and parameter gradients as on XLA's path."""
-  kernel, scales = tpu.fused_mlp_block, []
+  kernel, scales = mlp_residual.fused_mlp_block, []
 
   def interpreted(x, scale, *args):
     scales.append(scale)
     return kernel(x, scale, *args, interpret=True)
-  monkeypatch.setattr(tpu, 'fused_mlp_block', interpreted)
+  monkeypatch.setattr(mlp_residual, 'fused_mlp_block', interpreted)
   # Stochastic depth grows from 0 over a stage's blocks: the second block of stage 2 drops images
   # with probability 0.6.
   model = cvt_flax.create_model(dict(variant='tiny', depth=(1, 2), drop_path_rate=(0.0, 0.6)),
@@ -187,7 +187,7 @@ def test_training_with_stochastic_depth_takes_the_same_steps_on_the_kernel(monke
 _FOUR_DEVICES = r'''
 import json
 import jax, numpy as np
-from test_tpu_mlp import _fused, _inputs, _output_and_grads
+from test_tpu_mlp_residual import _fused, _inputs, _output_and_grads
 x, scale, params, grad = _inputs(4, 197, 16)
 def run(mesh):
   args = (x, params, grad)

@@ -1,5 +1,5 @@
 """The TPU backend's depthwise convolutions of a block's three projections
-(`cvt_flax/models/tpu/dwconv.py`), checked without a TPU: their numerics in Pallas's TPU
+(`cvt_flax/models/tpu/depthwise_conv.py`), checked without a TPU: their numerics in Pallas's TPU
 interpreter on this CPU (one device and a batch split over four, and in a training model), their
 declared costs against the formulas, and their Mosaic compile for a TPU (libtpu, deviceless)."""
 
@@ -11,8 +11,8 @@ from flax import nnx
 
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, tpus
-from cvt_flax.models import layers, tpu, with_compute
-from cvt_flax.models.tpu import dwconv
+from cvt_flax.models import layers, with_compute
+from cvt_flax.models.tpu import depthwise_conv
 from cvt_flax.runtime import compiler
 from helpers import assert_same_gradients, on_one_and_four_cpu_devices
 
@@ -25,7 +25,7 @@ def _inputs(shape, seed=0):
   x = rng.normal(size=shape).astype(np.float32)
   w = (rng.normal(size=(len(STRIDES), 9, shape[-1])) / 3).astype(np.float32)
   b, h, width, c = shape
-  grads = [rng.normal(size=(b, dwconv.out_size(h, s), dwconv.out_size(width, s), c))
+  grads = [rng.normal(size=(b, depthwise_conv.out_size(h, s), depthwise_conv.out_size(width, s), c))
            .astype(np.float32) for s in STRIDES]
   return x, w, grads
 
@@ -37,7 +37,7 @@ def _exact(x, w, grads):
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   outs, dx_padded, dw = [], np.zeros_like(padded), np.zeros_like(w)
   for conv, (stride, grad) in enumerate(zip(STRIDES, grads)):
-    ho, wo = dwconv.out_size(h, stride), dwconv.out_size(width, stride)
+    ho, wo = depthwise_conv.out_size(h, stride), depthwise_conv.out_size(width, stride)
     out = np.zeros((b, ho, wo, c))
     for a in range(3):
       for col in range(3):
@@ -57,7 +57,7 @@ def _xla(x, w):
 
 
 def _kernels(mesh=None):
-  return lambda x, w: tpu.depthwise_convs(x, w, STRIDES, mesh, interpret=True)
+  return lambda x, w: depthwise_conv.depthwise_convs(x, w, STRIDES, mesh, interpret=True)
 
 
 def _outputs_and_grads(fn, x, w, grads):
@@ -99,9 +99,9 @@ def test_each_kernel_declares_its_arithmetic_and_at_least_the_bytes_it_reads_and
   b, h, width, c = shape
   x = jax.ShapeDtypeStruct((h, width, b, c), jnp.bfloat16)  # the kernels' layout
   w = jax.ShapeDtypeStruct((3, 9, 1, c), jnp.float32)
-  outs = dwconv._out_shapes(x, STRIDES)
-  forward = dwconv.forward_cost(x, w, outs)
-  backward = dwconv.backward_cost(x, w, outs, x, w)
+  outs = depthwise_conv._out_shapes(x, STRIDES)
+  forward = depthwise_conv.forward_cost(x, w, outs)
+  backward = depthwise_conv.backward_cost(x, w, outs, x, w)
   image, small = h * width * c * 2, (h // 2) * (width // 2) * c * 2  # bf16 maps
   assert forward.bytes_accessed >= b * (2 * image + 2 * small)  # x; q, k, v
   assert backward.bytes_accessed >= b * (3 * image + 2 * small)  # x, dq, dx; dk, dv
@@ -115,13 +115,13 @@ def test_mosaic_compiles_cvt13_last_stage_and_xla_counts_the_kernels(b):
   device = aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
   placed = jax.sharding.SingleDeviceSharding(device)
   h, c = 14, 384
-  assert dwconv.fits(b, h, h, c)
+  assert depthwise_conv.fits(b, h, h, c)
   x = jax.ShapeDtypeStruct((b, h, h, c), jnp.bfloat16, sharding=placed)
   w = jax.ShapeDtypeStruct((3, 9, c), jnp.float32, sharding=placed)
-  grads = [jax.ShapeDtypeStruct((b, dwconv.out_size(h, s), dwconv.out_size(h, s), c),
+  grads = [jax.ShapeDtypeStruct((b, depthwise_conv.out_size(h, s), depthwise_conv.out_size(h, s), c),
                                 jnp.bfloat16, sharding=placed) for s in STRIDES]
   step = jax.jit(lambda x, w, g: jax.vjp(
-      lambda x, w: tpu.depthwise_convs(x, w, STRIDES), x, w)[1](g))
+      lambda x, w: depthwise_conv.depthwise_convs(x, w, STRIDES), x, w)[1](g))
   cost = compiler.cost_analysis(step.lower(x, w, grads).compile())
   assert cost['bytes accessed'] >= b * h * h * c * 2 * 3  # x, dq, dx at least
   assert cost['flops'] >= 2 * 9 * b * h * h * c * 2  # the backward kernel's dx and dw
@@ -129,14 +129,14 @@ def test_mosaic_compiles_cvt13_last_stage_and_xla_counts_the_kernels(b):
 
 def test_larger_maps_and_other_kernels_take_xlas_convolutions():
   # At 256 images per chip, CvT-13's first two stages (56 and 28 px maps) exceed the VMEM budget.
-  assert not dwconv.fits(256, 56, 56, 64) and not dwconv.fits(256, 28, 28, 192)
-  assert not dwconv.supported(3, (1, 2, 2), (0, 0, 0)) and not dwconv.supported(5, (1,), (2,))
+  assert not depthwise_conv.fits(256, 56, 56, 64) and not depthwise_conv.fits(256, 28, 28, 192)
+  assert not depthwise_conv.supported(3, (1, 2, 2), (0, 0, 0)) and not depthwise_conv.supported(5, (1,), (2,))
 
 
 _FOUR_DEVICES = r'''
 import json
 import jax, numpy as np
-from test_tpu_dwconv import _inputs, _kernels, _outputs_and_grads
+from test_tpu_depthwise_conv import _inputs, _kernels, _outputs_and_grads
 x, w, grads = _inputs((4, 6, 6, 8))
 def run(mesh):
   args = (x, w, grads)
@@ -162,10 +162,10 @@ def test_a_training_model_on_the_kernels_takes_the_same_steps(monkeypatch):
   map. In eval mode the kernels compute the convolutions alone."""
   calls = {'depthwise_convs': [], 'depthwise_convs_batch_norm': []}
   for name in calls:
-    def interpreted(x, *args, name=name, kernel=getattr(tpu, name)):
+    def interpreted(x, *args, name=name, kernel=getattr(depthwise_conv, name)):
       calls[name].append(x.shape)
       return kernel(x, *args, interpret=True)
-    monkeypatch.setattr(tpu, name, interpreted)
+    monkeypatch.setattr(depthwise_conv, name, interpreted)
   model = cvt_flax.create_model('tiny', num_classes=10, rngs=nnx.Rngs(3))  # cls token last
   fused = with_compute(cvt_flax.create_model('tiny', num_classes=10, rngs=nnx.Rngs(3)),
                        dwconv_impl='fused')
