@@ -1,6 +1,6 @@
 """A new user's mistakes, each through its real command in a subprocess: one `error:` line that
 names the thing and the fix, exit status 2, no traceback; a bug in a config keeps its traceback."""
-import shutil
+import json
 import subprocess
 import sys
 
@@ -36,6 +36,16 @@ def workdir(digits_dir, tmp_path_factory):
   path = tmp_path_factory.mktemp('user') / 'runs' / 'digits'
   loop.train_and_evaluate(tiny_config(digits_dir, num_train_steps=4), str(path))
   return path
+
+
+def test_the_workdir_records_the_values_and_paths_used(workdir):
+  resolved = json.loads((workdir / 'train_config.json').read_text())['resolved']
+  assert resolved == {'total_steps': 4, 'steps_per_epoch': 89, 'warmup_steps': 2, 'peak_lr': 1e-3,
+                      'eval_split': 'test'}
+  compute = json.loads((workdir / 'compute.json').read_text())
+  assert (compute['settings']['attention_impl'], compute['settings']['platform']) == ('blocked',
+                                                                                    'cpu')
+  assert [row['conv'][0] for row in compute['stages']] == ['shifts'] * len(compute['stages'])
 
 
 def _folder(root, splits: dict[str, int], classes=10):

@@ -15,7 +15,7 @@ from flax import nnx
 import cvt_flax
 from cvt_flax.models import Compute, compute, cpu
 from cvt_flax.runtime import compiler
-from helpers import PARITY_ATOL, fixture_model
+from helpers import PARITY_ATOL, fixture_model, load_config_module
 
 # Two float32 computations of the same function that differ only in summation order, on values of
 # order 1 to 10 (random inputs, 9- to 50-term sums): measured <= 4e-6 apart; a few ulps of 10.
@@ -154,6 +154,30 @@ def test_auto_takes_the_paths_of_the_platform(platform, dwconv, attention, mlp, 
   assert explicit.attention_impl == 'softmax'
   model = cvt_flax.create_model('cvt-13', rngs=nnx.Rngs(0), platform=platform)
   assert model.stage2.blocks[0].attn.compute == resolved
+
+
+def test_choices_name_each_ops_path_and_why():
+  """What `auto` resolves to for CvT-13 at 224, stage by stage, as the trainer's log, its
+  compute.json and `python -m cvt_flax.aot` show it."""
+  cfg = cvt_flax.make_config('cvt-13')
+  paths = lambda settings, batch=256: [(r['conv'][0], r['attention'][0], r['mlp'][0])
+                                      for r in compute.choices(settings, cfg, 224, 224, batch)]
+  tpu_bf16 = compute.make_compute(dtype='bfloat16', platform='tpu')
+  assert paths(tpu_bf16) == [('xla', 'token_attention', 'fused')] * 2 + [
+      ('fused', 'token_attention', 'fused')]
+  rows = compute.choices(tpu_bf16, cfg, 224, 224, 256)
+  assert "56x56x64 map of 256 images per device does not fit" in rows[0]['conv'][1]
+  assert paths(compute.make_compute(dtype='bfloat16', platform='gpu')) == [
+      ('xla', 'cudnn', 'xla')] * 3
+  assert paths(compute.make_compute(platform='gpu'))[0][1] == 'deferred'  # cuDNN: bf16/fp16 only
+  asked = compute.make_compute(platform='gpu', attention_impl='cudnn')  # float32: not cuDNN's
+  assert 'not float32 x 64' in compute.choices(asked, cfg, 224, 224, 8)[0]['attention'][1]
+  assert paths(compute.make_compute(platform='cpu')) == [('shifts', 'blocked', 'xla')] * 3
+  lines = compute.describe_choices(rows)
+  assert len(lines) == 3 and lines[2].startswith('stage 2 (14x14x384): conv fused (')
+  config = load_config_module('digits').get_config()
+  config.dtype = 'bfloat16'
+  assert Compute.from_config(config, platform='tpu') == tpu_bf16
 
 
 def _largest_backward_fusion(depth, barrier=True):

@@ -11,7 +11,7 @@ from flax import nnx
 
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, hlo, tpus
-from cvt_flax.models import layers, tpu, with_compute
+from cvt_flax.models import compute as compute_lib, layers, tpu, with_compute
 from cvt_flax.runtime import compiler, sharding
 from helpers import LOGITS_FP32_PAIR_ATOL, TINY_MODEL
 
@@ -136,6 +136,13 @@ def test_model_on_the_tpu_kernels_matches_the_xla_path_in_the_interpreter(mha_bu
   assert len(calls['fused_mlp_block']) == sum(len(stage.blocks) for stage in model.stages)
   # The second stage's 16 x 16 map; the first stage's 32 x 32 exceeds the VMEM budget.
   assert [shapes[0] for shapes in calls['depthwise_convs']] == [(2, 16, 16, 32)]
+  # What `choices` says of each stage is what ran.
+  stages = compute_lib.choices(with_compute(model, attention_impl='flash', mlp_impl='fused',
+                                            dwconv_impl='fused').compute, model.config, 64, 64, 2)
+  assert [r['conv'][0] for r in stages] == ['xla', 'fused']
+  ran = 'token_attention' if keys['token_attention'] else 'flash'
+  assert [r['attention'][0] for r in stages] == [ran, ran if mha_budget is None else 'recompute']
+  assert [r['mlp'][0] for r in stages] == ['fused', 'fused']
   assert np.abs(got - want).max() <= LOGITS_FP32_PAIR_ATOL
 
 

@@ -29,7 +29,8 @@ with errors.reported():
 from absl import app, flags, logging
 
 from cvt_flax.aot import compile as aot_compile, report, tpus
-from cvt_flax.training import config as config_lib, config_flag
+from cvt_flax.models import compute as compute_lib
+from cvt_flax.training import config as config_lib, config_flag, run as run_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flag.define_config_flag()
@@ -69,12 +70,17 @@ def main(argv):
                                              num_train_examples=_TRAIN_EXAMPLES.value,
                                              progress=_progress)
   print(report.to_text(compiled), flush=True)
+  choices = run_lib.compute_choices(compiled.run)
+  print(f"compute ({choices['settings']['dtype']}, per stage for the train step's "
+        f"{choices['batch_per_step']} images):")
+  for line in compute_lib.describe_choices(choices['stages']):
+    print(f'  {line}')
   if _TOP_COSTS.value and compiled.train.hlo_text:
     print(report.costs_text(compiled, _TOP_COSTS.value))
   if _HLO_OUT.value:
     files.write_text(_HLO_OUT.value, compiled.train.hlo_text)
   if _JSON.value:
-    print(json.dumps(report.to_json(compiled), sort_keys=True))
+    print(json.dumps({**report.to_json(compiled), 'compute': choices}, sort_keys=True))
   if not report.fits(compiled):
     sys.exit(2)
 

@@ -13,7 +13,7 @@ from cvt_flax import preprocess as preprocess_lib
 from cvt_flax.errors import CvtFlaxError
 from cvt_flax.io.model_dir import ModelDoc
 from cvt_flax.models import CvT, with_compute
-from cvt_flax.models.compute import DTYPES
+from cvt_flax.models.compute import DTYPES, Compute
 
 DOC_FILE = 'model.json'
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names
@@ -22,10 +22,10 @@ INPUTS = ('float32', 'uint8')
 # normalised after the product with v) for a program lowered for several platforms: the CPU
 # paths would be slower elsewhere. A CPU-only program takes the CPU paths, as `model(x)` does on
 # CPU. Either way the same function as `model(x)` up to float rounding.
-PORTABLE_COMPUTE = dict(dwconv_impl='xla', attention_impl='deferred', mlp_impl='xla',
-                        fusion_barrier=False, per_token_linear=False, remat='none')
-CPU_COMPUTE = dict(dwconv_impl='auto', attention_impl='deferred', mlp_impl='xla',
-                   fusion_barrier=None, per_token_linear=None, remat='none')
+PORTABLE_COMPUTE = Compute(dwconv_impl='xla', attention_impl='deferred', mlp_impl='xla',
+                           fusion_barrier=False, per_token_linear=False, remat='none')
+CPU_COMPUTE = Compute(dwconv_impl='auto', attention_impl='deferred', mlp_impl='xla',
+                      fusion_barrier=None, per_token_linear=None, remat='none')
 
 
 class ExportError(CvtFlaxError, ValueError):
@@ -73,8 +73,8 @@ def serving_function(model: CvT, spec: ServingSpec) -> tuple[Callable, nnx.State
   """(apply, weights): `apply(weights, images)` is the eval-mode forward pass as `spec` asks
   (uint8 pixels normalised first; float32 logits), in plain JAX; `weights` are the model's
   parameters and batch statistics."""
-  settings = CPU_COMPUTE if spec.platforms == ('cpu',) else PORTABLE_COMPUTE
-  model = with_compute(model, dtype=spec.dtype, platform=spec.platforms[0], **settings)
+  preset = CPU_COMPUTE if spec.platforms == ('cpu',) else PORTABLE_COMPUTE
+  model = with_compute(model, preset, dtype=spec.dtype, platform=spec.platforms[0])
   model.eval()
   graphdef, weights, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
 

@@ -3,6 +3,8 @@
     WORKDIR/model_config.json         the model document (`cvt_flax.io.model_dir`): architecture,
                                       its eval transform, the class names
     WORKDIR/train_config.json         the training config of the run, as the trainer resolved it
+    WORKDIR/compute.json              the compute settings 'auto' resolved to, and per stage the
+                                      path each op takes (kernel, cuDNN or XLA) and why
     WORKDIR/checkpoints/<step>/state  Orbax train state: `params/...`, `batch_stats/...`, `rngs`,
                                       `opt_state`, `step`
     WORKDIR/metrics.jsonl             one JSON object per logged step
@@ -27,6 +29,7 @@ from cvt_flax.models.weights import from_nested_dict, to_nested_dict
 
 MODEL_CONFIG_FILE = 'model_config.json'
 TRAIN_CONFIG_FILE = 'train_config.json'
+COMPUTE_FILE = 'compute.json'
 CHECKPOINTS_DIR = 'checkpoints'
 STATE_ITEM = 'state'  # the Orbax item name of the train state in each checkpoint
 METRICS_FILE = 'metrics.jsonl'

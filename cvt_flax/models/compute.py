@@ -41,6 +41,15 @@ CPU-only paths of `cvt_flax.models.cpu` on 'cpu', the plain XLA paths everywhere
   remat           'none' | 'block' (recompute each block in the backward pass, keeping only its
                   input) | a `jax.checkpoint_policies` name kept per block ('dots_saveable',
                   'dots_with_no_batch_dims_saveable', ...): less memory for W24 or large batches
+  platform        what 'auto' is resolved for (None: JAX's default backend)
+  mesh            the devices the batch is split over, for the kernels XLA cannot partition
+
+A training config holds `dtype`, the three `*_impl` and `remat` under the same names
+(`Compute.from_config` reads and checks them; CONFIG_FIELDS). Which path each op then takes
+depends on its shapes too (a kernel's VMEM plan, cuDNN's dtypes and head sizes): `conv_path`,
+`attention_path` and `mlp_path` decide it, for the ops here and for `choices`, which tells per
+stage what runs and why (the trainer's first log lines and WORKDIR/compute.json, `python -m
+cvt_flax.aot`).
 
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
 'cudnn' for bf16/fp16 ('deferred' for float32); TPU the 'fused' convolutions + 'flash' + the
@@ -56,10 +65,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 from flax import nnx
 
+from cvt_flax.errors import ConfigError
 from cvt_flax.models import cpu, layers, tpu
 
 DTYPES = ('float32', 'bfloat16')
@@ -69,6 +80,11 @@ ATTENTION_IMPLS = ('auto', 'softmax', 'deferred', 'recompute', 'blocked', 'xla_f
 MLP_IMPLS = ('auto', 'xla', 'fused')
 REMAT = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
          'everything_saveable', 'nothing_saveable')
+_ALLOWED = {'dtype': DTYPES, 'dwconv_impl': DWCONV_IMPLS, 'attention_impl': ATTENTION_IMPLS,
+            'mlp_impl': MLP_IMPLS, 'remat': REMAT}
+# The settings a training config holds under the same names (`Compute.from_config`); the CPU's
+# switches stay 'auto', the platform and mesh are the run's.
+CONFIG_FIELDS = tuple(_ALLOWED)
 # The choice of 'auto' per platform; platforms not listed take 'default'.
 _AUTO = {
     'cpu': {'dwconv_impl': 'shifts', 'attention_impl': 'blocked', 'mlp_impl': 'xla',
@@ -100,12 +116,24 @@ class Compute:
   mesh: jax.sharding.Mesh | None = None
 
   def __post_init__(self):
-    for field, allowed in (('dtype', DTYPES), ('dwconv_impl', DWCONV_IMPLS),
-                           ('attention_impl', ATTENTION_IMPLS), ('mlp_impl', MLP_IMPLS),
-                           ('remat', REMAT)):
+    for field, allowed in _ALLOWED.items():
       if getattr(self, field) not in allowed:
-        raise ValueError(f'compute setting {field}={getattr(self, field)!r} is not one of '
-                         f'{allowed}.')
+        raise ConfigError(f'compute setting {field}={getattr(self, field)!r} is not one of '
+                          f'{allowed}.')
+
+  @classmethod
+  def from_config(cls, config, *, platform: str | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> 'Compute':
+    """The resolved settings of a training config (its CONFIG_FIELDS), for `platform` (default: the
+    platform of `mesh`'s devices, else JAX's default backend). A value that is not allowed is a
+    ConfigError naming `config.<field>`."""
+    for field in CONFIG_FIELDS:
+      if config[field] not in _ALLOWED[field]:
+        raise ConfigError(f'config.{field}: {config[field]!r} is not one of {_ALLOWED[field]}')
+    if platform is None and mesh is not None:
+      platform = mesh.devices.flat[0].platform
+    return make_compute(cls(**{field: config[field] for field in CONFIG_FIELDS}),
+                        platform=platform, mesh=mesh)
 
   def resolved(self) -> 'Compute':
     """The same settings with every 'auto' replaced by the choice for the platform."""
@@ -141,9 +169,8 @@ def conv_projections(compute: Compute, projections, fmap):
   convs = [p.conv for p in projections]
   size = convs[0].kernel.shape[0]
   strides = tuple(c.stride for c in convs)
-  if (compute.dwconv_impl == 'fused'
-      and tpu.depthwise_conv.fits(_per_device(compute, fmap.shape[0]), *fmap.shape[1:])
-      and tpu.depthwise_conv.supported(size, strides, [c.padding for c in convs])):
+  path, _ = conv_path(compute, fmap.shape, size, strides, [c.padding for c in convs])
+  if path == 'fused':
     dtype = compute.jnp_dtype
     # The kernels as XLA's convolution takes them (rounded to the compute dtype), taps in rows.
     weights = jax.numpy.stack([c.kernel.get_value().astype(dtype).astype(jax.numpy.float32)
@@ -171,19 +198,21 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
   Attention dropout or recording the probabilities (`attention_maps`) needs them materialised,
   so either one takes the 'softmax' path.
   """
-  impl = compute.attention_impl
-  if impl == 'softmax' or dropout is not None or record is not None:
+  if dropout is not None or record is not None:
     return layers.softmax_attention(q, k, v, scale, dropout=dropout, record=record)
-  if impl == 'blocked':
+  path, _ = _head_attention_path(compute, k.shape[2], q.shape[-1], q.dtype.name)
+  if path == 'softmax':
+    return layers.softmax_attention(q, k, v, scale)
+  if path == 'blocked':
     return cpu.attention(q, k, v, scale)
-  if impl == 'flash' and k.shape[2] >= tpu.flash_attention.BLOCK_K:
+  if path == 'flash':
     return tpu.on_batch_shards(
         compute.mesh, lambda q, k, v: tpu.flash_attention.flash_attention(q, k, v, scale),
         (q, k, v), split_in=3)
-  if impl in ('recompute', 'flash'):  # 'flash' on fewer keys than one block: mostly padding
+  if path == 'recompute':
     return layers.recompute_attention(q, k, v, scale)
-  if impl == 'xla_fused' or (impl == 'cudnn' and _cudnn_supports(q)):
-    return _fused_attention(q, k, v, scale, 'xla' if impl == 'xla_fused' else 'cudnn')
+  if path in ('xla_fused', 'cudnn'):
+    return _fused_attention(q, k, v, scale, 'xla' if path == 'xla_fused' else 'cudnn')
   return layers.deferred_attention(q, k, v, scale)[0]
 
 
@@ -193,8 +222,8 @@ def multi_head_attention(compute: Compute, q, k, v, heads: int, scale, *, dropou
   output in the same layout. 'flash' takes `tpu.token_attention` where an image's keys fit in VMEM
   (no head transposes, no padded keys); everything else splits the heads out for `attention`."""
   b, n, c = q.shape
-  if (compute.attention_impl == 'flash' and dropout is None and record is None
-      and tpu.token_attention.fits(_per_device(compute, b), n, k.shape[1], c, q.dtype.itemsize)):
+  if (dropout is None and record is None and attention_path(
+      compute, b, n, k.shape[1], c, heads, q.dtype.name)[0] == 'token_attention'):
     return tpu.on_batch_shards(
         compute.mesh, lambda q, k, v: tpu.token_attention.token_attention(q, k, v, heads, scale),
         (q, k, v), split_in=3)
@@ -211,8 +240,8 @@ def mlp_residual(compute: Compute, norm, mlp, drop_path, x):
   """`x + drop_path(mlp(norm(x)))`, the second half of a block: a LayerNorm, an MLP (`fc1`, `act`,
   `fc2`, `drop`) and `drop_path` (stochastic depth, an `nnx.Dropout` over whole images)."""
   width, hidden = mlp.fc1.kernel.shape
-  if (compute.mlp_impl == 'fused' and (mlp.drop.rate == 0 or mlp.drop.deterministic)
-      and tpu.mlp_residual.fits(x.shape[1], width, hidden, x.dtype.itemsize)):
+  if ((mlp.drop.rate == 0 or mlp.drop.deterministic)
+      and mlp_path(compute, x.shape[1], width, hidden, x.dtype.name)[0] == 'fused'):
     # Stochastic depth's factor per image (0 or 1/keep; 1 when inactive), drawn as for `x`.
     scale = drop_path(jax.numpy.ones((x.shape[0], 1, 1), jax.numpy.float32)).reshape(-1)
     params = (norm.scale, norm.bias, mlp.fc1.kernel, mlp.fc1.bias, mlp.fc2.kernel, mlp.fc2.bias)
@@ -224,9 +253,65 @@ def mlp_residual(compute: Compute, norm, mlp, drop_path, x):
   return x + drop_path(mlp(y))
 
 
-def _cudnn_supports(q) -> bool:
-  head_dim = q.shape[-1]
-  return q.dtype.name in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+# ----------------------------------------------------------------------------------------------------
+# Which path each op takes for given shapes, and why: the one decision, used by the ops above and
+# shown by `choices` (the trainer's log and workdir, `python -m cvt_flax.aot`). Paths that need
+# the probabilities (attention dropout, `attention_maps`) or MLP dropout take XLA's path whatever
+# these say.
+
+def conv_path(compute: Compute, fmap_shape, kernel_size: int, strides, paddings) -> tuple[str, str]:
+  """(path, why) of a block's `dw_bn` convolutions on an NHWC map of `fmap_shape`."""
+  b, h, w, c = fmap_shape
+  if compute.dwconv_impl == 'fused':
+    if not tpu.depthwise_conv.supported(kernel_size, strides, paddings):
+      return 'xla', "XLA's grouped convolution: the kernels take 3x3 convolutions with padding 1"
+    if not tpu.depthwise_conv.fits(_per_device(compute, b), h, w, c):
+      return 'xla', (f"XLA's grouped convolution: a {h}x{w}x{c} map of {_per_device(compute, b)} "
+                     "images per device does not fit the kernels' VMEM plan")
+    return 'fused', 'Pallas kernels reading the map once, tpu.depthwise_conv'
+  if compute.dwconv_impl == 'shifts':
+    return 'shifts', 'shifted multiply-adds, the CPU path'
+  return 'xla', "XLA's grouped convolution"
+
+
+def attention_path(compute: Compute, batch: int, queries: int, keys: int, width: int, heads: int,
+                   dtype: str) -> tuple[str, str]:
+  """(path, why) of attention of `queries` against `keys` tokens, `heads` heads over `width`."""
+  itemsize = jax.numpy.dtype(dtype).itemsize
+  if (compute.attention_impl == 'flash'
+      and tpu.token_attention.fits(_per_device(compute, batch), queries, keys, width, itemsize)):
+    return 'token_attention', "Pallas kernels on the token layout, the image's keys in VMEM"
+  path, why = _head_attention_path(compute, keys, width // heads, dtype)
+  if compute.attention_impl == 'flash':
+    why = f"the image's keys do not fit VMEM whole: {why}"
+  return path, why
+
+
+def _head_attention_path(compute: Compute, keys: int, head_dim: int, dtype: str) -> tuple[str, str]:
+  impl = compute.attention_impl
+  if impl == 'flash':
+    if keys >= tpu.flash_attention.BLOCK_K:
+      return 'flash', f'Pallas flash attention in blocks of {tpu.flash_attention.BLOCK_K} keys'
+    return 'recompute', (f'XLA, probabilities recomputed in the backward pass: {keys} keys are '
+                         'fewer than one flash block')
+  if impl == 'cudnn':
+    if dtype in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128:
+      return 'cudnn', "cuDNN's fused attention"
+    return 'deferred', (f'XLA, normalised after the product with v: cuDNN takes bf16/fp16 and head '
+                        f'dims that are multiples of 8 up to 128, not {dtype} x {head_dim}')
+  return impl, {'softmax': 'XLA, the official order', 'deferred': 'XLA, normalised after the '
+                'product with v', 'recompute': 'XLA, probabilities recomputed in the backward pass',
+                'blocked': 'XLA in blocks of queries sized to the L2 cache, the CPU path',
+                'xla_fused': "XLA's fused attention (jax.nn.dot_product_attention)"}[impl]
+
+
+def mlp_path(compute: Compute, tokens: int, width: int, hidden: int, dtype: str) -> tuple[str, str]:
+  """(path, why) of a block's second half (LayerNorm, MLP, residual add) on `tokens` tokens."""
+  if compute.mlp_impl != 'fused':
+    return 'xla', 'XLA'
+  if not tpu.mlp_residual.fits(tokens, width, hidden, jax.numpy.dtype(dtype).itemsize):
+    return 'xla', f"XLA: a {width}x{hidden} MLP's weights do not fit the kernels' VMEM plan"
+  return 'fused', 'a Pallas kernel keeping the normalised tokens and the hidden layer in VMEM'
 
 
 def _fused_attention(q, k, v, scale, implementation):
@@ -259,3 +344,45 @@ def token_linear(compute: Compute, fn, x):
 def block_boundary(compute: Compute, x):
   """What happens to the residual stream between two blocks: nothing, except on CPU."""
   return cpu.gradient_fusion_barrier(x) if compute.fusion_barrier else x
+
+
+def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
+  return (n + 2 * padding - kernel) // stride + 1
+
+
+def choices(compute: Compute, cfg, height: int, width: int, batch: int) -> list[dict[str, Any]]:
+  """Per stage of a CvTConfig `cfg`, for `batch` images (over the mesh) of height x width: the
+  path each op takes and why, {'stage', 'map', 'conv', 'attention', 'mlp'} with (path, why)."""
+  rows = []
+  h, w = height, width
+  for i in range(cfg.num_stages):
+    k, s, p = cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i]
+    h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
+    dim, extra, kq = cfg.dim_embed[i], int(bool(cfg.cls_token[i])), cfg.kernel_qkv[i]
+    q_args, kv_args = (kq, cfg.stride_q[i], cfg.padding_q[i]), (kq, cfg.stride_kv[i],
+                                                                 cfg.padding_kv[i])
+    method = cfg.qkv_proj_method[i]
+    if method == 'dw_bn':
+      conv = conv_path(compute, (batch, h, w, dim), kq, (q_args[1], kv_args[1], kv_args[1]),
+                       (q_args[2], kv_args[2], kv_args[2]))
+      queries = _conv_out(h, *q_args) * _conv_out(w, *q_args)
+      keys = _conv_out(h, *kv_args) * _conv_out(w, *kv_args)
+    elif method == 'avg':
+      conv = ('avg', 'average pooling of the keys and values, no convolution')
+      queries = h * w
+      keys = layers.ceil_pool_output_size(h, *kv_args) * layers.ceil_pool_output_size(w, *kv_args)
+    else:
+      conv, queries, keys = ('linear', 'no projection'), h * w, h * w
+    rows.append({
+        'stage': i, 'map': f'{h}x{w}x{dim}', 'conv': conv,
+        'attention': attention_path(compute, batch, queries + extra, keys + extra, dim,
+                                    cfg.num_heads[i], compute.dtype),
+        'mlp': mlp_path(compute, h * w + extra, dim, int(dim * cfg.mlp_ratio[i]), compute.dtype)})
+  return rows
+
+
+def describe_choices(rows: list[dict[str, Any]]) -> list[str]:
+  """`choices` as text, a line per stage."""
+  return [f"stage {row['stage']} ({row['map']}): "
+          + '; '.join(f'{op} {row[op][0]} ({row[op][1]})' for op in ('conv', 'attention', 'mlp'))
+          for row in rows]

@@ -297,9 +297,9 @@ def create_model(variant_or_spec: Any = 'cvt-13', num_classes: int | None = None
   `variant_or_spec`: 'cvt-13' | 'cvt-21' | 'cvt-w24', a CvTConfig, a dict/ConfigDict of model fields
   (optionally with `variant`), or an official SPEC dict (upper-case keys). `num_classes` defaults to
   1000 for variant names and to the given config's value otherwise; 0 gives a model returning
-  pre-logits features. `fields` override architecture fields, except the compute settings
-  (`dtype`, `dwconv_impl`, `attention_impl`, `fusion_barrier`, `per_token_linear`, `remat`,
-  `platform`), which go to `compute`.
+  pre-logits features. `fields` override architecture fields, except the compute settings (every
+  field of `Compute`: `dtype`, `dwconv_impl`, `attention_impl`, `mlp_impl`, `fusion_barrier`,
+  `per_token_linear`, `remat`, `platform`, `mesh`), which go to `compute`.
   """
   if num_classes is not None:
     fields['num_classes'] = num_classes

@@ -29,12 +29,13 @@ from ml_collections import ConfigDict
 from cvt_flax import data, files
 from cvt_flax.errors import EXPECTED_ERRORS, CvtFlaxError
 from cvt_flax.io import workdir as workdir_io
+from cvt_flax.models import compute as compute_lib
 from cvt_flax.runtime import compiler
 from cvt_flax.runtime import eval_step as eval_step_lib, evaluation, sharding
 from cvt_flax.training import checkpointing, metrics as metrics_lib
 from cvt_flax.training import config as config_lib
-from cvt_flax.training.run import (Run, eval_batch_size, initial_or_restored_state, resolved_values,
-                                   write_run_files)
+from cvt_flax.training.run import (Run, compute_choices, eval_batch_size, initial_or_restored_state,
+                                   resolved_values, write_run_files)
 from cvt_flax.training.steps import TrainState, make_train_step, model_variables
 
 
@@ -133,6 +134,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
              f'{resolved["warmup_steps"]}, peak lr {resolved["peak_lr"]:.3g}) on {run.mesh.size} '
              f'devices, {jax.process_count()} processes; '
              + (f'resuming at step {start}' if start else 'starting at step 0'))
+  choices = compute_choices(run)
+  writer.log(f"compute ({choices['settings']['dtype']} on {run.platform}, "
+             f"{workdir_io.COMPUTE_FILE}):")
+  for line in compute_lib.describe_choices(choices['stages']):
+    writer.log(f'  {line}')
   stop = checkpointing.StopSignal()
   failing = True
   try:

@@ -19,7 +19,8 @@ from ml_collections import ConfigDict
 from cvt_flax import data, files, io
 from cvt_flax.errors import ConfigError
 from cvt_flax.io import workdir as workdir_io
-from cvt_flax.models import Compute, CvT, CvTConfig, make_compute, make_config
+from cvt_flax.models import Compute, CvT, CvTConfig, make_config
+from cvt_flax.models import compute as compute_lib
 from cvt_flax.models.weights import flat_variables, host_weights, shapes
 from cvt_flax.runtime import compiler, sharding
 from cvt_flax.training import checkpointing, init_from, optim
@@ -108,9 +109,7 @@ def build_run(config: ConfigDict, workdir: str, base_model_config: CvTConfig | N
   total_steps, steps_per_epoch = resolve_num_steps(config, info.num_train_examples)
   model_config = resolve_model_config(config, info.num_classes, base_model_config)
   mesh = sharding.make_mesh(devices)
-  compute = make_compute(dtype=config.dtype, dwconv_impl=config.dwconv_impl,
-                         attention_impl=config.attention_impl, mlp_impl=config.mlp_impl,
-                         remat=config.remat, platform=mesh.devices.flat[0].platform, mesh=mesh)
+  compute = Compute.from_config(config, mesh=mesh)
   sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
   sharding.check_batch_size(eval_batch_size(config), mesh)
   schedule = optim.make_lr_schedule(config.optimizer, batch_size=config.batch_size,
@@ -192,11 +191,23 @@ def resolved_values(run: Run) -> dict[str, Any]:
           'eval_split': cfg.input.eval_split or data.default_eval_split(cfg.input)}
 
 
+def compute_choices(run: Run) -> dict[str, Any]:
+  """The compute settings 'auto' resolved to on the run's devices, and per stage the path each op
+  takes for the train batch and why (`cvt_flax.models.compute.choices`)."""
+  settings = {f.name: getattr(run.compute, f.name) for f in dataclasses.fields(run.compute)
+              if f.name != 'mesh'}
+  size = run.config.input.image_size
+  batch = run.config.batch_size // run.config.grad_accum_steps
+  return {'settings': settings, 'devices': run.mesh.size, 'batch_per_step': batch,
+          'stages': compute_lib.choices(run.compute, run.model_config, size, size, batch)}
+
+
 def write_run_files(run: Run, workdir: str) -> None:
-  """WORKDIR/model_config.json (the model document) and train_config.json (the config, its
-  fields derived from others as the overrides left them, and the values the trainer derived under
-  "resolved"); process 0 only."""
+  """WORKDIR/model_config.json (the model document), train_config.json (the config, its fields
+  derived from others as the overrides left them, and the values the trainer derived under
+  "resolved") and compute.json (`compute_choices`); process 0 only."""
   if jax.process_index() == 0:
     workdir_io.write_workdir_model_doc(workdir, run.model_doc())
     files.write_json(os.path.join(workdir, workdir_io.TRAIN_CONFIG_FILE),
                      {**run.config.to_dict(), 'resolved': resolved_values(run)}, sort_keys=True)
+    files.write_json(os.path.join(workdir, workdir_io.COMPUTE_FILE), compute_choices(run))
