@@ -154,6 +154,10 @@ def test_cli_reports_a_run_that_cannot_fit(digits_dir, tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['fits'] is False and result['hbm_bytes_per_chip'] > result['hbm_capacity_bytes']
+  # The paths `auto` took on the TPU, per stage (the 512 px maps are too large for the
+  # convolution kernels' VMEM plan), in the text and the JSON.
+  assert [row['conv'][0] for row in result['compute']['stages']] == ['xla', 'xla']
+  assert 'stage 0 (128x128x' in proc.stdout and "does not fit the kernels' VMEM plan" in proc.stdout
   assert 'fits: NO, does not fit' in proc.stdout
   for fix in ('--config.fsdp=True', '--config.remat=block'):
     assert fix in proc.stdout
