@@ -157,7 +157,7 @@ def test_cli_reports_a_run_that_cannot_fit(digits_dir, tmp_path):
   # The paths `auto` took on the TPU, per stage (the 512 px maps are too large for the
   # convolution kernels' VMEM plan), in the text and the JSON.
   assert [row['conv'][0] for row in result['compute']['stages']] == ['xla', 'xla']
-  assert 'stage 0 (128x128x' in proc.stdout and "does not fit the kernels' VMEM plan" in proc.stdout
+  assert 'stage 0 (256x256x16)' in proc.stdout and "does not fit the kernels' VMEM plan" in proc.stdout
   assert 'fits: NO, does not fit' in proc.stdout
   for fix in ('--config.fsdp=True', '--config.remat=block'):
     assert fix in proc.stdout
