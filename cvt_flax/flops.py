@@ -29,10 +29,6 @@ from cvt_flax.runtime import compiler, platforms
 PAPER = paper_cost()
 
 
-def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
-  return (n + 2 * padding - kernel) // stride + 1
-
-
 def analytic_macs(cfg: CvTConfig, image_size: int | tuple[int, int]) -> dict[str, int]:
   """Multiply-adds for one image, by kind of layer, plus their 'total'.
 
@@ -40,29 +36,18 @@ def analytic_macs(cfg: CvTConfig, image_size: int | tuple[int, int]) -> dict[str
   (BatchNorm folds into the conv at inference). The cls token takes part in the linear layers, the
   MLP and attention (as a query and as a key) but not in the spatial projections.
   """
-  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
   macs = dict.fromkeys(('conv_embed', 'conv_proj', 'qkv_linear', 'attention', 'attn_out', 'mlp',
                         'head'), 0)
   channels = cfg.in_chans
-  for i in range(cfg.num_stages):
-    k, s, p = cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i]
-    h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
+  for i, (h, w, q_hw, kv_hw) in enumerate(layers.stage_sizes(cfg, height, width)):
+    k = cfg.patch_size[i]
     dim = cfg.dim_embed[i]
     macs['conv_embed'] += h * w * dim * channels * k * k
     channels = dim
     extra = 1 if cfg.cls_token[i] else 0
     kq = cfg.kernel_qkv[i]
     method = cfg.qkv_proj_method[i]
-    kv_args = (kq, cfg.stride_kv[i], cfg.padding_kv[i])
-    if method == 'linear':
-      q_hw = kv_hw = h * w
-    elif method == 'avg':  # q unprojected; k, v average-pooled in ceil mode
-      q_hw = h * w
-      kv_hw = layers.ceil_pool_output_size(h, *kv_args) * layers.ceil_pool_output_size(w, *kv_args)
-    else:
-      q_args = (kq, cfg.stride_q[i], cfg.padding_q[i])
-      q_hw = _conv_out(h, *q_args) * _conv_out(w, *q_args)
-      kv_hw = _conv_out(h, *kv_args) * _conv_out(w, *kv_args)
     n_tokens, n_q, n_kv = h * w + extra, q_hw + extra, kv_hw + extra
     hidden = int(dim * cfg.mlp_ratio[i])
     per_block = {

@@ -116,10 +116,8 @@ class Compute:
   mesh: jax.sharding.Mesh | None = None
 
   def __post_init__(self):
-    for field, allowed in _ALLOWED.items():
-      if getattr(self, field) not in allowed:
-        raise ConfigError(f'compute setting {field}={getattr(self, field)!r} is not one of '
-                          f'{allowed}.')
+    _check_allowed(lambda field: getattr(self, field),
+                   'compute setting {field}={value!r} is not one of {allowed}.')
 
   @classmethod
   def from_config(cls, config, *, platform: str | None = None,
@@ -127,9 +125,7 @@ class Compute:
     """The resolved settings of a training config (its CONFIG_FIELDS), for `platform` (default: the
     platform of `mesh`'s devices, else JAX's default backend). A value that is not allowed is a
     ConfigError naming `config.<field>`."""
-    for field in CONFIG_FIELDS:
-      if config[field] not in _ALLOWED[field]:
-        raise ConfigError(f'config.{field}: {config[field]!r} is not one of {_ALLOWED[field]}')
+    check_config(config)
     if platform is None and mesh is not None:
       platform = mesh.devices.flat[0].platform
     return make_compute(cls(**{field: config[field] for field in CONFIG_FIELDS}),
@@ -148,6 +144,21 @@ class Compute:
   @property
   def jnp_dtype(self):
     return jax.numpy.dtype(self.dtype)
+
+
+def _check_allowed(value_of, message: str) -> None:
+  """ConfigError (`message` formatted with field, value, allowed) for the first setting whose
+  value `value_of(field)` is not one of _ALLOWED's."""
+  for field, allowed in _ALLOWED.items():
+    value = value_of(field)
+    if value not in allowed:
+      raise ConfigError(message.format(field=field, value=value, allowed=allowed))
+
+
+def check_config(config) -> None:
+  """A training config's compute settings (CONFIG_FIELDS), checked: a ConfigError naming
+  `config.<field>` for a value that is not allowed."""
+  _check_allowed(config.__getitem__, 'config.{field}: {value!r} is not one of {allowed}')
 
 
 def make_compute(compute: Compute | None = None, **settings) -> Compute:
@@ -346,33 +357,19 @@ def block_boundary(compute: Compute, x):
   return cpu.gradient_fusion_barrier(x) if compute.fusion_barrier else x
 
 
-def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
-  return (n + 2 * padding - kernel) // stride + 1
-
-
 def choices(compute: Compute, cfg, height: int, width: int, batch: int) -> list[dict[str, Any]]:
   """Per stage of a CvTConfig `cfg`, for `batch` images (over the mesh) of height x width: the
   path each op takes and why, {'stage', 'map', 'conv', 'attention', 'mlp'} with (path, why)."""
   rows = []
-  h, w = height, width
-  for i in range(cfg.num_stages):
-    k, s, p = cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i]
-    h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
-    dim, extra, kq = cfg.dim_embed[i], int(bool(cfg.cls_token[i])), cfg.kernel_qkv[i]
-    q_args, kv_args = (kq, cfg.stride_q[i], cfg.padding_q[i]), (kq, cfg.stride_kv[i],
-                                                                 cfg.padding_kv[i])
-    method = cfg.qkv_proj_method[i]
+  for i, (h, w, queries, keys) in enumerate(layers.stage_sizes(cfg, height, width)):
+    dim, extra, method = cfg.dim_embed[i], int(bool(cfg.cls_token[i])), cfg.qkv_proj_method[i]
     if method == 'dw_bn':
-      conv = conv_path(compute, (batch, h, w, dim), kq, (q_args[1], kv_args[1], kv_args[1]),
-                       (q_args[2], kv_args[2], kv_args[2]))
-      queries = _conv_out(h, *q_args) * _conv_out(w, *q_args)
-      keys = _conv_out(h, *kv_args) * _conv_out(w, *kv_args)
-    elif method == 'avg':
-      conv = ('avg', 'average pooling of the keys and values, no convolution')
-      queries = h * w
-      keys = layers.ceil_pool_output_size(h, *kv_args) * layers.ceil_pool_output_size(w, *kv_args)
+      conv = conv_path(compute, (batch, h, w, dim), cfg.kernel_qkv[i],
+                       (cfg.stride_q[i], cfg.stride_kv[i], cfg.stride_kv[i]),
+                       (cfg.padding_q[i], cfg.padding_kv[i], cfg.padding_kv[i]))
     else:
-      conv, queries, keys = ('linear', 'no projection'), h * w, h * w
+      conv = {'avg': ('avg', 'average pooling of the keys and values, no convolution'),
+              'linear': ('linear', 'no projection')}[method]
     rows.append({
         'stage': i, 'map': f'{h}x{w}x{dim}', 'conv': conv,
         'attention': attention_path(compute, batch, queries + extra, keys + extra, dim,

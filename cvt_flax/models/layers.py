@@ -139,6 +139,35 @@ recompute_attention.defvjp(_recompute_attention_fwd, _recompute_attention_bwd)
 # ----------------------------------------------------------------------------------------------------
 # Average pooling as torch.nn.AvgPool2d(ceil_mode=True, count_include_pad=True).
 
+def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
+  """Output length of a convolution along an axis of length n (explicit symmetric padding)."""
+  return (n + 2 * padding - kernel) // stride + 1
+
+
+def stage_sizes(cfg, height: int, width: int) -> list[tuple[int, int, int, int]]:
+  """Per stage of a CvTConfig for height x width images: (h, w) of its token map after the
+  convolutional embedding, and the spatial query and key/value token counts of its attention
+  (the cls token not counted): 'dw_bn' strided convolutions, 'avg' keys and values pooled in ceil
+  mode with queries unprojected, 'linear' no projection."""
+  sizes, h, w = [], height, width
+  for i in range(cfg.num_stages):
+    embed = (cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i])
+    h, w = conv_output_size(h, *embed), conv_output_size(w, *embed)
+    q_args = (cfg.kernel_qkv[i], cfg.stride_q[i], cfg.padding_q[i])
+    kv_args = (cfg.kernel_qkv[i], cfg.stride_kv[i], cfg.padding_kv[i])
+    method = cfg.qkv_proj_method[i]
+    if method == 'dw_bn':
+      queries = conv_output_size(h, *q_args) * conv_output_size(w, *q_args)
+      keys = conv_output_size(h, *kv_args) * conv_output_size(w, *kv_args)
+    elif method == 'avg':
+      queries = h * w
+      keys = ceil_pool_output_size(h, *kv_args) * ceil_pool_output_size(w, *kv_args)
+    else:
+      queries = keys = h * w
+    sizes.append((h, w, queries, keys))
+  return sizes
+
+
 def ceil_pool_output_size(n, k, s, p):
   """Output length of torch's ceil-mode pooling along an axis of length n."""
   out = -(-(n + 2 * p - k) // s) + 1

@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from cvt_flax.data import default_input_config
 from cvt_flax.errors import ConfigError
-from cvt_flax.models.compute import Compute
+from cvt_flax.models import compute
 from cvt_flax.training.mixup import default_mixup_config
 from cvt_flax.training.optim import default_optimizer_config
 
@@ -70,7 +70,7 @@ def validate_config(c: ConfigDict) -> None:
   def fail(field, why):
     raise ConfigError(f'config.{field}: {why}')
 
-  Compute.from_config(c, platform='cpu')  # the compute settings' own checks
+  compute.check_config(c)
   if c.batch_size <= 0:
     fail('batch_size', 'must be positive')
   if c.grad_accum_steps < 1:

@@ -34,8 +34,7 @@ from cvt_flax.runtime import compiler
 from cvt_flax.runtime import eval_step as eval_step_lib, evaluation, sharding
 from cvt_flax.training import checkpointing, metrics as metrics_lib
 from cvt_flax.training import config as config_lib
-from cvt_flax.training.run import (Run, compute_choices, eval_batch_size, initial_or_restored_state,
-                                   resolved_values, write_run_files)
+from cvt_flax.training.run import Run, eval_batch_size, initial_or_restored_state, write_run_files
 from cvt_flax.training.steps import TrainState, make_train_step, model_variables
 
 
@@ -126,15 +125,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
   `devices`: the devices to train on (default: all devices of all processes).
   """
   config_lib.validate_config(config)
-  ckpt, run, state, start = _start(config, workdir, devices)
+  ckpt, run, state, start, (resolved, choices) = _start(config, workdir, devices)
   writer = metrics_lib.MetricWriter(workdir, total_steps=run.total_steps, start_step=start)
-  resolved = resolved_values(run)
   writer.log(f'CvT {run.model_config.dim_embed}x{run.model_config.depth}: '
              f'{run.total_steps} steps ({run.steps_per_epoch}/epoch, warmup '
              f'{resolved["warmup_steps"]}, peak lr {resolved["peak_lr"]:.3g}) on {run.mesh.size} '
              f'devices, {jax.process_count()} processes; '
              + (f'resuming at step {start}' if start else 'starting at step 0'))
-  choices = compute_choices(run)
   writer.log(f"compute ({choices['settings']['dtype']} on {run.platform}, "
              f"{workdir_io.COMPUTE_FILE}):")
   for line in compute_lib.describe_choices(choices['stages']):
@@ -163,8 +160,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dic
 
 
 def _start(config: ConfigDict, workdir: str, devices):
-  """(checkpointer, run, state, start step), with the run's files written. A workdir this made
-  is removed again if the run fails before it starts (a missing dataset, a bad init_from)."""
+  """(checkpointer, run, state, start step, what the run's files record: `write_run_files`). A
+  workdir this made is removed again if the run fails before it starts (a missing dataset, a bad
+  init_from)."""
   fresh = not files.is_remote(workdir) and not files.exists(workdir)
   checkpointing.prepare_workdir(workdir)  # an unwritable workdir fails here, before any work
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, workdir_io.CHECKPOINTS_DIR),
@@ -172,13 +170,13 @@ def _start(config: ConfigDict, workdir: str, devices):
   try:
     run, state, start = initial_or_restored_state(config, workdir, ckpt, devices)
     checkpointing.check_free_space(ckpt.directory, checkpointing.state_nbytes(run.abstract_state))
-    write_run_files(run, workdir)
+    recorded = write_run_files(run, workdir)
   except BaseException:
     ckpt.close()
     if fresh:
       checkpointing.remove_unused_workdir(workdir)
     raise
-  return ckpt, run, state, start
+  return ckpt, run, state, start, recorded
 
 
 def _peer_failure_hint(error: Exception, newest: int | None) -> str:

@@ -202,12 +202,15 @@ def compute_choices(run: Run) -> dict[str, Any]:
           'stages': compute_lib.choices(run.compute, run.model_config, size, size, batch)}
 
 
-def write_run_files(run: Run, workdir: str) -> None:
+def write_run_files(run: Run, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """WORKDIR/model_config.json (the model document), train_config.json (the config, its fields
   derived from others as the overrides left them, and the values the trainer derived under
-  "resolved") and compute.json (`compute_choices`); process 0 only."""
+  "resolved") and compute.json (`compute_choices`), written by process 0; returns what the last
+  two record, (`resolved_values`, `compute_choices`), on every process."""
+  resolved, choices = resolved_values(run), compute_choices(run)
   if jax.process_index() == 0:
     workdir_io.write_workdir_model_doc(workdir, run.model_doc())
     files.write_json(os.path.join(workdir, workdir_io.TRAIN_CONFIG_FILE),
-                     {**run.config.to_dict(), 'resolved': resolved_values(run)}, sort_keys=True)
-    files.write_json(os.path.join(workdir, workdir_io.COMPUTE_FILE), compute_choices(run))
+                     {**run.config.to_dict(), 'resolved': resolved}, sort_keys=True)
+    files.write_json(os.path.join(workdir, workdir_io.COMPUTE_FILE), choices)
+  return resolved, choices
