@@ -84,6 +84,30 @@ def test_fused_attention_matches_the_official_numerics(impl):
   np.testing.assert_allclose(fused, reference, atol=1e-6)  # float32, 50-term sums of O(1)
 
 
+# A cls token's stage: 197 queries, 50 keys (CvT-13 at 224); both odd (CvT-21 at 384: 577, 145).
+@pytest.mark.parametrize('queries, keys', [(197, 50), (37, 9)])
+def test_cudnn_attention_padded_to_even_lengths_keeps_the_unpadded_numbers(queries, keys):
+  """jax's cuDNN attention refuses odd lengths in training, so compute pads them by one and masks
+  the padded key. The same padding and mask through XLA's implementation (CPU) gives the unpadded
+  attention and gradients, to float32 rounding (the noise floor: XLA's float32 against float64)."""
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, n, 3, 16)) for n in (queries, keys, keys))
+  cotangent = rng.normal(size=q.shape)
+
+  def everything(attend, dtype):
+    out, vjp = jax.vjp(attend, *(jnp.asarray(a, dtype) for a in (q, k, v)))
+    return [np.asarray(a, np.float64) for a in (out, *vjp(jnp.asarray(cotangent, dtype)))]
+
+  plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.1, implementation='xla')
+  padded = lambda q, k, v: compute.even_length_attention(q, k, v, 0.1, 'xla')
+  with jax.enable_x64(True):
+    exact = everything(plain, jnp.float64)
+  for what, got, noise, want in zip(('out', 'dq', 'dk', 'dv'), everything(padded, jnp.float32),
+                                    everything(plain, jnp.float32), exact):
+    assert got.shape == want.shape, what
+    assert np.abs(got - want).max() <= 2 * np.abs(noise - want).max(), what
+
+
 def test_remat_gives_the_same_gradients():
   def grads(**settings):
     model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0), **settings)

@@ -12,7 +12,7 @@ from flax import nnx
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, with_compute
-from cvt_flax.models.tpu import depthwise_conv
+from cvt_flax.models.tpu import depthwise_conv, sharded
 from cvt_flax.runtime import compiler
 from helpers import assert_same_gradients, on_one_and_four_cpu_devices
 
@@ -57,7 +57,9 @@ def _xla(x, w):
 
 
 def _kernels(mesh=None):
-  return lambda x, w: depthwise_conv.depthwise_convs(x, w, STRIDES, mesh, interpret=True)
+  """The kernels, interpreted; on `mesh` one call per shard of the batch, as the model runs them."""
+  kernels = lambda x, w: depthwise_conv.depthwise_convs(x, w, STRIDES, interpret=True)
+  return lambda x, w: sharded.on_batch_shards(mesh, kernels, (x, w), split_in=1)
 
 
 def _outputs_and_grads(fn, x, w, grads):

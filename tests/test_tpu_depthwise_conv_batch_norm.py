@@ -9,7 +9,7 @@ import pytest
 
 from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, norms
-from cvt_flax.models.tpu import depthwise_conv
+from cvt_flax.models.tpu import depthwise_conv, sharded
 from cvt_flax.runtime import compiler
 from helpers import on_one_and_four_cpu_devices
 from test_tpu_depthwise_conv import STRIDES, _exact, _inputs
@@ -58,8 +58,12 @@ def _xla(x, w, scale, bias):
 
 
 def _kernels(mesh=None):
-  return lambda x, w, scale, bias: depthwise_conv.depthwise_convs_batch_norm(
-      x, w, scale, bias, STRIDES, EPSILON, mesh, interpret=True)
+  """The kernels, interpreted; on `mesh` one call per shard of the batch, the statistics over all
+  the shards' images, as the model runs them."""
+  kernels = lambda *args: depthwise_conv.depthwise_convs_batch_norm(
+      *args, STRIDES, EPSILON, sharded.batch_axes(mesh), interpret=True)
+  return lambda *args: sharded.on_batch_shards(mesh, kernels, args, split_in=1,
+                                               split_out=(True, False, False))
 
 
 def _everything(fn, x, w, scale, bias, grads, d_mean, d_var):

@@ -13,7 +13,7 @@ from scipy.special import erf
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, norms, with_compute
-from cvt_flax.models.tpu import mlp_residual
+from cvt_flax.models.tpu import mlp_residual, sharded
 from cvt_flax.runtime import compiler
 from helpers import assert_same_gradients, on_one_and_four_cpu_devices
 
@@ -81,8 +81,10 @@ def _xla(name, scale, dtype=jnp.float32):
 
 
 def _fused(name, scale, mesh=None):
-  return lambda x, *params: mlp_residual.fused_mlp_block(x, jnp.asarray(scale), *params, ACTIVATIONS[name],
-                                                1e-5, mesh, True)
+  """The fused block, interpreted; on `mesh` one call per shard of the batch, as the model runs it."""
+  block = lambda *args: mlp_residual.fused_mlp_block(*args, ACTIVATIONS[name], 1e-5, True)
+  return lambda x, *params: sharded.on_batch_shards(mesh, block, (x, jnp.asarray(scale), *params),
+                                                    split_in=2)
 
 
 # (batch, tokens, width): the cls-token stage (197 tokens, one block of 200 rows: padded), and

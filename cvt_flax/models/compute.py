@@ -52,14 +52,18 @@ stage what runs and why (the trainer's first log lines and WORKDIR/compute.json,
 cvt_flax.aot`).
 
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
-'cudnn' for bf16/fp16 ('deferred' for float32); TPU the 'fused' convolutions + 'flash' + the
-'fused' MLP; others 'xla' + 'deferred'.
+'cudnn' for bf16/fp16 ('deferred' for float32, and before sm_80: a T4); TPU the 'fused'
+convolutions + 'flash' + the 'fused' MLP; others 'xla' + 'deferred'. cuDNN's attention gets even
+lengths: a cls token's odd ones are padded by one and masked (`even_length_attention`), which
+moves fewer bytes on an H100 than XLA's attention for those stages (benchmarks/RESULTS.md).
 The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
 (`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
 (which moves fewer bytes than 'deferred'), the 'fused' MLP than 'xla', and 'shifts' moves more
 than one grouped conv; the 'fused' convolutions move fewer than 'xla'. On a mesh the kernels need
 the `mesh` setting (the trainer and `evaluate` set it): XLA cannot split a Pallas kernel over
-devices by itself, and without it the compile fails on a sharded batch.
+devices by itself, and without it the compile fails on a sharded batch. Every kernel is
+single-device; `tpu.sharded.on_batch_shards` runs each op once per shard of the batch, and sums
+its weight gradients over the devices.
 """
 from __future__ import annotations
 
@@ -98,6 +102,8 @@ _AUTO = {
 }
 _PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}  # jax.export's names for GPU platforms
 CUDNN_DTYPES = ('bfloat16', 'float16')
+# cuDNN's fused (flash) attention runs on Ampere (sm_80) and later: not on a T4 (sm_75).
+CUDNN_MIN_CAPABILITY = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +132,14 @@ class Compute:
     platform of `mesh`'s devices, else JAX's default backend). A value that is not allowed is a
     ConfigError naming `config.<field>`."""
     check_config(config)
-    if platform is None and mesh is not None:
-      platform = mesh.devices.flat[0].platform
     return make_compute(cls(**{field: config[field] for field in CONFIG_FIELDS}),
                         platform=platform, mesh=mesh)
 
   def resolved(self) -> 'Compute':
-    """The same settings with every 'auto' replaced by the choice for the platform."""
-    platform = self.platform or jax.default_backend()
+    """The same settings with every 'auto' replaced by the choice for the platform (unset: the
+    platform of the mesh's devices, else JAX's default backend)."""
+    platform = self.platform or (self.mesh.devices.flat[0].platform if self.mesh is not None
+                                 else jax.default_backend())
     auto = dict(_AUTO.get(_PLATFORM_ALIASES.get(platform, platform), _AUTO['default']))
     if auto['attention_impl'] == 'cudnn' and self.dtype not in CUDNN_DTYPES:
       auto['attention_impl'] = 'deferred'  # cuDNN's fused attention has no float32 kernel
@@ -189,14 +195,19 @@ def conv_projections(compute: Compute, projections, fmap):
     norms = [p.bn for p in projections]
     with jax.named_scope('conv_proj'):
       if any(norm.use_running_average for norm in norms):
-        outs = tpu.depthwise_conv.depthwise_convs(fmap.astype(dtype), weights, strides,
-                                                  compute.mesh)
+        outs = tpu.sharded.on_batch_shards(
+            compute.mesh, lambda x, w: tpu.depthwise_conv.depthwise_convs(x, w, strides),
+            (fmap.astype(dtype), weights), split_in=1)
         return [norm(out) for norm, out in zip(norms, outs)]
-      # Training: the BatchNorms' statistics and both passes inside the kernels.
+      # Training: the BatchNorms' statistics (over the whole batch) and both passes inside the
+      # kernels.
       scale, bias = (jax.numpy.stack([getattr(n, name).get_value() for n in norms])
                      for name in ('scale', 'bias'))
-      outs, means, variances = tpu.depthwise_conv.depthwise_convs_batch_norm(
-          fmap.astype(dtype), weights, scale, bias, strides, norms[0].epsilon, compute.mesh)
+      axes = tpu.sharded.batch_axes(compute.mesh)
+      outs, means, variances = tpu.sharded.on_batch_shards(
+          compute.mesh, lambda *a: tpu.depthwise_conv.depthwise_convs_batch_norm(
+              *a, strides, norms[0].epsilon, axes),
+          (fmap.astype(dtype), weights, scale, bias), split_in=1, split_out=(True, False, False))
       for norm, out, mean, var in zip(norms, outs, means, variances):
         norm.track(mean, var, math.prod(out.shape[:-1]))
       return [out.astype(norm.dtype) for norm, out in zip(norms, outs)]
@@ -217,7 +228,7 @@ def attention(compute: Compute, q, k, v, scale, *, dropout=None, record=None):
   if path == 'blocked':
     return cpu.attention(q, k, v, scale)
   if path == 'flash':
-    return tpu.on_batch_shards(
+    return tpu.sharded.on_batch_shards(
         compute.mesh, lambda q, k, v: tpu.flash_attention.flash_attention(q, k, v, scale),
         (q, k, v), split_in=3)
   if path == 'recompute':
@@ -235,7 +246,7 @@ def multi_head_attention(compute: Compute, q, k, v, heads: int, scale, *, dropou
   b, n, c = q.shape
   if (dropout is None and record is None and attention_path(
       compute, b, n, k.shape[1], c, heads, q.dtype.name)[0] == 'token_attention'):
-    return tpu.on_batch_shards(
+    return tpu.sharded.on_batch_shards(
         compute.mesh, lambda q, k, v: tpu.token_attention.token_attention(q, k, v, heads, scale),
         (q, k, v), split_in=3)
   split = lambda t: t.reshape(b, t.shape[1], heads, c // heads).transpose(0, 2, 1, 3)
@@ -257,8 +268,9 @@ def mlp_residual(compute: Compute, norm, mlp, drop_path, x):
     scale = drop_path(jax.numpy.ones((x.shape[0], 1, 1), jax.numpy.float32)).reshape(-1)
     params = (norm.scale, norm.bias, mlp.fc1.kernel, mlp.fc1.bias, mlp.fc2.kernel, mlp.fc2.bias)
     with jax.named_scope('mlp'):
-      return tpu.mlp_residual.fused_mlp_block(x, scale, *(p.get_value() for p in params), mlp.act,
-                                 norm.epsilon, compute.mesh)
+      return tpu.sharded.on_batch_shards(
+          compute.mesh, lambda *a: tpu.mlp_residual.fused_mlp_block(*a, mlp.act, norm.epsilon),
+          (x, scale, *(p.get_value() for p in params)), split_in=2)
   with jax.named_scope('layer_norm'):
     y = norm(x)
   return x + drop_path(mlp(y))
@@ -306,14 +318,38 @@ def _head_attention_path(compute: Compute, keys: int, head_dim: int, dtype: str)
     return 'recompute', (f'XLA, probabilities recomputed in the backward pass: {keys} keys are '
                          'fewer than one flash block')
   if impl == 'cudnn':
-    if dtype in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128:
+    refused = _cudnn_attention_refuses(compute, dtype, head_dim)
+    if not refused:
       return 'cudnn', "cuDNN's fused attention"
-    return 'deferred', (f'XLA, normalised after the product with v: cuDNN takes bf16/fp16 and head '
-                        f'dims that are multiples of 8 up to 128, not {dtype} x {head_dim}')
+    return 'deferred', f'XLA, normalised after the product with v: {refused}'
   return impl, {'softmax': 'XLA, the official order', 'deferred': 'XLA, normalised after the '
                 'product with v', 'recompute': 'XLA, probabilities recomputed in the backward pass',
                 'blocked': 'XLA in blocks of queries sized to the L2 cache, the CPU path',
                 'xla_fused': "XLA's fused attention (jax.nn.dot_product_attention)"}[impl]
+
+
+def gpu_capability(compute: Compute) -> float | None:
+  """The CUDA compute capability of the GPU `compute` runs on (its mesh's devices, else JAX's
+  default device): 9.0 for an H100; None off a GPU or where the device does not say."""
+  if compute.mesh is not None:
+    device = compute.mesh.devices.flat[0]
+  elif jax.default_backend() in ('gpu', 'cuda'):
+    device = jax.devices()[0]
+  else:
+    return None
+  capability = getattr(device, 'compute_capability', None)
+  return float(capability) if capability else None
+
+
+def _cudnn_attention_refuses(compute: Compute, dtype: str, head_dim: int) -> str:
+  """Why cuDNN's fused attention does not take this GPU, dtype or head size ('' if it does)."""
+  capability = gpu_capability(compute)
+  if capability is not None and capability < CUDNN_MIN_CAPABILITY:
+    return f'cuDNN fused attention needs sm_80 or later, this GPU is sm_{capability * 10:.0f}'
+  if dtype not in CUDNN_DTYPES or head_dim % 8 or head_dim > 128:
+    return (f'cuDNN takes bf16/fp16 and head dims that are multiples of 8 up to 128, not {dtype} '
+            f'x {head_dim}')
+  return ''
 
 
 def mlp_path(compute: Compute, tokens: int, width: int, hidden: int, dtype: str) -> tuple[str, str]:
@@ -327,10 +363,28 @@ def mlp_path(compute: Compute, tokens: int, width: int, hidden: int, dtype: str)
 
 def _fused_attention(q, k, v, scale, implementation):
   """jax.nn.dot_product_attention on (b, heads, tokens, d) inputs (it takes (b, tokens, heads,
-  d)), with CvT's explicit scale (the full width, not the head dim, as SDPA would default to)."""
-  out = jax.nn.dot_product_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), scale=scale,
-                                     implementation=implementation)
+  d)), with CvT's explicit scale (the full width, not the head dim, as SDPA would default to).
+  cuDNN's gets even lengths (`even_length_attention`)."""
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  if implementation == 'cudnn':
+    out = even_length_attention(q, k, v, scale, implementation)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
   return out.transpose(0, 2, 1, 3)
+
+
+def even_length_attention(q, k, v, scale, implementation):
+  """`jax.nn.dot_product_attention` of (b, tokens, heads, d) q, k, v, with an odd number of
+  queries or keys (a cls token's stage: 197 and 50 at 224 px) padded by one: jax's cuDNN
+  attention refuses odd lengths in training ('Unsupported sequence length'). The padded key is
+  masked out (`key_value_seq_lengths`, cuDNN's padding mask), the padded query's output dropped,
+  so the result and the gradients are the unpadded attention's."""
+  queries, keys = q.shape[1], k.shape[1]
+  pad = lambda t: jax.numpy.pad(t, ((0, 0), (0, t.shape[1] % 2), (0, 0), (0, 0)))
+  lengths = None if keys % 2 == 0 else jax.numpy.full((q.shape[0],), keys, jax.numpy.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :queries]
 
 
 def run_block(compute: Compute, block, x, h: int, w: int):

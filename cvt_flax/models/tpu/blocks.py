@@ -45,17 +45,3 @@ def call(kernel, grid, semantics, in_specs, out_specs, scratch, out_shape, cost,
       out_shape=out_shape, compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
       interpret=pltpu.InterpretParams() if interpret else False, cost_estimate=cost)(*args)
 
-
-def on_batch_shards(mesh, fn, args, *, split_in: int, split_out: int = 1, whole_out: int = 0):
-  """`fn(*args)`, on a mesh one call per shard of the batch: XLA's partitioner cannot split a
-  Pallas kernel by itself. The first `split_in` arguments and the first `split_out` outputs are
-  split along their leading axis; the other arguments, and the `whole_out` outputs after those,
-  are whole on every device. `mesh` None or of one device: a plain call."""
-  if mesh is None or mesh.size == 1:
-    return fn(*args)
-  split, whole = jax.sharding.PartitionSpec(mesh.axis_names), jax.sharding.PartitionSpec()
-  in_specs = (split,) * split_in + (whole,) * (len(args) - split_in)
-  out_specs = split if (split_out, whole_out) == (1, 0) else (
-      (split,) * split_out + (whole,) * whole_out)
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)(*args)

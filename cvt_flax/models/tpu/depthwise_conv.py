@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from cvt_flax.models.tpu.blocks import F32, VMEM_BUDGET, call, nbytes, on_batch_shards
+from cvt_flax.models.tpu.blocks import F32, VMEM_BUDGET, call, nbytes
 
 KERNEL, PADDING, STRIDES = 3, 1, (1, 2)
 TAPS = KERNEL * KERNEL
@@ -320,36 +320,24 @@ def _from_kernel(x):
   return x.transpose(2, 0, 1, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def depthwise_convs(x, w, strides, mesh=None, interpret=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_convs(x, w, strides, interpret=False):
   """Depthwise 3x3 convolutions of NHWC `x` with zero padding 1, one per stride in `strides`
   (each 1 or 2): a list of outputs in x's dtype. `w`: (len(strides), 9, C) float32, the kernels'
-  (3, 3) taps in row-major order. `mesh`: the devices the batch is split over (the weight
-  gradients are summed). `interpret`: Pallas's TPU interpreter instead of Mosaic."""
-  return _convs_forward(x, w, strides, mesh, interpret)[0]
+  (3, 3) taps in row-major order. `interpret`: Pallas's TPU interpreter instead of Mosaic."""
+  return _convs_forward(x, w, strides, interpret)[0]
 
 
-def _convs_forward(x, w, strides, mesh, interpret):
-  def forward(x, w):
-    return tuple(_from_kernel(o) for o in _forward(_to_kernel(x), w[:, :, None], strides,
-                                                     interpret))
-  outs = on_batch_shards(mesh, forward, (x, w), split_in=1, split_out=len(strides))
-  return list(outs), (x, w)
+def _convs_forward(x, w, strides, interpret):
+  outs = _forward(_to_kernel(x), w[:, :, None], strides, interpret)
+  return [_from_kernel(o) for o in outs], (x, w)
 
 
-def _convs_backward(strides, mesh, interpret, residuals, grads):
+def _convs_backward(strides, interpret, residuals, grads):
   x, w = residuals
-
-  def backward(x, *grads_and_w):
-    *grads, w = grads_and_w
-    dx, dw = _backward(_to_kernel(x), w[:, :, None], [_to_kernel(g) for g in grads], strides,
-                       interpret)
-    dw = dw[:, :, 0]
-    if mesh is not None and mesh.size > 1:
-      dw = jax.lax.psum(dw, mesh.axis_names)
-    return _from_kernel(dx), dw
-
-  return on_batch_shards(mesh, backward, (x, *grads, w), split_in=1 + len(grads), whole_out=1)
+  dx, dw = _backward(_to_kernel(x), w[:, :, None], [_to_kernel(g) for g in grads], strides,
+                     interpret)
+  return _from_kernel(dx), dw[:, :, 0]
 
 
 depthwise_convs.defvjp(_convs_forward, _convs_backward)
@@ -358,83 +346,73 @@ depthwise_convs.defvjp(_convs_forward, _convs_backward)
 # ----------------------------------------------------------------------------------------------------
 # The convolutions with their training-mode BatchNorms.
 
-def _counts(strides, fmap_shape):
-  """Each convolution's outputs per channel over the batch: (convs, 1)."""
+def _counts(strides, fmap_shape, axis_name):
+  """Each convolution's outputs per channel over the batch (all of `axis_name`'s shards): (convs,
+  1)."""
   b, h, w, _ = fmap_shape
-  return jnp.asarray([b * out_size(h, s) * out_size(w, s) for s in strides], F32)[:, None]
+  shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  return jnp.asarray([shards * b * out_size(h, s) * out_size(w, s) for s in strides], F32)[:, None]
 
 
-def _merge_statistics(stats, strides, fmap_shape):
+def _merge_statistics(stats, count):
   """The batch mean and biased variance (convs, c) from the blocks' means and sums of squared
   deviations (Chan's parallel merge: equal counts per block, no cancellation)."""
   means, squares = stats[:, :, 0, 0], stats[:, :, 1, 0]
   mean = jnp.mean(means, axis=0)
-  count = _counts(strides, fmap_shape)
   spread = jnp.sum(jnp.square(means - mean), axis=0)
   return mean, (jnp.sum(squares, axis=0) + count / stats.shape[0] * spread) / count
 
 
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def depthwise_convs_batch_norm(x, w, scale, bias, strides, epsilon, mesh=None, interpret=False):
+def depthwise_convs_batch_norm(x, w, scale, bias, strides, epsilon, axis_name=None,
+                               interpret=False):
   """`depthwise_convs` followed by a training-mode BatchNorm of each output (the statistics over
   all the batch's images and positions): (outputs in x's dtype, batch means (convs, c), biased
   batch variances (convs, c)). `scale`, `bias`: (convs, c) float32. Each convolution's output is
   rounded to x's dtype before it is normalised, as a separate BatchNorm would receive it.
+  `axis_name`: the named axes the batch is split over (`sharded.batch_axes`), whose shards' images
+  the statistics take in, as `flax.nnx.BatchNorm`'s.
 
   Two kernels forward (the statistics of each image block, merged in float32; then the
   normalised outputs) and two backward (the BatchNorms' gradient sums; then dx and dw with the
   BatchNorms' backward pass applied in VMEM). Each recomputes the convolutions from the map, so no
   unnormalised output reaches HBM."""
-  return _bn_forward(x, w, scale, bias, strides, epsilon, mesh, interpret)[0]
+  return _bn_forward(x, w, scale, bias, strides, epsilon, axis_name, interpret)[0]
 
 
-def _bn_forward(x, w, scale, bias, strides, epsilon, mesh, interpret):
-  w4 = w[:, :, None]
-  stats = on_batch_shards(mesh, lambda x, w: _statistics(_to_kernel(x), w, strides, interpret),
-                          (x, w4), split_in=1)
-  mean, var = _merge_statistics(stats, strides, x.shape)
+def _bn_forward(x, w, scale, bias, strides, epsilon, axis_name, interpret):
+  w4, fmap = w[:, :, None], _to_kernel(x)
+  stats = _statistics(fmap, w4, strides, interpret)
+  if axis_name is not None:  # every shard's blocks, in the devices' order
+    stats = jax.lax.all_gather(stats, axis_name, tiled=True)
+  mean, var = _merge_statistics(stats, _counts(strides, x.shape, axis_name))
   rstd = jax.lax.rsqrt(var + epsilon)
   bn = jnp.stack([mean, scale * rstd, bias], axis=1)[:, :, None]
-
-  def forward(x, w, bn):
-    return tuple(_from_kernel(o) for o in _forward(_to_kernel(x), w, strides, interpret, bn))
-  outs = on_batch_shards(mesh, forward, (x, w4, bn), split_in=1, split_out=len(strides))
-  return (list(outs), mean, var), (x, w, scale, mean, rstd)
+  outs = [_from_kernel(o) for o in _forward(fmap, w4, strides, interpret, bn)]
+  return (outs, mean, var), (x, w, scale, mean, rstd)
 
 
-def _bn_backward(strides, epsilon, mesh, interpret, residuals, cotangents):
+def _bn_backward(strides, epsilon, axis_name, interpret, residuals, cotangents):
   x, w, scale, mean, rstd = residuals
   grads, d_mean, d_var = cotangents
   w4, norm = w[:, :, None], jnp.stack([mean, rstd], axis=1)[:, :, None]
-  grads = [g.astype(x.dtype) for g in grads]
-
-  def sums(x, *grads_and_rest):
-    *grads, w, norm = grads_and_rest
-    total = _bn_sums(_to_kernel(x), w, [_to_kernel(g) for g in grads], norm, strides, interpret)
-    if mesh is not None and mesh.size > 1:
-      total = jax.lax.psum(total, mesh.axis_names)
-    return (total,)
-
-  (total,) = on_batch_shards(mesh, sums, (x, *grads, w4, norm), split_in=1 + len(grads),
-                             split_out=0, whole_out=1)
+  fmap, grads = _to_kernel(x), [_to_kernel(g.astype(x.dtype)) for g in grads]
+  local = _bn_sums(fmap, w4, grads, norm, strides, interpret)
+  # The statistics summed over the shards forward, so their cotangents (and the sums the
+  # normalisation's gradient needs) are summed over them backward.
+  total, d_mean, d_var = (_psum(a, axis_name) for a in (local, d_mean, d_var))
   d_bias, d_scale = total[:, 0, 0], total[:, 1, 0]  # sum(dy), sum(dy * xhat)
-  count = _counts(strides, x.shape)
+  count = _counts(strides, x.shape, axis_name)
   k1 = scale * rstd
   coefficients = jnp.stack([mean, rstd, k1, d_mean / count - k1 * d_bias / count,
                             2 * d_var / (count * rstd) - k1 * d_scale / count], axis=1)[:, :, None]
-
-  def backward(x, *grads_and_rest):
-    *grads, w, coefficients = grads_and_rest
-    dx, dw = _backward(_to_kernel(x), w, [_to_kernel(g) for g in grads], strides, interpret,
-                       coefficients)
-    dw = dw[:, :, 0]
-    if mesh is not None and mesh.size > 1:
-      dw = jax.lax.psum(dw, mesh.axis_names)
-    return _from_kernel(dx), dw
-
-  dx, dw = on_batch_shards(mesh, backward, (x, *grads, w4, coefficients),
-                           split_in=1 + len(grads), whole_out=1)
-  return dx, dw, d_scale, d_bias
+  dx, dw = _backward(fmap, w4, grads, strides, interpret, coefficients)
+  # This shard's share of the parameters' gradients (`sharded.on_batch_shards` adds the shares).
+  return _from_kernel(dx), dw[:, :, 0], local[:, 1, 0], local[:, 0, 0]
 
 
 depthwise_convs_batch_norm.defvjp(_bn_forward, _bn_backward)

@@ -33,7 +33,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from cvt_flax.models import norms
 from cvt_flax.models.tpu.blocks import (F32, NN, NT, TN, VMEM_BUDGET, call, dot, nbytes,
-                                        on_batch_shards, rows_valid, zero_outside)
+                                        rows_valid, zero_outside)
 
 MAX_BLOCK_ROWS = 512
 _SEMANTICS = ('arbitrary', 'arbitrary')
@@ -162,41 +162,31 @@ def _kernel_params(dtype, norm_scale, norm_bias, w1, b1, w2, b2):
   return (row(norm_scale), row(norm_bias), w1.astype(dtype), row(b1), w2.astype(dtype), row(b2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def fused_mlp_block(x, scale, norm_scale, norm_bias, w1, b1, w2, b2, activation, epsilon,
-                    mesh=None, interpret=False):
+                    interpret=False):
   """`x + scale * mlp(layer_norm(x))` for (batch, tokens, width) `x` (in x's dtype), where
   `mlp(y) = activation(y @ w1 + b1) @ w2 + b2` and `scale` is (batch,) float32, stochastic depth's
   per-image factor (no gradient flows into it).
 
   `activation`: an elementwise function (jax-traceable, Mosaic-lowerable). `epsilon`: the
-  LayerNorm's. `mesh`: the devices the batch is split over (each runs the kernels on its part; the
-  parameter gradients are summed). `interpret`: run in Pallas's TPU interpreter (any backend)
-  instead of compiling with Mosaic."""
+  LayerNorm's. `interpret`: run in Pallas's TPU interpreter (any backend) instead of compiling
+  with Mosaic."""
   return _fused_forward(x, scale, norm_scale, norm_bias, w1, b1, w2, b2, activation, epsilon,
-                        mesh, interpret)[0]
+                        interpret)[0]
 
 
-def _fused_forward(x, scale, norm_scale, norm_bias, w1, b1, w2, b2, activation, epsilon, mesh,
+def _fused_forward(x, scale, norm_scale, norm_bias, w1, b1, w2, b2, activation, epsilon,
                    interpret):
   params = _kernel_params(x.dtype, norm_scale, norm_bias, w1, b1, w2, b2)
-  forward = lambda x, scale, *params: _forward(x, scale, params, activation, epsilon, interpret)
-  out = on_batch_shards(mesh, forward, (x, scale, *params), split_in=2)
+  out = _forward(x, scale, params, activation, epsilon, interpret)
   return out, (x, scale, norm_scale, norm_bias, w1, b1, w2, b2)
 
 
-def _fused_backward(activation, epsilon, mesh, interpret, residuals, grad):
+def _fused_backward(activation, epsilon, interpret, residuals, grad):
   x, scale, *raw = residuals
   params = _kernel_params(x.dtype, *raw)
-
-  def backward(x, grad, scale, *params):
-    dx, *param_grads = _backward(x, grad, scale, params, activation, epsilon, interpret)
-    if mesh is not None and mesh.size > 1:
-      param_grads = jax.lax.psum(param_grads, mesh.axis_names)
-    return dx, *param_grads
-
-  dx, *param_grads = on_batch_shards(mesh, backward, (x, grad, scale, *params), split_in=3,
-                                      whole_out=len(params))
+  dx, *param_grads = _backward(x, grad, scale, params, activation, epsilon, interpret)
   return (dx, jnp.zeros_like(scale), *(g[0] if p.ndim == 1 else g
                                         for g, p in zip(param_grads, raw)))
 
