@@ -19,7 +19,19 @@ $(VENV)/.stamp-test: pyproject.toml .ci/constraints.txt $(VENV)/.stamp-base
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
-install: $(VENV)/.stamp-test
+# JAX's CUDA plugin and cuDNN for the deviceless GPU compiles, in a folder of their own: beside
+# JAX on a machine without a GPU they print lines at every `import jax` (pyproject.toml, gpu-aot).
+# Their versions follow the installed jax; --no-deps keeps CUDA's other wheels (and cuBLAS, which
+# cuDNN names but a compile does not load) out.
+GPU_AOT := $(VENV)/gpu-aot
+$(VENV)/.stamp-gpu-aot: $(VENV)/.stamp-base
+	rm -rf $(GPU_AOT)
+	JAX=$$($(PY) -c 'import jax; print(jax.__version__)') && \
+	  $(PY) -m pip install -q --no-deps --target $(GPU_AOT) "jax-cuda12-plugin==$$JAX" \
+	  "jax-cuda12-pjrt==$$JAX" 'nvidia-cudnn-cu12>=9.8,<10'
+	touch $@
+
+install: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
 
 # Trains the small digits CvT from scratch (offline; the time is in the README) and prints the
 # final test top-1 (>= 97%). Rerunning resumes / re-evaluates runs/digits; `make clean` starts over.
@@ -29,11 +41,11 @@ train: $(VENV)/.stamp-base
 	$(PY) train.py --config configs/digits.py --workdir runs/digits $(TRAIN_ARGS)
 
 # Every test but the `slow` ones (time in the README); CI runs both targets.
-test: $(VENV)/.stamp-test
+test: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m "not slow" $(PYTEST_ARGS)
 
 # The checks too long for `make test` (the README lists them); CI runs them too.
-test-slow: $(VENV)/.stamp-test
+test-slow: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m slow $(PYTEST_ARGS)
 
 clean:

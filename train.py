@@ -57,7 +57,7 @@ def main(argv):
   # Imported here so that --helpfull stays fast and JAX starts after flag parsing.
   from cvt_flax.runtime import sharding  # pylint: disable=g-import-not-at-top
   from cvt_flax.training import loop  # pylint: disable=g-import-not-at-top
-  platforms.skip_tpu_without_chips()  # before JAX starts a backend
+  platforms.cpu_only_without_accelerator()  # before JAX starts a backend
   if _DISTRIBUTED.value:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     _CPU_COLLECTIVES.value, init_timeout=_INIT_TIMEOUT.value,

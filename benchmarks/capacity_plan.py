@@ -1,11 +1,14 @@
-r"""The TPU capacity plan: `python -m cvt_flax.aot` for each row, then one Markdown table.
+r"""The capacity plan for TPU slices and NVIDIA GPU machines: `python -m cvt_flax.aot` for each row,
+then one Markdown table.
 
     .venv/bin/python benchmarks/capacity_plan.py --out_dir /tmp/plan [--rows c13_224_v5e8,...]
 
 Each row is one process compiling a config's train and eval steps for a slice on this CPU (no TPU
-needed, libtpu: `pip install 'cvt-flax[tpu]'`); a row's full report goes to OUT_DIR/NAME.out, and
-a row whose report is already there is not compiled again. Every figure is XLA:TPU's estimate, not
-a measurement. On a 2-core CPU a CvT-13 row takes 4-6 minutes, a W24 row up to 10.
+or GPU needed: libtpu, `pip install 'cvt-flax[tpu]'`; JAX's CUDA plugin in .venv/gpu-aot, which
+`make install` fills); a row's full report goes to OUT_DIR/NAME.out, and a row whose report is
+already there is not compiled again. Every figure is the compiler's estimate, not a measurement
+(on a GPU: bytes counted from the HLO of a program compiled without autotuning). On a 2-core CPU
+a CvT-13 TPU row takes 4-6 minutes, a W24 row up to 10; a CvT-13 GPU row about 2.
 """
 import argparse
 import json
@@ -13,6 +16,8 @@ import os
 import subprocess
 import sys
 import time
+
+from cvt_flax.aot import gpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET = 'configs/imagenet.py'
@@ -39,7 +44,33 @@ ROWS = {
     'c13_224_v4_8': ('v4-8', f'{IMAGENET}:cvt-13,224', ()),
     'c13_224_v5e256': ('v5e-256', f'{IMAGENET}:cvt-13,224', ()),
     'w24_384_v5e256': ('v5e-256', f'{IMAGENET}:cvt-w24,384', ()),
+    # 8-GPU servers: the TPU rows' recipes (256 images per GPU), bf16 as configured and float32.
+    'c13_224_h100x8': ('h100-8', f'{IMAGENET}:cvt-13,224', ()),
+    'c13_224_h100x8_fp32': ('h100-8', f'{IMAGENET}:cvt-13,224', ('--config.dtype=float32',)),
+    'c21_224_h100x8': ('h100-8', f'{IMAGENET}:cvt-21,224', ()),
+    'c21_384_h100x8': ('h100-8', f'{IMAGENET}:cvt-21,384', ()),
+    'c13_384_h100x8': ('h100-8', f'{IMAGENET}:cvt-13,384', ()),
+    'w24_384_h100x8': ('h100-8', f'{IMAGENET}:cvt-w24,384', ()),
+    'w24_384_h100x8_remat_acc4': ('h100-8', f'{IMAGENET}:cvt-w24,384', (
+        '--config.remat=block', '--config.grad_accum_steps=4', '--config.eval_batch_size=512')),
+    'c13_224_a100x8': ('a100-80-8', f'{IMAGENET}:cvt-13,224', ()),
+    'c13_224_a100x8_fp32': ('a100-80-8', f'{IMAGENET}:cvt-13,224', ('--config.dtype=float32',)),
+    'c21_224_a100x8': ('a100-80-8', f'{IMAGENET}:cvt-21,224', ()),
+    'w24_384_a100x8': ('a100-80-8', f'{IMAGENET}:cvt-w24,384', ()),
+    'w24_384_a100x8_remat_acc4': ('a100-80-8', f'{IMAGENET}:cvt-w24,384', (
+        '--config.remat=block', '--config.grad_accum_steps=4', '--config.eval_batch_size=512')),
+    'c13_224_h200x8': ('h200-8', f'{IMAGENET}:cvt-13,224', ()),
+    'c13_224_b200x8': ('b200-8', f'{IMAGENET}:cvt-13,224', ()),
+    # Colab's GPUs: the finetune notebook's run (CvT-13 at 224, 64 images a step, 1,000 steps).
+    **{f'ft13_224_{gpu}{suffix}': (gpu, 'configs/finetune.py:cifar10', (
+        '--config.model.variant=cvt-13', '--config.input.image_size=224',
+        '--config.batch_size=64', '--config.optimizer.base_batch_size=64',
+        '--config.num_train_steps=1000', *dtype))
+       for gpu in ('t4', 'l4', 'a100-40')
+       for suffix, dtype in (('', ('--config.dtype=bfloat16',)),
+                             ('_fp32', ('--config.dtype=float32',)))},
 }
+GPU_AOT = os.path.join(sys.prefix, 'gpu-aot')  # JAX's CUDA plugin, for the GPU rows alone
 
 
 def command(name: str) -> list[str]:
@@ -51,8 +82,11 @@ def run_row(name: str, out_dir: str) -> dict:
   path = os.path.join(out_dir, f'{name}.out')
   if not (os.path.exists(path) and os.path.getsize(path)):
     start = time.perf_counter()
+    env = dict(os.environ)
+    if gpus.is_gpu_name(ROWS[name][0]):
+      env['PYTHONPATH'] = os.pathsep.join(filter(None, [GPU_AOT, env.get('PYTHONPATH')]))
     proc = subprocess.run([sys.executable, *command(name)], cwd=ROOT, capture_output=True,
-                          text=True, check=False)
+                          text=True, check=False, env=env)
     if proc.returncode not in (0, 2):  # 2: compiled, does not fit
       raise SystemExit(f'{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
     with open(path, 'w', encoding='utf-8') as f:
@@ -65,23 +99,27 @@ def run_row(name: str, out_dir: str) -> dict:
 def _config_label(name: str) -> str:
   _, config, flags = ROWS[name]
   label = config.split('/')[-1].replace('.py', '')
-  settings = [f.removeprefix('--config.') for f in flags if 'eval_batch' not in f]
+  settings = [f.removeprefix('--config.') for f in flags
+              if 'eval_batch' not in f and 'dtype' not in f]
   return label + (f' ({", ".join(settings)})' if settings else '')
 
 
 def table(results: dict[str, dict]) -> str:
-  rows = ['| config | slice | per chip batch | FSDP / remat | HBM per chip (GiB) | fits | '
-          'est. images/s per chip | est. MFU | est. days, whole schedule | compile (s) |',
-          '|---|---|---:|---|---:|---|---:|---:|---:|---:|']
+  rows = ['| config | slice | per chip batch | dtype | FSDP / remat | HBM per chip (GiB) | fits | '
+          'est. images/s per chip | est. MFU | est. days, whole schedule | compile (s) | '
+          'attention per stage |',
+          '|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---|']
   for name, r in results.items():
     hbm = f'{r["hbm_bytes_per_chip"] / 2 ** 30:.1f} of {r["hbm_capacity_bytes"] / 2 ** 30:.0f}'
     fits = 'yes' if r['fits'] else ('no (XLA refused)' if r['train_out_of_memory'] else 'no')
     est = r['estimated_images_per_sec_per_chip']
     numbers = ((f'{est:.0f}', f'{r["estimated_mfu"]:.1%}', f'{r["estimated_schedule_days"]:.2f}')
-               if est else ('-', '-', '-'))
+               if est and r['fits'] else ('-', '-', '-'))  # XLA:GPU compiles what won't fit
+    stages = r.get('compute', {}).get('stages', [])
+    attention = ', '.join(stage['attention'][0] for stage in stages) or '-'
     rows.append(f'| {_config_label(name)} | {r["topology"]} | {r["per_chip_batch"]} | '
-                f'{"FSDP" if r["fsdp"] else "-"} / {r["remat"]} | {hbm} | {fits} | '
-                f'{" | ".join(numbers)} | {r["compile_seconds"]:.0f} |')
+                f'{r.get("dtype", "-")} | {"FSDP" if r["fsdp"] else "-"} / {r["remat"]} | {hbm} | '
+                f'{fits} | {" | ".join(numbers)} | {r["compile_seconds"]:.0f} | {attention} |')
   return '\n'.join(rows)
 
 

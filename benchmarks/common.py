@@ -10,7 +10,7 @@ def start_jax() -> None:
   """What every benchmark process does before JAX starts, as the commands do: the CPU alone where
   libtpu is installed on a machine without TPU chips (`cvt_flax.runtime.platforms`)."""
   from cvt_flax.runtime import platforms  # pylint: disable=import-outside-toplevel
-  platforms.skip_tpu_without_chips()
+  platforms.cpu_only_without_accelerator()
 
 
 def wall_times(run, steps: int) -> list[float]:

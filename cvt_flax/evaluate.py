@@ -97,7 +97,7 @@ def _parse_args(argv):
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  platforms.skip_tpu_without_chips()
+  platforms.cpu_only_without_accelerator()
   platforms.quiet_tensorflow()
   with errors.reported():
     _input_pipeline()  # without the `train` extra: its one line, before any model is loaded

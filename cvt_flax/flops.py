@@ -115,7 +115,7 @@ def main(argv=None):
   parser.add_argument('--sizes', default='224,384', help='image sizes used with --variants')
   parser.add_argument('--no-xla', action='store_true', help="skip XLA's cost analysis (compiles)")
   args = parser.parse_args(argv)
-  platforms.skip_tpu_without_chips()
+  platforms.cpu_only_without_accelerator()
   with errors.reported():
     rows = _rows(args)
     if not args.no_xla:

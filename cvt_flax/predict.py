@@ -80,7 +80,7 @@ def _parse_args(argv):
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  platforms.skip_tpu_without_chips()
+  platforms.cpu_only_without_accelerator()
   if args.max_image_pixels:
     preprocess_lib.set_max_image_pixels(args.max_image_pixels)
   with errors.reported():

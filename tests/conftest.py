@@ -12,7 +12,7 @@ from cvt_flax.runtime import platforms
 
 # The test process is an entry point: it chooses JAX's platforms before any test starts a backend
 # (the CPU alone where libtpu is installed without TPU chips, as the commands do).
-platforms.skip_tpu_without_chips()
+platforms.cpu_only_without_accelerator()
 
 
 @pytest.fixture(scope='session')

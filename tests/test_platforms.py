@@ -34,7 +34,7 @@ def test_a_users_script_starts_jax_silently_on_cpu_with_libtpu_installed():
   """No TPU chips here: what the README tells a user's script to call keeps libtpu's runtime (its
   error block on stderr) from starting."""
   code = ('import cvt_flax, jax; from cvt_flax.runtime import platforms; '
-          'platforms.skip_tpu_without_chips(); print(jax.devices()[0].platform)')
+          'platforms.cpu_only_without_accelerator(); print(jax.devices()[0].platform)')
   proc = _run(code)
   assert proc.stdout.strip() == 'cpu'
   assert proc.stderr == ''
@@ -47,18 +47,18 @@ def test_platforms_are_left_alone_where_there_is_an_accelerator_or_a_choice(monk
   monkeypatch.setattr(platforms, 'jax', fake_jax)  # as JAX starts without JAX_PLATFORMS
   monkeypatch.delenv('JAX_PLATFORMS', raising=False)
   monkeypatch.delenv('JAX_FORCE_TPU_INIT', raising=False)
-  monkeypatch.setattr(platforms, 'libtpu_present', lambda: True)
+  monkeypatch.setattr(platforms, 'accelerator_plugin_present', lambda: True)
   for machine in (accelerators.TPU, accelerators.NVIDIA):
     monkeypatch.setattr(accelerators, 'detect', lambda machine=machine: machine)
-    assert not platforms.skip_tpu_without_chips()
+    assert not platforms.cpu_only_without_accelerator()
   monkeypatch.setattr(accelerators, 'detect', lambda: None)  # a CPU machine
   monkeypatch.setenv('JAX_PLATFORMS', 'tpu,cpu')  # the user's choice
-  assert not platforms.skip_tpu_without_chips()
+  assert not platforms.cpu_only_without_accelerator()
   monkeypatch.delenv('JAX_PLATFORMS')
-  monkeypatch.setattr(platforms, 'libtpu_present', lambda: False)  # nothing to keep quiet
-  assert not platforms.skip_tpu_without_chips() and not chosen
-  monkeypatch.setattr(platforms, 'libtpu_present', lambda: True)
-  assert platforms.skip_tpu_without_chips() and chosen == [('jax_platforms', 'cpu')]
+  monkeypatch.setattr(platforms, 'accelerator_plugin_present', lambda: False)  # nothing to keep quiet
+  assert not platforms.cpu_only_without_accelerator() and not chosen
+  monkeypatch.setattr(platforms, 'accelerator_plugin_present', lambda: True)
+  assert platforms.cpu_only_without_accelerator() and chosen == [('jax_platforms', 'cpu')]
 
 
 def _fake_machine(root, *, pci=(), dev=(), proc=()):
@@ -161,3 +161,14 @@ def test_device_check_fails_loudly_on_a_gpu_runtime_that_jax_does_not_use(monkey
   assert 'has a NVIDIA accelerator but JAX runs on the CPU only' in message
   assert 'jax 0.10.2, jaxlib 0.10.2, jax-cuda12-plugin 0.7.2' in message
   assert "pip install 'cvt-flax[cuda]'" in message and 'restart' in message
+
+
+@pytest.mark.parametrize('backend, capability, dtype', [
+    ('cpu', None, 'float32'), ('tpu', None, 'bfloat16'), ('gpu', '7.5', 'float32'),  # a T4
+    ('gpu', '8.9', 'bfloat16'), ('gpu', '9.0', 'bfloat16')])  # an L4, an H100
+def test_the_fast_dtype_is_bf16_where_the_hardware_multiplies_in_bf16(monkeypatch, backend,
+                                                                      capability, dtype):
+  device = types.SimpleNamespace(compute_capability=capability)
+  monkeypatch.setattr(platforms, 'jax', types.SimpleNamespace(
+      default_backend=lambda: backend, devices=lambda: [device]))
+  assert platforms.fast_dtype() == dtype

@@ -1,14 +1,16 @@
-r"""Compiles a training config for a TPU slice on this machine (no TPU needed) and reports whether
-it fits and how fast it should run.
+r"""Compiles a training config for a TPU slice or an NVIDIA GPU machine on this machine (no TPU or
+GPU needed) and reports whether it fits and how fast it should run.
 
     python -m cvt_flax.aot --config configs/imagenet.py:cvt-13,224 --topology v5e-8
+    python -m cvt_flax.aot --config configs/imagenet.py:cvt-13,224 --topology h100-8
     python -m cvt_flax.aot --config configs/imagenet.py:cvt-w24,384 --topology v5e-8 \
         --config.fsdp=False --json
     python -m cvt_flax.aot --config configs/finetune.py:cifar100 --topology v4-8 \
         --config.model.variant=cvt-21
     python -m cvt_flax.aot --topology help
 
-The run is the one `train.py` would build on that slice (`cvt_flax.aot.compile`). A config that
+The run is the one `train.py` would build on that slice (`cvt_flax.aot.compile`). GPUs need JAX's
+CUDA plugin: `pip install 'cvt-flax[gpu-aot]'` (`make test` installs it). A config that
 takes its architecture from `init_from` (configs/finetune.py) names it here with
 `--config.model.variant`. Exit status: 0 if the train and eval steps fit in the chips' HBM; 2 if
 they do not (the message says what to change) or for bad input (one line, `error: ...`). While it
@@ -28,15 +30,15 @@ with errors.reported():
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging
 
-from cvt_flax.aot import compile as aot_compile, report, tpus
+from cvt_flax.aot import compile as aot_compile, gpus, report, tpus
 from cvt_flax.models import compute as compute_lib
 from cvt_flax.training import config as config_lib, config_flag, run as run_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flag.define_config_flag()
 _TOPOLOGY = flags.DEFINE_string('topology', None,
-                                "TPU slice as Cloud TPU names it: v4-8, v5e-16, v5p-128, v6e-256 "
-                                "('help' lists them).")
+                                "TPU slice as Cloud TPU names it (v4-8, v5e-16, v5p-128, v6e-256) "
+                                "or NVIDIA GPUs (h100-8, a100-80-8, t4, l4; 'help' lists them).")
 _JSON = flags.DEFINE_bool('json', False, 'Also print one JSON object as the last line of stdout.')
 _EVAL = flags.DEFINE_bool('eval', True, 'Also compile the eval step.')
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
@@ -54,18 +56,21 @@ def _progress(line: str) -> None:
 def main(argv):
   if len(argv) > 1:
     errors.fail(f'unexpected arguments {argv[1:]}: settings are flags (--helpshort).')
-  platforms.skip_tpu_without_chips()  # the compile-only TPU devices load libtpu themselves
+  # The compile-only TPU and GPU devices load libtpu and the CUDA plugin themselves.
+  platforms.cpu_only_without_accelerator()
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   if _TOPOLOGY.value == 'help':
     print(tpus.describe_slices())
+    print(gpus.describe_machines())
     return
   with errors.reported():
     if _CONFIG.value is None:
       raise errors.ConfigError('--config is required (configs/FILE.py[:ARG]).')
     config = _CONFIG.value
     config_lib.validate_config(config)
-    tpu_slice = tpus.parse_slice(_TOPOLOGY.value)
+    name = _TOPOLOGY.value
+    tpu_slice = gpus.parse_machine(name) if gpus.is_gpu_name(name) else tpus.parse_slice(name)
     compiled = aot_compile.compile_for_slice(config, tpu_slice, with_eval=_EVAL.value,
                                              num_train_examples=_TRAIN_EXAMPLES.value,
                                              progress=_progress)

@@ -1,8 +1,15 @@
-"""Compiles a training config's train and eval steps for a TPU slice on this machine's CPU.
+"""Compiles a training config's train and eval steps for a TPU slice or a GPU machine on this
+machine's CPU.
 
 The run is resolved by `training.run.build_run` on the slice's devices (compile-only devices made
-by libtpu, `jax.experimental.topologies`), so the model's compute paths are the TPU's, and the
-steps are the trainer's own: `training.loop.compile_train_step` and `runtime.eval_step`.
+by libtpu or JAX's CUDA plugin, `jax.experimental.topologies`), so the model's compute paths are
+the accelerator's, and the steps are the trainer's own: `training.loop.compile_train_step` and
+`runtime.eval_step`.
+
+XLA:GPU without a GPU differs from the program a real GPU runs in one way: it cannot autotune, so
+its Triton GEMM fusions are off (`compiler.compiler_options`) and cuBLAS runs every matmul. It
+also has no cost analysis; a GPU step's bytes are counted from its HLO (`hlo.memory_bytes`) and
+its FLOPs are the model's analytic count (`report.step_costs`).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from ml_collections import ConfigDict
 
 from cvt_flax import accelerators, data, errors, logs
 from cvt_flax.aot import hlo
+from cvt_flax.aot.gpus import GpuMachine, target_config
 from cvt_flax.aot.tpus import Slice
 from cvt_flax.errors import ConfigError
 from cvt_flax.runtime import compiler, eval_step as eval_step_lib, sharding
@@ -47,7 +55,8 @@ _LIBTPU_NOISE = ('Failed to find host bounds', 'Logging before InitGoogle', 'TPU
 
 @dataclasses.dataclass
 class CompiledStep:
-  """One compiled step's figures per chip, from XLA:TPU's memory and cost analyses."""
+  """One compiled step's figures per chip, from XLA's memory and cost analyses (on a GPU, no
+  FLOPs and the bytes counted from the HLO)."""
   argument_bytes: int
   output_bytes: int
   alias_bytes: int  # outputs written into donated arguments
@@ -76,7 +85,7 @@ class CompiledStep:
 
 @dataclasses.dataclass
 class Compiled:
-  slice: Slice
+  slice: Slice | GpuMachine
   run: run_lib.Run
   train: CompiledStep
   eval: CompiledStep | None
@@ -87,8 +96,13 @@ class Compiled:
     return self.run.config.batch_size // self.slice.num_chips
 
 
-def slice_devices(tpu_slice: Slice) -> list:
-  """The slice's compile-only devices; a clear error without libtpu."""
+def slice_devices(tpu_slice: Slice | GpuMachine) -> list:
+  """The slice's (or GPU machine's) compile-only devices; a clear error without libtpu or JAX's
+  CUDA plugin."""
+  if tpu_slice.platform == 'cuda':
+    errors.require_installed('gpu-aot', 'jax_cuda12_plugin')
+    return topologies.get_topology_desc(platform='cuda', topology=tpu_slice.topology,
+                                        target_config=target_config(tpu_slice.gpu)).devices
   errors.require_installed('tpu', 'libtpu')
   if accelerators.tpu_chips() == 0:
     # libtpu takes a machine-wide lock file when it starts, which protects the chips; without
@@ -115,12 +129,14 @@ def dataset_info(config: ConfigDict, num_train_examples: int | None = None) -> d
 def _analyse(compiled, seconds: float) -> CompiledStep:
   memory = compiled.memory_analysis()
   cost = compiler.cost_analysis(compiled)
+  text = compiled.as_text()
+  # XLA:GPU has no cost analysis ('GetCostAnalysis is not supported'): count the HLO's bytes.
+  accessed = cost['bytes accessed'] if cost else hlo.memory_bytes(hlo.parse_ops(text))
   return CompiledStep(
       argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
       code_bytes=memory.generated_code_size_in_bytes, flops=float(cost.get('flops', 0.0)),
-      bytes_accessed=float(cost.get('bytes accessed', 0.0)), compile_seconds=seconds,
-      hlo_text=compiled.as_text())
+      bytes_accessed=float(accessed), compile_seconds=seconds, hlo_text=text)
 
 
 _REQUIRED = re.compile(r'required for HLO temporaries \(([\d.]+)([KMGT]?)\)')
@@ -190,8 +206,8 @@ def state_bytes_per_chip(abstract_state: Any) -> int:
              for leaf in jax.tree.leaves(abstract_state))
 
 
-def compile_for_slice(config: ConfigDict, tpu_slice: Slice, *, with_eval: bool = True,
-                      num_train_examples: int | None = None,
+def compile_for_slice(config: ConfigDict, tpu_slice: Slice | GpuMachine, *,
+                      with_eval: bool = True, num_train_examples: int | None = None,
                       progress: Callable[[str], None] | None = None) -> Compiled:
   """Builds the run on the slice's devices and compiles its steps (train, then eval).
 

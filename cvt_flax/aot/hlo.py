@@ -1,4 +1,5 @@
-"""What XLA made of a step, read from the compiled HLO text: collectives and the costliest ops.
+"""What XLA made of a step, read from the compiled HLO text: collectives, the costliest ops, and
+(for XLA:GPU, which has no cost analysis) the bytes the step moves.
 
 XLA:TPU writes its own cost model's estimate into each fusion's backend config
 (`"estimated_cycles"`); the top costs are ranked by it. Bytes are each op's operands plus its
@@ -84,6 +85,20 @@ def parse_ops(hlo_text: str) -> list[Op]:
   return ops
 
 
+# Instructions that move no memory of their own: views, tuples, control flow around computations
+# whose ops are counted, and the second half of an async pair (its `-start` is counted).
+_NO_TRAFFIC = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
+               'partition-id', 'replica-id', 'while', 'call', 'conditional', 'opt-barrier')
+
+
+def memory_bytes(ops: list[Op]) -> int:
+  """The step's memory traffic as XLA:GPU runs it: every kernel's (fusion, cuBLAS or cuDNN call,
+  copy, collective) operands plus its result, as if nothing stayed in caches. A loop's body
+  counts once."""
+  return sum(op.bytes for op in ops
+             if op.opcode not in _NO_TRAFFIC and not op.opcode.endswith('-done'))
+
+
 @dataclasses.dataclass
 class CollectiveSummary:
   kind: str
@@ -107,20 +122,14 @@ def top_costs(ops: list[Op], n: int = 10, by: int = 2) -> list[tuple[str, int, i
   estimated cycles (`by=2`) or bytes (`by=3`)."""
   cycles, size, count = collections.Counter(), collections.Counter(), collections.Counter()
   for op in ops:
-    if op.cycles or op.opcode in ('copy', 'transpose', 'fusion', 'convolution', 'dot') or (
-        is_kernel(op)):
+    if op.cycles or op.opcode in ('copy', 'transpose', 'fusion', 'convolution', 'dot',
+                                  'custom-call'):  # Pallas kernels; on a GPU cuBLAS and cuDNN
       key = f'{op.opcode}: {op.source or op.name}'
       cycles[key] += op.cycles
       size[key] += op.bytes
       count[key] += 1
   rows = [(key, count[key], cycles[key], size[key]) for key in cycles]
   return sorted(rows, key=lambda row: -row[by])[:n]
-
-
-def is_kernel(op: Op) -> bool:
-  """A Pallas kernel (a Mosaic custom call): XLA writes no cycle estimate for it, only the
-  kernel's own declared cost enters the step's totals."""
-  return op.opcode == 'custom-call' and 'pallas_call' in (op.source or op.name)
 
 
 def layout_changes(ops: list[Op]) -> tuple[int, int, int]:

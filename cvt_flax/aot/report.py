@@ -1,10 +1,12 @@
 """The capacity report of a compiled config: HBM per chip and whether it fits, FLOPs and bytes per
 step, collectives, and a roofline estimate of the step time.
 
-Roofline: step time = max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), both per chip
-and from XLA:TPU's cost analysis; MFU = the model's analytic training FLOPs (3x the forward
-multiply-adds, 2 FLOPs each: `cvt_flax.flops`) over that time at peak. An estimate from the
-compiler, not a measurement: it ignores overlap limits, collectives' time and the input pipeline.
+Roofline: step time = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth), both per chip (a
+GPU counts as a chip; its peak for the config's dtype, `gpus`, a TPU's bf16 peak); on a TPU both from XLA:TPU's cost analysis, on a GPU the bytes counted
+from the HLO and the FLOPs the model's analytic count. MFU = the model's analytic training FLOPs
+(3x the forward multiply-adds, 2 FLOPs each: `cvt_flax.flops`) over that time at peak. An
+estimate from the compiler, not a measurement: it ignores overlap limits, collectives' time and
+the input pipeline, and a GPU's program was compiled without autotuning (`aot.compile`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from cvt_flax.aot.tpus import GiB
 from cvt_flax.training import run as run_lib
 
 TRAIN_FLOPS_PER_MAC = 6  # forward 2 FLOPs per multiply-add, backward twice the forward
+_COMPILER = {'tpu': 'libtpu', 'cuda': 'XLA:GPU (deviceless, no autotuning)'}
 
 
 @dataclasses.dataclass
@@ -31,9 +34,11 @@ class Estimate:
 def step_costs(compiled: Compiled) -> tuple[float, float]:
   """(FLOPs, bytes accessed) of one train step per chip. With grad_accum_steps = A the step is a
   loop over A microbatches, whose body XLA's cost analysis counts once: its figures are scaled by A
-  (the optimizer update outside the loop is then counted A times, a small overestimate)."""
+  (the optimizer update outside the loop is then counted A times, a small overestimate). Without
+  XLA's FLOPs (a GPU), the model's analytic count."""
   loops = compiled.run.config.grad_accum_steps
-  return compiled.train.flops * loops, compiled.train.bytes_accessed * loops
+  flops = compiled.train.flops * loops or model_train_flops_per_chip(compiled)
+  return flops, compiled.train.bytes_accessed * loops
 
 
 def model_train_flops_per_chip(compiled: Compiled) -> float:
@@ -48,10 +53,11 @@ def estimate(compiled: Compiled) -> Estimate | None:
   if train.out_of_memory:
     return None
   flops, bytes_accessed = step_costs(compiled)
-  compute_s = flops / chip.peak_bf16_flops
+  peak = compiled.slice.peak_flops(compiled.run.config.dtype)
+  compute_s = flops / peak
   memory_s = bytes_accessed / chip.hbm_bytes_per_s
   step = max(compute_s, memory_s)
-  mfu = model_train_flops_per_chip(compiled) / (step * chip.peak_bf16_flops)
+  mfu = model_train_flops_per_chip(compiled) / (step * peak)
   return Estimate(step, 'compute' if compute_s >= memory_s else 'memory',
                   compiled.per_chip_batch / step, mfu,
                   compiled.run.total_steps * step / 86400)
@@ -120,9 +126,11 @@ def to_json(compiled: Compiled) -> dict:
   est, train, sl = estimate(compiled), compiled.train, compiled.slice
   flops, bytes_accessed = step_costs(compiled)
   out = {
-      'topology': sl.name, 'libtpu_topology': sl.topology, 'chips': sl.num_chips,
+      'topology': sl.name, 'platform': sl.platform, 'platform_topology': sl.topology,
+      'chips': sl.num_chips,
       'chip': sl.chip.name, 'per_chip_batch': compiled.per_chip_batch,
-      'fsdp': compiled.run.config.fsdp, 'remat': compiled.run.config.remat,
+      'dtype': compiled.run.config.dtype, 'fsdp': compiled.run.config.fsdp,
+      'remat': compiled.run.config.remat,
       'fits': fits(compiled), 'hbm_bytes_per_chip': hbm_needed(compiled, train),
       'hbm_capacity_bytes': sl.chip.hbm_bytes,
       'param_and_opt_bytes_per_chip': compiled.state_bytes_per_chip,
@@ -151,8 +159,8 @@ def to_text(compiled: Compiled) -> str:
   """The human-readable report (per chip)."""
   j, sl, train, cfg = to_json(compiled), compiled.slice, compiled.train, compiled.run.config
   lines = [
-      f'{sl.name} ({sl.num_chips} x {sl.chip.name}, libtpu topology {sl.topology}, '
-      f'{sl.num_hosts} host(s)); global batch {cfg.batch_size} = {compiled.per_chip_batch} per '
+      f'{sl.name} ({sl.num_chips} x {sl.chip.name}, {_COMPILER[sl.platform]} topology '
+      f'{sl.topology}, {sl.num_hosts} host(s)); global batch {cfg.batch_size} = {compiled.per_chip_batch} per '
       f'chip; fsdp={cfg.fsdp}, remat={cfg.remat}, grad_accum_steps={cfg.grad_accum_steps}, '
       f'dtype={cfg.dtype}',
       f'compile (this CPU): train {train.compile_seconds:.0f}s'
@@ -190,12 +198,13 @@ def to_text(compiled: Compiled) -> str:
 
 
 def costs_text(compiled: Compiled, n: int) -> str:
-  """The train step's n costliest sources by XLA:TPU's estimated cycles, then by bytes, and its
-  layout changes (a Markdown table each; `hlo` says how they are counted)."""
+  """The train step's n costliest sources by XLA:TPU's estimated cycles (XLA:GPU writes none), then
+  by bytes, and its layout changes (a Markdown table each; `hlo` says how they are counted)."""
   ops = compiled.train.ops
   total_cycles = sum(op.cycles for op in ops) or 1
+  rankings = (('estimated cycles', 2),) if total_cycles > 1 else ()
   lines = []
-  for title, key in (('estimated cycles', 2), ('bytes (operands + result)', 3)):
+  for title, key in rankings + (('bytes (operands + result)', 3),):
     lines += [f'top {n} by {title}:', '| op: source | ops | share of cycles | GB |',
               '|---|---:|---:|---:|']
     for source, count, cycles, size in hlo.top_costs(ops, n, by=key):

@@ -48,10 +48,15 @@ class Slice:
   num_chips: int
   topology: str  # libtpu's name, e.g. 'v5e:4x4'
   topology_kwargs: tuple[tuple[str, object], ...]
+  platform = 'tpu'
 
   @property
   def chip(self) -> Chip:
     return CHIPS[self.generation]
+
+  def peak_flops(self, dtype: str) -> float:  # pylint: disable=unused-argument
+    """A TPU's float32 matmuls run as bf16 passes on its MXUs: its bf16 peak for any dtype."""
+    return self.chip.peak_bf16_flops
 
   @property
   def num_hosts(self) -> int:

@@ -127,7 +127,7 @@ def _save(model, args) -> None:
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  platforms.skip_tpu_without_chips()
+  platforms.cpu_only_without_accelerator()
   with errors.reported():
     src = io.resolve(args.src, revision=args.revision)
     pytorch_source = io.detect(src) == io.PYTORCH

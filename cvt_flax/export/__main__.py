@@ -47,7 +47,7 @@ def _summary(args, doc) -> str:
 
 def main(argv=None) -> int:
   args = _parse_args(argv)
-  platforms_lib.skip_tpu_without_chips()
+  platforms_lib.cpu_only_without_accelerator()
   with errors.reported():
     export.writer(args.format)  # an unknown format or a missing extra, before loading anything
     model = io.from_pretrained(args.checkpoint, revision=args.revision)

@@ -2,6 +2,7 @@
 that none can miss the platform's compiler options or, on CPU, the release of the compiler's memory.
 
   COMPILER_OPTIONS       XLA:CPU's scheduler and library choices for CvT
+  DEVICELESS_GPU_OPTIONS XLA:GPU's, compiling for a GPU without one
   release_freed_memory   glibc's heap back to the OS after a compile
   jit             `jax.jit` with the platform's XLA options (`COMPILER_OPTIONS` on CPU)
   compile_ahead   jit, lower and compile for abstract arguments; on CPU, then frees the compiler's
@@ -48,10 +49,21 @@ def release_freed_memory() -> None:
 
 
 
+# XLA:GPU compiling for a GPU this process does not run on (`python -m cvt_flax.aot`): it cannot
+# autotune, and its Triton GEMM fusions then fail to compile ("Couldn't find output tile sizes"),
+# so cuBLAS takes every matmul. Never for a GPU the process runs on, which autotunes.
+DEVICELESS_GPU_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
+_GPU_PLATFORMS = ('gpu', 'cuda')
+
+
 def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
   """XLA options for a CvT computation on `platform` (default: JAX's default backend); None =
   XLA's defaults."""
-  return dict(COMPILER_OPTIONS) if _is_cpu(platform) else None
+  if _is_cpu(platform):
+    return dict(COMPILER_OPTIONS)
+  if platform in _GPU_PLATFORMS and jax.default_backend() not in _GPU_PLATFORMS:
+    return dict(DEVICELESS_GPU_OPTIONS)
+  return None
 
 
 def _is_cpu(platform: str | None) -> bool:
