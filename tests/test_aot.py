@@ -177,8 +177,8 @@ def test_capacity_plan_table_renders_the_reports(compiled, monkeypatch):
   text = plan.table({'digits_v5e4': report.to_json(compiled[False]),
                      'digits_v5e4_fsdp': report.to_json(compiled[True])})
   lines = text.splitlines()
-  assert len(lines) == 4 and lines[2].startswith('| digits | v5e-4 | 16 | - / none |')
-  assert lines[3].startswith('| digits (fsdp=True) | v5e-4 | 16 | FSDP / none |')
+  assert len(lines) == 4 and lines[2].startswith('| digits | v5e-4 | 16 | float32 | - / none |')
+  assert lines[3].startswith('| digits (fsdp=True) | v5e-4 | 16 | float32 | FSDP / none |')
   assert all(' yes |' in line for line in lines[2:])
 
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import cvt_flax
-from cvt_flax.models import Compute, compute
+from cvt_flax.models import Compute, compute, layers
 from cvt_flax.training import steps
 from helpers import PARITY_ATOL, TINY_MODEL, fixture_model, logits_and_features, run_python
 
@@ -99,7 +99,7 @@ def test_cudnn_attention_padded_to_even_lengths_keeps_the_unpadded_numbers(queri
     return [np.asarray(a, np.float64) for a in (out, *vjp(jnp.asarray(cotangent, dtype)))]
 
   plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.1, implementation='xla')
-  padded = lambda q, k, v: compute.even_length_attention(q, k, v, 0.1, 'xla')
+  padded = lambda q, k, v: layers.even_length_attention(q, k, v, 0.1, 'xla')
   with jax.enable_x64(True):
     exact = everything(plain, jnp.float64)
   for what, got, noise, want in zip(('out', 'dq', 'dk', 'dv'), everything(padded, jnp.float32),

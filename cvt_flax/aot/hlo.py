@@ -21,6 +21,10 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<type>.*?) 
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r'calls=%([\w.\-]+)')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+# Custom calls that are kernels doing the step's work: Pallas's (Mosaic) on a TPU, cuBLAS's and
+# cuDNN's on a GPU. Others (sharding annotations, buffer allocations) move nothing.
+KERNEL_TARGETS = ('tpu_custom_call', '__cublas', '__cudnn')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
 
@@ -44,6 +48,7 @@ class Op:
   cycles: int
   source: str  # the JAX op it came from (metadata op_name), shortened
   fused: str   # the fused computation it calls ('' if none)
+  target: str = ''  # a custom call's target: 'tpu_custom_call' (Pallas), '__cublas$...', ...
 
   @property
   def bytes(self) -> int:
@@ -79,9 +84,11 @@ def parse_ops(hlo_text: str) -> list[Op]:
     cycles = _CYCLES.search(m['attrs'])
     source = _OP_NAME.search(m['attrs'])
     calls = _CALLS.search(m['attrs'])
+    target = _TARGET.search(m['attrs'])
     ops.append(Op(m['name'], m['op'], result_bytes[m['name']],
                   sum(result_bytes.get(o, 0) for o in operands), int(cycles[1]) if cycles else 0,
-                  _short_source(source[1]) if source else '', calls[1] if calls else ''))
+                  _short_source(source[1]) if source else '', calls[1] if calls else '',
+                  target[1] if target else ''))
   return ops
 
 
@@ -122,14 +129,20 @@ def top_costs(ops: list[Op], n: int = 10, by: int = 2) -> list[tuple[str, int, i
   estimated cycles (`by=2`) or bytes (`by=3`)."""
   cycles, size, count = collections.Counter(), collections.Counter(), collections.Counter()
   for op in ops:
-    if op.cycles or op.opcode in ('copy', 'transpose', 'fusion', 'convolution', 'dot',
-                                  'custom-call'):  # Pallas kernels; on a GPU cuBLAS and cuDNN
+    if op.cycles or op.opcode in ('copy', 'transpose', 'fusion', 'convolution', 'dot') or (
+        is_kernel(op)):
       key = f'{op.opcode}: {op.source or op.name}'
       cycles[key] += op.cycles
       size[key] += op.bytes
       count[key] += 1
   rows = [(key, count[key], cycles[key], size[key]) for key in cycles]
   return sorted(rows, key=lambda row: -row[by])[:n]
+
+
+def is_kernel(op: Op) -> bool:
+  """A Pallas kernel, or on a GPU a cuBLAS or cuDNN call. XLA:TPU writes no cycle estimate for a
+  Pallas kernel: only the kernel's own declared cost enters the step's totals."""
+  return op.opcode == 'custom-call' and op.target.startswith(KERNEL_TARGETS)
 
 
 def layout_changes(ops: list[Op]) -> tuple[int, int, int]:

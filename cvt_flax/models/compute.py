@@ -54,7 +54,7 @@ cvt_flax.aot`).
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
 'cudnn' for bf16/fp16 ('deferred' for float32, and before sm_80: a T4); TPU the 'fused'
 convolutions + 'flash' + the 'fused' MLP; others 'xla' + 'deferred'. cuDNN's attention gets even
-lengths: a cls token's odd ones are padded by one and masked (`even_length_attention`), which
+lengths: a cls token's odd ones are padded by one and masked (`layers.even_length_attention`), which
 moves fewer bytes on an H100 than XLA's attention for those stages (benchmarks/RESULTS.md).
 The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
 (`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
@@ -364,27 +364,13 @@ def mlp_path(compute: Compute, tokens: int, width: int, hidden: int, dtype: str)
 def _fused_attention(q, k, v, scale, implementation):
   """jax.nn.dot_product_attention on (b, heads, tokens, d) inputs (it takes (b, tokens, heads,
   d)), with CvT's explicit scale (the full width, not the head dim, as SDPA would default to).
-  cuDNN's gets even lengths (`even_length_attention`)."""
+  cuDNN's gets even lengths (`layers.even_length_attention`)."""
   q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
   if implementation == 'cudnn':
-    out = even_length_attention(q, k, v, scale, implementation)
+    out = layers.even_length_attention(q, k, v, scale, implementation)
   else:
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
   return out.transpose(0, 2, 1, 3)
-
-
-def even_length_attention(q, k, v, scale, implementation):
-  """`jax.nn.dot_product_attention` of (b, tokens, heads, d) q, k, v, with an odd number of
-  queries or keys (a cls token's stage: 197 and 50 at 224 px) padded by one: jax's cuDNN
-  attention refuses odd lengths in training ('Unsupported sequence length'). The padded key is
-  masked out (`key_value_seq_lengths`, cuDNN's padding mask), the padded query's output dropped,
-  so the result and the gradients are the unpadded attention's."""
-  queries, keys = q.shape[1], k.shape[1]
-  pad = lambda t: jax.numpy.pad(t, ((0, 0), (0, t.shape[1] % 2), (0, 0), (0, 0)))
-  lengths = None if keys % 2 == 0 else jax.numpy.full((q.shape[0],), keys, jax.numpy.int32)
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale,
-                                     key_value_seq_lengths=lengths, implementation=implementation)
-  return out[:, :queries]
 
 
 def run_block(compute: Compute, block, x, h: int, w: int):

@@ -199,3 +199,17 @@ def avg_pool_ceil(x, kernel_size, stride, padding):
       ((0, 0), (p, p + extra_h), (p, p + extra_w), (0, 0)))
   summed = summed[:, :ho, :wo]
   return summed / jnp.asarray(np.outer(dh, dw)[None, :, :, None], x.dtype)
+
+
+def even_length_attention(q, k, v, scale, implementation):
+  """`jax.nn.dot_product_attention` of (b, tokens, heads, d) q, k, v, with an odd number of
+  queries or keys (a cls token's stage: 197 and 50 at 224 px) padded by one: jax's cuDNN
+  attention refuses odd lengths in training ('Unsupported sequence length'). The padded key is
+  masked out (`key_value_seq_lengths`, cuDNN's padding mask), the padded query's output dropped,
+  so the result and the gradients are the unpadded attention's."""
+  queries, keys = q.shape[1], k.shape[1]
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, t.shape[1] % 2), (0, 0), (0, 0)))
+  lengths = None if keys % 2 == 0 else jnp.full((q.shape[0],), keys, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :queries]

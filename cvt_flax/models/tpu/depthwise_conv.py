@@ -354,17 +354,20 @@ def _counts(strides, fmap_shape, axis_name):
   return jnp.asarray([shards * b * out_size(h, s) * out_size(w, s) for s in strides], F32)[:, None]
 
 
-def _merge_statistics(stats, count):
-  """The batch mean and biased variance (convs, c) from the blocks' means and sums of squared
-  deviations (Chan's parallel merge: equal counts per block, no cancellation)."""
-  means, squares = stats[:, :, 0, 0], stats[:, :, 1, 0]
-  mean = jnp.mean(means, axis=0)
-  spread = jnp.sum(jnp.square(means - mean), axis=0)
-  return mean, (jnp.sum(squares, axis=0) + count / stats.shape[0] * spread) / count
-
-
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _merge_statistics(stats, count, axis_name):
+  """The batch mean and biased variance (convs, c) from the blocks' means and sums of squared
+  deviations, over all `axis_name`'s shards (Chan's parallel merge: equal counts per block, no
+  cancellation)."""
+  means, squares = stats[:, :, 0, 0], stats[:, :, 1, 0]
+  blocks = means.shape[0] * (1 if axis_name is None else jax.lax.axis_size(axis_name))
+  mean = _psum(jnp.sum(means, axis=0), axis_name) / blocks
+  spread, squares = _psum(jnp.stack([jnp.sum(jnp.square(means - mean), axis=0),
+                                     jnp.sum(squares, axis=0)]), axis_name)
+  return mean, (squares + count / blocks * spread) / count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -387,9 +390,7 @@ def depthwise_convs_batch_norm(x, w, scale, bias, strides, epsilon, axis_name=No
 def _bn_forward(x, w, scale, bias, strides, epsilon, axis_name, interpret):
   w4, fmap = w[:, :, None], _to_kernel(x)
   stats = _statistics(fmap, w4, strides, interpret)
-  if axis_name is not None:  # every shard's blocks, in the devices' order
-    stats = jax.lax.all_gather(stats, axis_name, tiled=True)
-  mean, var = _merge_statistics(stats, _counts(strides, x.shape, axis_name))
+  mean, var = _merge_statistics(stats, _counts(strides, x.shape, axis_name), axis_name)
   rstd = jax.lax.rsqrt(var + epsilon)
   bn = jnp.stack([mean, scale * rstd, bias], axis=1)[:, :, None]
   outs = [_from_kernel(o) for o in _forward(fmap, w4, strides, interpret, bn)]
