@@ -10,6 +10,7 @@ import pytest
 
 import helpers
 from cvt_flax import accelerators
+from cvt_flax.models import compute
 from cvt_flax.runtime import platforms
 
 
@@ -169,6 +170,7 @@ def test_device_check_fails_loudly_on_a_gpu_runtime_that_jax_does_not_use(monkey
 def test_the_fast_dtype_is_bf16_where_the_hardware_multiplies_in_bf16(monkeypatch, backend,
                                                                       capability, dtype):
   device = types.SimpleNamespace(compute_capability=capability)
-  monkeypatch.setattr(platforms, 'jax', types.SimpleNamespace(
-      default_backend=lambda: backend, devices=lambda: [device]))
+  fake_jax = types.SimpleNamespace(default_backend=lambda: backend, devices=lambda: [device])
+  for module in (platforms, compute):  # JAX as it starts on that machine
+    monkeypatch.setattr(module, 'jax', fake_jax)
   assert platforms.fast_dtype() == dtype

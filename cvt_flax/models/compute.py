@@ -54,8 +54,9 @@ cvt_flax.aot`).
 'auto' per platform: CPU 'shifts' + 'blocked' + the barrier + per-token linears; GPU 'xla' +
 'cudnn' for bf16/fp16 ('deferred' for float32, and before sm_80: a T4); TPU the 'fused'
 convolutions + 'flash' + the 'fused' MLP; others 'xla' + 'deferred'. cuDNN's attention gets even
-lengths: a cls token's odd ones are padded by one and masked (`layers.even_length_attention`), which
-moves fewer bytes on an H100 than XLA's attention for those stages (benchmarks/RESULTS.md).
+lengths: a cls token's odd ones are padded by one and masked
+(`layers.even_length_attention`), which moves fewer bytes on an H100 than XLA's attention for
+those stages (benchmarks/RESULTS.md).
 The TPU choices come from XLA:TPU's own cost analysis of the compiled CvT-13 train step
 (`python -m cvt_flax.aot`, benchmarks/RESULTS.md): 'flash' is estimated faster than 'recompute'
 (which moves fewer bytes than 'deferred'), the 'fused' MLP than 'xla', and 'shifts' moves more

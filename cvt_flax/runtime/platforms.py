@@ -9,7 +9,9 @@ Unable to load CUDA" traceback, before JAX falls back to the CPU. `cpu_only_with
 sets JAX's public `jax_platforms` setting to 'cpu' there, so JAX starts only the CPU backend, in
 silence. Compiling for a TPU or GPU topology (`jax.experimental.topologies`) still works: libtpu
 is loaded by another route, and the CUDA plugin registers itself (it skips only its check of the
-CUDA libraries, which a machine without a GPU lacks).
+CUDA libraries, which a machine without a GPU lacks). What this cannot silence: the CUDA plugin's
+libraries also print "Could not find cuda drivers" lines when `jax` is imported, before any
+cvt-flax code runs; hence `make install` keeps the plugin out of `.venv` (in `.venv/gpu-aot`).
 
 It changes nothing on a machine with TPU chips or a GPU, where no such plugin is installed, or
 when the user has chosen (`JAX_PLATFORMS`, `jax.config.update('jax_platforms', ...)`,
@@ -26,6 +28,7 @@ import jax
 
 from cvt_flax import accelerators, logs
 from cvt_flax.errors import CvtFlaxError
+from cvt_flax.models import compute
 
 
 # What JAX's CUDA plugin writes to stderr as JAX starts on a machine without a GPU, whatever the
@@ -70,11 +73,10 @@ BF16_MIN_GPU_CAPABILITY = 8.0
 def fast_dtype() -> str:
   """The compute dtype to train in on JAX's default device: 'bfloat16' on a TPU or a GPU with
   bf16 tensor cores (A100, L4, H100), else 'float32' (a CPU, a T4)."""
-  backend = jax.default_backend()
-  if backend == 'tpu':
+  if jax.default_backend() == 'tpu':
     return 'bfloat16'
-  capability = getattr(jax.devices()[0], 'compute_capability', None) if backend == 'gpu' else None
-  fast = capability is not None and float(capability) >= BF16_MIN_GPU_CAPABILITY
+  capability = compute.gpu_capability(compute.Compute())
+  fast = capability is not None and capability >= BF16_MIN_GPU_CAPABILITY
   return 'bfloat16' if fast else 'float32'
 
 
