@@ -44,23 +44,6 @@ ROWS = {
     'c13_224_v4_8': ('v4-8', f'{IMAGENET}:cvt-13,224', ()),
     'c13_224_v5e256': ('v5e-256', f'{IMAGENET}:cvt-13,224', ()),
     'w24_384_v5e256': ('v5e-256', f'{IMAGENET}:cvt-w24,384', ()),
-    # 8-GPU servers: the TPU rows' recipes (256 images per GPU), bf16 as configured and float32.
-    'c13_224_h100x8': ('h100-8', f'{IMAGENET}:cvt-13,224', ()),
-    'c13_224_h100x8_fp32': ('h100-8', f'{IMAGENET}:cvt-13,224', ('--config.dtype=float32',)),
-    'c21_224_h100x8': ('h100-8', f'{IMAGENET}:cvt-21,224', ()),
-    'c21_384_h100x8': ('h100-8', f'{IMAGENET}:cvt-21,384', ()),
-    'c13_384_h100x8': ('h100-8', f'{IMAGENET}:cvt-13,384', ()),
-    'w24_384_h100x8': ('h100-8', f'{IMAGENET}:cvt-w24,384', ()),
-    'w24_384_h100x8_remat_acc4': ('h100-8', f'{IMAGENET}:cvt-w24,384', (
-        '--config.remat=block', '--config.grad_accum_steps=4', '--config.eval_batch_size=512')),
-    'c13_224_a100x8': ('a100-80-8', f'{IMAGENET}:cvt-13,224', ()),
-    'c13_224_a100x8_fp32': ('a100-80-8', f'{IMAGENET}:cvt-13,224', ('--config.dtype=float32',)),
-    'c21_224_a100x8': ('a100-80-8', f'{IMAGENET}:cvt-21,224', ()),
-    'w24_384_a100x8': ('a100-80-8', f'{IMAGENET}:cvt-w24,384', ()),
-    'w24_384_a100x8_remat_acc4': ('a100-80-8', f'{IMAGENET}:cvt-w24,384', (
-        '--config.remat=block', '--config.grad_accum_steps=4', '--config.eval_batch_size=512')),
-    'c13_224_h200x8': ('h200-8', f'{IMAGENET}:cvt-13,224', ()),
-    'c13_224_b200x8': ('b200-8', f'{IMAGENET}:cvt-13,224', ()),
     # Colab's GPUs: the finetune notebook's run (CvT-13 at 224, 64 images a step, 1,000 steps).
     **{f'ft13_224_{gpu}{suffix}': (gpu, 'configs/finetune.py:cifar10', (
         '--config.model.variant=cvt-13', '--config.input.image_size=224',
@@ -70,6 +53,25 @@ ROWS = {
        for suffix, dtype in (('', ('--config.dtype=bfloat16',)),
                              ('_fp32', ('--config.dtype=float32',)))},
 }
+# 8-GPU servers: the TPU rows' recipes (256 images per GPU) in bf16 as configured, CvT-13 in
+# float32 too, W24 as configured and with what makes it fit. Row names: VARIANT_RES_SERVER[_FLAGS].
+_GPU_SERVERS = {
+    'h100x8': ('h100-8', ('c13_224', 'c13_224_fp32', 'c21_224', 'c13_384', 'c21_384', 'w24_384',
+                          'w24_384_remat_acc4')),
+    'a100x8': ('a100-80-8', ('c13_224', 'c13_224_fp32', 'c21_224', 'w24_384',
+                             'w24_384_remat_acc4')),
+    'h200x8': ('h200-8', ('c13_224',)),
+    'b200x8': ('b200-8', ('c13_224',)),
+}
+_VARIANTS = {'c13': 'cvt-13', 'c21': 'cvt-21', 'w24': 'cvt-w24'}
+_GPU_FLAGS = {'': (), '_fp32': ('--config.dtype=float32',), '_remat_acc4': (
+    '--config.remat=block', '--config.grad_accum_steps=4', '--config.eval_batch_size=512')}
+for _server, (_topology, _runs) in _GPU_SERVERS.items():
+  for _run in _runs:
+    _variant, _size, *_rest = _run.split('_')
+    _suffix = ''.join('_' + r for r in _rest)
+    ROWS[f'{_variant}_{_size}_{_server}{_suffix}'] = (
+        _topology, f'{IMAGENET}:{_VARIANTS[_variant]},{_size}', _GPU_FLAGS[_suffix])
 GPU_AOT = os.path.join(sys.prefix, 'gpu-aot')  # JAX's CUDA plugin, for the GPU rows alone
 
 
