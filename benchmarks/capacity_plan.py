@@ -53,25 +53,30 @@ ROWS = {
        for suffix, dtype in (('', ('--config.dtype=bfloat16',)),
                              ('_fp32', ('--config.dtype=float32',)))},
 }
-# 8-GPU servers: the TPU rows' recipes (256 images per GPU) in bf16 as configured, CvT-13 in
-# float32 too, W24 as configured and with what makes it fit. Row names: VARIANT_RES_SERVER[_FLAGS].
+# 8-GPU servers: the TPU rows' recipes (256 images per GPU) in bf16 as configured and in float32
+# (_fp32), W24 as configured and with what makes it fit (_remat_acc4). Row names:
+# VARIANT_RES_SERVER[_remat_acc4][_fp32].
+_H100_RUNS = ('c13_224', 'c13_224_fp32', 'c21_224', 'c21_224_fp32', 'c13_384', 'c13_384_fp32',
+              'c21_384', 'c21_384_fp32', 'w24_384', 'w24_384_remat_acc4',
+              'w24_384_remat_acc4_fp32')
 _GPU_SERVERS = {
-    'h100x8': ('h100-8', ('c13_224', 'c13_224_fp32', 'c21_224', 'c13_384', 'c21_384', 'w24_384',
-                          'w24_384_remat_acc4')),
-    'a100x8': ('a100-80-8', ('c13_224', 'c13_224_fp32', 'c21_224', 'w24_384',
-                             'w24_384_remat_acc4')),
+    'h100x8': ('h100-8', _H100_RUNS),
+    'a100x8': ('a100-80-8', ('c13_224', 'c13_224_fp32', 'c21_224', 'c21_224_fp32', 'w24_384',
+                             'w24_384_remat_acc4', 'w24_384_remat_acc4_fp32')),
     'h200x8': ('h200-8', ('c13_224',)),
     'b200x8': ('b200-8', ('c13_224',)),
 }
 _VARIANTS = {'c13': 'cvt-13', 'c21': 'cvt-21', 'w24': 'cvt-w24'}
-_GPU_FLAGS = {'': (), '_fp32': ('--config.dtype=float32',), '_remat_acc4': (
-    '--config.remat=block', '--config.grad_accum_steps=4', '--config.eval_batch_size=512')}
+_GPU_FLAGS = {'_remat_acc4': ('--config.remat=block', '--config.grad_accum_steps=4',
+                              '--config.eval_batch_size=512'),
+              '_fp32': ('--config.dtype=float32',)}
 for _server, (_topology, _runs) in _GPU_SERVERS.items():
   for _run in _runs:
     _variant, _size, *_rest = _run.split('_')
     _suffix = ''.join('_' + r for r in _rest)
     ROWS[f'{_variant}_{_size}_{_server}{_suffix}'] = (
-        _topology, f'{IMAGENET}:{_VARIANTS[_variant]},{_size}', _GPU_FLAGS[_suffix])
+        _topology, f'{IMAGENET}:{_VARIANTS[_variant]},{_size}',
+        sum((flags for key, flags in _GPU_FLAGS.items() if key in _suffix), ()))
 GPU_AOT = os.path.join(sys.prefix, 'gpu-aot')  # JAX's CUDA plugin, for the GPU rows alone
 
 
