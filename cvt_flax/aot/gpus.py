@@ -126,10 +126,6 @@ def parse_machine(name: str) -> GpuMachine:
   return GpuMachine(name, model, count)
 
 
-def machine_names() -> list[str]:
-  return [f'{m}-{n}' if n > 1 else m for m in GPUS for n in _COUNTS]
-
-
 def describe_machines() -> str:
   """The GPU lines of `--topology=help`."""
   return '\n'.join(

@@ -2,8 +2,9 @@
 step, collectives, and a roofline estimate of the step time.
 
 Roofline: step time = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth), both per chip (a
-GPU counts as a chip; its peak for the config's dtype, `gpus`, a TPU's bf16 peak); on a TPU both from XLA:TPU's cost analysis, on a GPU the bytes counted
-from the HLO and the FLOPs the model's analytic count. MFU = the model's analytic training FLOPs
+GPU counts as a chip; its peak for the config's dtype, `gpus`, a TPU's bf16 peak); on a TPU both
+from XLA:TPU's cost analysis, on a GPU the bytes counted from the HLO and the FLOPs the model's
+analytic count. MFU = the model's analytic training FLOPs
 (3x the forward multiply-adds, 2 FLOPs each: `cvt_flax.flops`) over that time at peak. An
 estimate from the compiler, not a measurement: it ignores overlap limits, collectives' time and
 the input pipeline, and a GPU's program was compiled without autotuning (`aot.compile`).
@@ -160,9 +161,9 @@ def to_text(compiled: Compiled) -> str:
   j, sl, train, cfg = to_json(compiled), compiled.slice, compiled.train, compiled.run.config
   lines = [
       f'{sl.name} ({sl.num_chips} x {sl.chip.name}, {_COMPILER[sl.platform]} topology '
-      f'{sl.topology}, {sl.num_hosts} host(s)); global batch {cfg.batch_size} = {compiled.per_chip_batch} per '
-      f'chip; fsdp={cfg.fsdp}, remat={cfg.remat}, grad_accum_steps={cfg.grad_accum_steps}, '
-      f'dtype={cfg.dtype}',
+      f'{sl.topology}, {sl.num_hosts} host(s)); global batch {cfg.batch_size} = '
+      f'{compiled.per_chip_batch} per chip; fsdp={cfg.fsdp}, remat={cfg.remat}, '
+      f'grad_accum_steps={cfg.grad_accum_steps}, dtype={cfg.dtype}',
       f'compile (this CPU): train {train.compile_seconds:.0f}s'
       + (f', eval {compiled.eval.compile_seconds:.0f}s' if compiled.eval else ''),
       f'parameters + optimizer state + BatchNorm statistics per chip: '

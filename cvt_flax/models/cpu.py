@@ -58,8 +58,7 @@ gradient_fusion_barrier.defvjp(_barrier_fwd, _barrier_bwd)
 def _windows(x, k, stride, padding):
   """((i, j), the strided window of padded `x` that kernel tap (i, j) multiplies), for every tap."""
   b, h, w, c = x.shape
-  ho = (h + 2 * padding - k) // stride + 1
-  wo = (w + 2 * padding - k) // stride + 1
+  ho, wo = (layers.conv_output_size(n, k, stride, padding) for n in (h, w))
   xp = jax.lax.pad(x, jnp.array(0, x.dtype), ((0, 0, 0), (padding, padding, 0),
                                                (padding, padding, 0), (0, 0, 0)))
   for i in range(k):

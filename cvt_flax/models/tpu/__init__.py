@@ -10,9 +10,10 @@
 
 This package's front door is these modules: `cvt_flax.models.compute` calls each op as
 `tpu.<op>.<entry>`, through `tpu.sharded.on_batch_shards` where the batch is split over devices
-(every entry is single-device), and asks `tpu.<op>.fits(...)` whether a shape fits its VMEM plan. Every entry is
-a `jax.custom_vjp` whose backward pass is kernels too, and every kernel declares a
-`pl.CostEstimate` of what it computes and moves, held to formulas from the shapes by the tests.
+(every entry is single-device), and asks `tpu.<op>.fits(...)` whether a shape fits its VMEM
+plan. Every entry is a `jax.custom_vjp` whose backward pass is kernels too, and every kernel
+declares a `pl.CostEstimate` of what it computes and moves, held to formulas from the shapes by the
+tests.
 `interpret=True` runs them in Pallas's TPU interpreter on any backend.
 """
 from cvt_flax.models.tpu import (depthwise_conv, flash_attention, mlp_residual, sharded,

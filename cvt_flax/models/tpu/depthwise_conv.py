@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from cvt_flax.models import layers
 from cvt_flax.models.tpu.blocks import F32, VMEM_BUDGET, call, nbytes
 
 KERNEL, PADDING, STRIDES = 3, 1, (1, 2)
@@ -62,7 +63,7 @@ def supported(kernel_size: int, strides, paddings) -> bool:
 
 
 def out_size(size: int, stride: int) -> int:
-  return (size + 2 * PADDING - KERNEL) // stride + 1
+  return layers.conv_output_size(size, KERNEL, stride, PADDING)
 
 
 def _block(b, c):
@@ -346,16 +347,21 @@ depthwise_convs.defvjp(_convs_forward, _convs_backward)
 # ----------------------------------------------------------------------------------------------------
 # The convolutions with their training-mode BatchNorms.
 
-def _counts(strides, fmap_shape, axis_name):
-  """Each convolution's outputs per channel over the batch (all of `axis_name`'s shards): (convs,
-  1)."""
-  b, h, w, _ = fmap_shape
-  shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-  return jnp.asarray([shards * b * out_size(h, s) * out_size(w, s) for s in strides], F32)[:, None]
+def _shards(axis_name) -> int:
+  """How many shards of the batch `axis_name` names (1 off a mesh)."""
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
 
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _counts(strides, fmap_shape, axis_name):
+  """Each convolution's outputs per channel over the batch (all of `axis_name`'s shards): (convs,
+  1)."""
+  b, h, w, _ = fmap_shape
+  return jnp.asarray([_shards(axis_name) * b * out_size(h, s) * out_size(w, s) for s in strides],
+                     F32)[:, None]
 
 
 def _merge_statistics(stats, count, axis_name):
@@ -363,7 +369,7 @@ def _merge_statistics(stats, count, axis_name):
   deviations, over all `axis_name`'s shards (Chan's parallel merge: equal counts per block, no
   cancellation)."""
   means, squares = stats[:, :, 0, 0], stats[:, :, 1, 0]
-  blocks = means.shape[0] * (1 if axis_name is None else jax.lax.axis_size(axis_name))
+  blocks = means.shape[0] * _shards(axis_name)
   mean = _psum(jnp.sum(means, axis=0), axis_name) / blocks
   spread, squares = _psum(jnp.stack([jnp.sum(jnp.square(means - mean), axis=0),
                                      jnp.sum(squares, axis=0)]), axis_name)
