@@ -55,6 +55,7 @@ def _flax(args, mode):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from cvt_flax.models import CvT, make_compute  # pylint: disable=import-outside-toplevel
   from cvt_flax.runtime import compiler  # pylint: disable=import-outside-toplevel
+  from cvt_flax import preprocess  # pylint: disable=import-outside-toplevel
   from cvt_flax.training import steps  # pylint: disable=import-outside-toplevel
   compute = make_compute(dtype='bfloat16', remat=args.remat)
   model = CvT(_model_config(args), rngs=nnx.Rngs(0), compute=compute)
@@ -66,7 +67,8 @@ def _flax(args, mode):
   else:
     tx = optax.adamw(1e-3, weight_decay=0.05)
     step = steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
-                                 num_classes=NUM_CLASSES, mixup=dict(prob=0.0), seed=0)
+                                 num_classes=NUM_CLASSES, mixup=dict(prob=0.0), seed=0,
+                                 **preprocess.PASS_THROUGH)  # the images are model inputs
     fn = compiler.jit(step, donate_argnums=(0,))
     inputs = (steps.init_train_state(model, tx), {'image': images, 'label': labels})
   start = time.perf_counter()

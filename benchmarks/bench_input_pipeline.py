@@ -1,61 +1,93 @@
-"""Throughput (images/s) of the ImageNet-style input pipeline on synthetic JPEGs built locally.
+"""The input pipelines' speed against a decode yardstick run beside them, on synthetic JPEGs.
 
-Writes `--num_images` random-content 500x375 JPEGs (ImageNet's typical size; ~80 KB each, ImageNet
-averages ~110 KB) as a local TFDS dataset (in a temporary directory unless --data_dir), then times `make_train_iterator` (decode inside the crop window, RandomResizedCrop,
-flip, RandAugment m9, normalise, random erasing, batch) and `make_eval_iterator` on it:
+Writes `--num_images` synthetic 500x375 JPEGs (`cvt_flax.data.synthetic`) as a local TFDS dataset
+(in a temporary directory unless --data_dir), then times, each in a process of its own and one
+after the other:
 
-  .venv/bin/python benchmarks/bench_input_pipeline.py [--num_images 512 --batch_size 64 --batches 20]
+- the yardstick: a plain tf.data map that decodes the whole JPEG (INTEGER_ACCURATE, as the
+  pipelines do) and resizes it to the image size with an antialiased bicubic resize (one pass),
+  run right before each row (the median of `--repeats` ratios is printed);
+- `make_train_iterator` with the official recipe (crop inside the decode window, flip, RandAugment
+  m9, random erasing's box), and with crop + flip only;
+- `make_eval_iterator` (PIL's decode, resize and centre crop);
+- with `--ops`, each RandAugment op alone after crop + flip (every image, magnitude 9).
 
-Numbers scale with host cores; the table prints the count this process may use.
+  .venv/bin/python benchmarks/bench_input_pipeline.py [--ops] [--num_images 512 --batches 20]
+
+Absolute images/s depend on the CPU; the ratio to the yardstick is what holds across x86 CPUs.
 """
 import argparse
-import io
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image
-
 import cvt_flax.data as data
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from cvt_flax.data import augment, randaugment, synthetic
 
-WIDTH, HEIGHT = 500, 375
-NUM_IMAGES = 512  # Read by the builder below (set from the flag before it is built).
+OP_MAGNITUDE = 9.0
 
-
-def synthetic_jpeg(rng):
-  """Smooth colour blobs plus noise: decodes like a photo, ~80 KB at JPEG quality 90."""
-  coarse = rng.integers(0, 256, (HEIGHT // 25, WIDTH // 25, 3), dtype=np.uint8)
-  image = np.asarray(Image.fromarray(coarse).resize((WIDTH, HEIGHT), Image.BICUBIC), np.int16)
-  image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='JPEG', quality=90)
-  return buffer.getvalue()
+def _config(args, **overrides):
+  cfg = data.default_input_config()
+  cfg.update(dataset=synthetic.NAME, data_dir=args.data_dir, image_size=args.image_size,
+             cache=True, **overrides)
+  return cfg
 
 
-class SyntheticJpeg(tfds.core.GeneratorBasedBuilder):
-  """`NUM_IMAGES` train and `NUM_IMAGES // 4` validation JPEGs with random labels."""
+def _train(args, **overrides):
+  return data.make_train_iterator(_config(args, **overrides), global_batch_size=args.batch_size,
+                                  seed=0)
 
-  VERSION = tfds.core.Version('1.0.0')
 
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, description='Synthetic JPEGs for benchmarking.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
-            'label': tfds.features.ClassLabel(num_classes=1000),
-        }))
+def _records(args):
+  return synthetic.build(args.data_dir, args.num_images).as_dataset(split='train', decoders={'image': tfds.decode.SkipDecoding()}).cache()
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {'train': self._generate_examples(NUM_IMAGES, 0),
-            'validation': self._generate_examples(NUM_IMAGES // 4, 1)}
 
-  def _generate_examples(self, num, seed):
-    rng = np.random.default_rng(seed)
-    for i in range(num):
-      yield i, {'image': io.BytesIO(synthetic_jpeg(rng)), 'label': int(rng.integers(1000))}
+def _endless(args, transform, records=None, parallel=tf.data.AUTOTUNE):
+  """Batches of `transform(record)` over the train JPEGs (default: their encoded bytes) without
+  end, parallel as the pipelines are unless `parallel` says otherwise."""
+  records = records if records is not None else _records(args).map(lambda ex: ex['image'])
+  ds = records.repeat().map(transform, num_parallel_calls=parallel, deterministic=True)
+  return iter(tfds.as_numpy(ds.batch(args.batch_size).prefetch(tf.data.AUTOTUNE)))
+
+
+def _yardstick_image(image_bytes, size):
+  image = tf.io.decode_jpeg(image_bytes, channels=3, dct_method='INTEGER_ACCURATE')
+  resized = tf.image.resize(image, [size, size], method='bicubic', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def _one_op(args, name):
+  """One thread applying RandAugment op `name` ('none': nothing) to every train crop, the crops
+  decoded once and held in memory: the op's own cost per image, on one core."""
+  cfg = _config(args)
+  seed = tf.constant([0, 1], tf.int64)
+  crops = _records(args).map(lambda ex: augment.decode_and_random_resized_crop(
+      ex['image'], seed, cfg.image_size)).cache()
+
+  def transform(image):
+    if name != 'none':
+      image = randaugment.apply_op(image, name, OP_MAGNITUDE, fill=(124, 116, 104))
+    return tf.cast(image, tf.uint8)
+  return _endless(args, transform, crops, parallel=1)
+
+
+ROWS = {
+    'yardstick': lambda args: _endless(args, lambda b: _yardstick_image(b, args.image_size)),
+    'yardstick, one thread': lambda args: _endless(
+        args, lambda b: _yardstick_image(b, args.image_size), parallel=1),
+    'train: official recipe (crop, flip, RandAugment m9, erasing)': _train,
+    'train: crop + flip only': lambda args: _train(args, randaugment_num_ops=0,
+                                                    random_erasing=0.0),
+    'eval: PIL decode, resize, centre crop': lambda args: data.make_eval_iterator(
+        _config(args), global_batch_size=args.batch_size),
+}
+OP_ROWS = {f'op: {name}': (lambda args, n=name: _one_op(args, n))
+           for name in ('none',) + randaugment.OP_NAMES}
 
 
 def images_per_second(iterator, batches, warmup):
@@ -67,60 +99,100 @@ def images_per_second(iterator, batches, warmup):
   return batches * batch['image'].shape[0] / (time.perf_counter() - start)
 
 
+def _timed_batches(args, name):
+  """(warm-up, timed) batches for row `name`: the eval split is finite."""
+  if not name.startswith('eval'):
+    return args.warmup, args.batches
+  timed = min(args.batches, -(-(args.num_images // 2) // args.batch_size) - 1)
+  if timed < 1:
+    raise SystemExit('--num_images too small for two eval batches of --batch_size')
+  return 1, timed
+
+
+def measure_row(args):
+  """In the child process: one row's images/s, printed as JSON."""
+  rows = {**ROWS, **OP_ROWS}
+  iterator = rows[args.row](args)
+  if args.row.startswith(('op:', 'yardstick')):
+    iterator = ({'image': b} if not isinstance(b, dict) else b for b in iterator)
+  print(json.dumps({'rate': images_per_second(iterator, *_timed_batches(args, args.row))}))
+
+
+def _child(args, name):
+  command = [sys.executable, __file__, '--row', name, '--data_dir', args.data_dir]
+  for flag in ('num_images', 'batch_size', 'batches', 'warmup', 'image_size'):
+    command += [f'--{flag}', str(getattr(args, flag))]
+  proc = subprocess.run(command, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f'row {name!r} failed:\n{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])['rate']
+
+
+def run(args):
+  """Builds the dataset in `args.data_dir` (if needed) and prints the tables."""
+  start = time.perf_counter()
+  builder = synthetic.build(args.data_dir, args.num_images)
+  print(f'dataset: {builder.info.splits["train"].num_examples} train JPEGs '
+        f'{synthetic.WIDTH}x{synthetic.HEIGHT}, '
+        f'{builder.info.dataset_size / builder.info.splits.total_num_examples / 1e3:.0f} KB each, '
+        f'in {args.data_dir} (built in {time.perf_counter() - start:.0f}s)')
+  cores = synthetic.usable_cpus()
+  print(f'host cores usable: {cores} (os.cpu_count() = {os.cpu_count()}), batch '
+        f'{args.batch_size}, {args.image_size}px, {args.batches} timed batches, each row in its '
+        'own process\n')
+  print(f'| {"pipeline":<62} | images/s/core | yardstick beside it | vs yardstick | range |')
+  print(f'|{"-" * 64}|--------------:|--------------------:|-------------:|-------|')
+  for name in ROWS:
+    if name.startswith('yardstick') or not any(part in name for part in args.rows.split(',')):
+      continue
+    # The machine's speed drifts: each row runs right after the yardstick, `--repeats` times,
+    # and the median ratio is what is printed (with that run's rates).
+    runs = []
+    for _ in range(args.repeats):
+      stick = _child(args, 'yardstick')
+      rate = _child(args, name)
+      runs.append((rate / stick, rate, stick))
+    runs.sort()
+    ratio, rate, stick = runs[len(runs) // 2]
+    print(f'| {name:<62} | {rate / cores:13.0f} | {stick / cores:19.0f} | {ratio:11.2f}x | '
+          f'{runs[0][0]:.2f}-{runs[-1][0]:.2f} |', flush=True)
+  if args.ops:
+    _print_op_costs(args)
+
+
+def _print_op_costs(args):
+  """Each op's cost per image on one thread, in yardstick images (1.0 = one decode and resize)."""
+  one_thread = _child(args, 'yardstick, one thread')
+  base = _child(args, 'op: none')
+  print(f'\nRandAugment ops alone at magnitude {OP_MAGNITUDE:g} on in-memory {args.image_size}px '
+        'crops, one thread: the time per image over that of the yardstick on one thread\n')
+  print(f'| {"op":<14} | cost per image (yardstick = 1) |')
+  print(f'|{"-" * 16}|-------------------------------:|')
+  for name in randaugment.OP_NAMES:
+    rate = _child(args, f'op: {name}')
+    print(f'| {name:<14} | {one_thread / rate - one_thread / base:30.3f} |', flush=True)
+
+
 def main():
-  global NUM_IMAGES
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--num_images', type=int, default=NUM_IMAGES)
+  parser.add_argument('--num_images', type=int, default=512)
   parser.add_argument('--batch_size', type=int, default=64)
-  parser.add_argument('--batches', type=int, default=20, help='timed batches per row')
-  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--batches', type=int, default=40, help='timed batches per row')
+  parser.add_argument('--warmup', type=int, default=5)
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--data_dir', default=None, help='default: a fresh temporary directory')
+  parser.add_argument('--repeats', type=int, default=3, help='runs of each row and the yardstick')
+  parser.add_argument('--rows', default='train,eval', help='rows whose names contain one of these')
+  parser.add_argument('--ops', action='store_true', help='also time each RandAugment op alone')
+  parser.add_argument('--row', default=None, help=argparse.SUPPRESS)  # a child process's row
   args = parser.parse_args()
-  NUM_IMAGES = args.num_images
-
-  if args.data_dir:
-    run(args, args.data_dir)
+  if args.row:
+    measure_row(args)
+  elif args.data_dir:
+    run(args)
   else:
-    with tempfile.TemporaryDirectory(prefix='bench_input_') as data_dir:
-      run(args, data_dir)
-
-
-def run(args, data_dir):
-  """Builds the dataset in `data_dir` (if needed) and prints the throughput table."""
-  builder = tfds.builder('synthetic_jpeg', data_dir=data_dir)
-  start = time.perf_counter()
-  builder.download_and_prepare()
-  print(f'dataset: {builder.info.splits["train"].num_examples} train JPEGs {WIDTH}x{HEIGHT}, '
-        f'{builder.info.dataset_size / builder.info.splits.total_num_examples / 1e3:.0f} KB each, '
-        f'in {data_dir} (built in {time.perf_counter() - start:.0f}s)')
-
-  def config(**overrides):
-    cfg = data.default_input_config()
-    cfg.update(dataset='synthetic_jpeg', data_dir=data_dir, image_size=args.image_size, cache=True,
-               **overrides)
-    return cfg
-
-  train = lambda cfg: data.make_train_iterator(cfg, global_batch_size=args.batch_size, seed=0)
-  rows = [
-      ('train: official recipe (crop, flip, RandAugment m9, erasing)', train(config())),
-      ('train: crop + flip only', train(config(randaugment_num_ops=0, random_erasing=0.0))),
-      ('eval: resize + center crop', data.make_eval_iterator(
-          config(), global_batch_size=args.batch_size)),
-  ]
-  cores = len(os.sched_getaffinity(0))
-  print(f'\nhost cores usable: {cores} (os.cpu_count() = {os.cpu_count()}), '
-        f'batch {args.batch_size}, {args.image_size}px, {args.batches} timed batches\n')
-  print(f'| {"pipeline":<62} | images/s | images/s/core |')
-  print(f'|{"-" * 64}|----------|---------------|')
-  for name, iterator in rows:
-    warmup, timed = args.warmup, args.batches
-    if name.startswith('eval'):  # Finite: one warm-up batch, then what the validation split holds.
-      warmup, timed = 1, min(timed, -(-(NUM_IMAGES // 4) // args.batch_size) - 1)
-      if timed < 1:
-        raise SystemExit('--num_images too small for two eval batches of --batch_size')
-    rate = images_per_second(iterator, timed, warmup)
-    print(f'| {name:<62} | {rate:8.0f} | {rate / cores:13.0f} |')
+    with tempfile.TemporaryDirectory(prefix='bench_input_') as args.data_dir:
+      run(args)
 
 
 if __name__ == '__main__':

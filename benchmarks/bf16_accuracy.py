@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 import cvt_flax
+from cvt_flax import preprocess
 from cvt_flax.convert.official import load_official_state_dict
 from cvt_flax.runtime import compiler
 from cvt_flax.training.steps import init_train_state, make_train_step
@@ -72,7 +73,8 @@ def train_curve(dtype: str, steps: int, batch: int = 64, lr: float = 2e-3, seed:
   tx = optax.adamw(schedule, weight_decay=0.05)
   # The trainer's own step, without mixup and label smoothing.
   step = compiler.jit(make_train_step(nnx.graphdef(model), tx, schedule, num_classes=10,
-                                     mixup=dict(prob=0.0, label_smoothing=0.0), seed=seed))
+                                     mixup=dict(prob=0.0, label_smoothing=0.0), seed=seed,
+                                     **preprocess.PASS_THROUGH))
   state = init_train_state(model, tx)
   rng = np.random.default_rng(seed)
   losses = []

@@ -1,7 +1,8 @@
 r"""The capacity plan for TPU slices and NVIDIA GPU machines: `python -m cvt_flax.aot` for each row,
 then one Markdown table.
 
-    .venv/bin/python benchmarks/capacity_plan.py --out_dir /tmp/plan [--rows c13_224_v5e8,...]
+    .venv/bin/python benchmarks/capacity_plan.py --out_dir /tmp/plan [--rows c13_224_v5e8,...] \
+        [--host_images_per_sec_per_cpu N | --measure_host]
 
 Each row is one process compiling a config's train and eval steps for a slice on this CPU (no TPU
 or GPU needed: libtpu, `pip install 'cvt-flax[tpu]'`; JAX's CUDA plugin in .venv/gpu-aot, which
@@ -9,15 +10,23 @@ or GPU needed: libtpu, `pip install 'cvt-flax[tpu]'`; JAX's CUDA plugin in .venv
 already there is not compiled again. Every figure is the compiler's estimate, not a measurement
 (on a GPU: bytes counted from the HLO of a program compiled without autotuning). On a 2-core CPU
 a CvT-13 TPU row takes 4-6 minutes, a W24 row up to 10; a CvT-13 GPU row about 2.
+
+The hosts: with a train input pipeline rate per vCPU (given, or measured once here on synthetic
+JPEGs with the ImageNet recipe), each row's hosts deliver that rate times their vCPUs
+(`cvt_flax.aot.tpus`, `gpus`); a row whose hosts deliver less than its chips take is host-bound,
+and its images/s, MFU and days are the hosts'.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
-from cvt_flax.aot import gpus
+import cvt_flax.data as data
+from cvt_flax.aot import gpus, tpus
+from cvt_flax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET = 'configs/imagenet.py'
@@ -111,17 +120,39 @@ def _config_label(name: str) -> str:
   return label + (f' ({", ".join(settings)})' if settings else '')
 
 
-def table(results: dict[str, dict]) -> str:
+def _hosts_per_chip(topology: str, host_per_cpu: float | None) -> tuple[str, float | None]:
+  """('HOSTS x VCPUS', images/s per chip the hosts deliver at `host_per_cpu`)."""
+  machine = gpus.parse_machine(topology) if gpus.is_gpu_name(topology) else (
+      tpus.parse_slice(topology))
+  vcpus = f'{machine.num_hosts} x {machine.host_vcpus}'
+  if host_per_cpu is None:
+    return vcpus, None
+  return vcpus, host_per_cpu * machine.host_vcpus * machine.num_hosts / machine.num_chips
+
+
+def _estimates(r: dict, host_per_chip: float | None) -> tuple[str, ...]:
+  """(images/s per chip, MFU, days, bound): the chips' roofline, or the hosts' where lower."""
+  est = r['estimated_images_per_sec_per_chip']
+  if not (est and r['fits']):  # XLA:GPU compiles what won't fit
+    return '-', '-', '-', '-'
+  scale, bound = 1.0, r['bound']
+  if host_per_chip is not None and host_per_chip < est:
+    scale, bound = host_per_chip / est, '**host**'
+  return (f'{est * scale:.0f}', f'{r["estimated_mfu"] * scale:.1%}',
+          f'{r["estimated_schedule_days"] / scale:.2f}', bound)
+
+
+def table(results: dict[str, dict], host_per_cpu: float | None = None) -> str:
   rows = ['| config | slice | per chip batch | dtype | FSDP / remat | HBM per chip (GiB) | fits | '
-          'est. images/s per chip | est. MFU | est. days, whole schedule | compile (s) | '
-          'attention per stage |',
-          '|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---|']
+          'est. images/s per chip | est. MFU | est. days, whole schedule | bound | '
+          'hosts x vCPUs | hosts\' images/s per chip | compile (s) | attention per stage |',
+          '|---|---|---:|---|---|---:|---|---:|---:|---:|---|---|---:|---:|---|']
   for name, r in results.items():
     hbm = f'{r["hbm_bytes_per_chip"] / 2 ** 30:.1f} of {r["hbm_capacity_bytes"] / 2 ** 30:.0f}'
     fits = 'yes' if r['fits'] else ('no (XLA refused)' if r['train_out_of_memory'] else 'no')
-    est = r['estimated_images_per_sec_per_chip']
-    numbers = ((f'{est:.0f}', f'{r["estimated_mfu"]:.1%}', f'{r["estimated_schedule_days"]:.2f}')
-               if est and r['fits'] else ('-', '-', '-'))  # XLA:GPU compiles what won't fit
+    vcpus, host_per_chip = _hosts_per_chip(r['topology'], host_per_cpu)
+    numbers = (*_estimates(r, host_per_chip), vcpus,
+               '-' if host_per_chip is None else f'{host_per_chip:.0f}')
     stages = r.get('compute', {}).get('stages', [])
     attention = ', '.join(stage['attention'][0] for stage in stages) or '-'
     rows.append(f'| {_config_label(name)} | {r["topology"]} | {r["per_chip_batch"]} | '
@@ -130,17 +161,31 @@ def table(results: dict[str, dict]) -> str:
   return '\n'.join(rows)
 
 
+def _measured_host_rate() -> float:
+  """The ImageNet recipe's train pipeline on synthetic JPEGs here: images/s per CPU."""
+  with tempfile.TemporaryDirectory(prefix='capacity_plan_') as data_dir:
+    synthetic.build(data_dir)
+    rate = synthetic.train_images_per_sec(data.default_input_config(), data_dir)
+  return rate / synthetic.usable_cpus()
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out_dir', required=True)
   parser.add_argument('--rows', default=','.join(ROWS), help='comma-separated row names')
+  parser.add_argument('--host_images_per_sec_per_cpu', type=float, default=None)
+  parser.add_argument('--measure_host', action='store_true',
+                      help='measure the rate per CPU here (synthetic JPEGs, ImageNet recipe)')
   args = parser.parse_args()
+  host_per_cpu = _measured_host_rate() if args.measure_host else args.host_images_per_sec_per_cpu
+  if host_per_cpu is not None:
+    print(f'hosts at {host_per_cpu:.0f} train images/s per vCPU', file=sys.stderr)
   os.makedirs(args.out_dir, exist_ok=True)
   names = args.rows.split(',')
   unknown = [n for n in names if n not in ROWS]
   if unknown:
     raise SystemExit(f'unknown rows {unknown}; rows: {", ".join(ROWS)}')
-  print(table({name: run_row(name, args.out_dir) for name in names}))
+  print(table({name: run_row(name, args.out_dir) for name in names}, host_per_cpu))
 
 
 if __name__ == '__main__':

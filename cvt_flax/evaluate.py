@@ -71,7 +71,8 @@ def evaluate_model(model, input_cfg, *, batch_size: int, devices=None,
   graphdef, *variables = eval_step_lib.split_model(model)
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), tuple(variables))
   variables = jax.device_put(tuple(variables), replicated)
-  step = eval_step_lib.jit_eval_step(graphdef, replicated, mesh)
+  step = eval_step_lib.jit_eval_step(graphdef, replicated, mesh, mean=input_cfg.mean,
+                                     std=input_cfg.std)
   evaluation = errors.require('cvt_flax.runtime.evaluation', 'train')
   metrics = evaluation.evaluate_dataset(step, variables, input_cfg, batch_size=batch_size,
                                         mesh=mesh, progress=progress)

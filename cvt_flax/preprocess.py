@@ -1,9 +1,9 @@
 """The eval transform a model expects: its definition, its geometry, and its PIL implementation.
 
-`Preprocess` is the one definition. Predict applies it with PIL (`Preprocess.__call__`, here); the
-input pipelines apply it with TensorFlow (`cvt_flax.data.augment.decode_and_resize_eval`). Both take
-the resized size and the crop offsets from `Preprocess.geometry`, so both crop the same pixels;
-their resampling differs by at most one grey level (PIL vs TF's two-pass bicubic).
+`Preprocess` is the one definition and this module its one implementation, in PIL: predict calls
+it (`Preprocess.__call__`), and so does the eval input pipeline, image by image inside tf.data
+(`Preprocess.pixels_of_encoded`), which sends the uint8 pixels to the eval step to normalise on
+the device. Predict, `evaluate` and HF's processors see the same pixels.
 
   resize='crop': resize the shorter side to int(image_size / crop_pct) (the longer side scaled and
                  truncated, as torchvision's Resize(int) and HF's processors do), then take the
@@ -19,6 +19,7 @@ pipeline would give it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 import warnings
 from typing import Any, Callable, Mapping
@@ -127,10 +128,15 @@ class Preprocess:
     return new_h, new_w, offset(new_h - size), offset(new_w - size)
 
   def __call__(self, image) -> np.ndarray:
-    """A PIL image (any mode) or an HxWx3 uint8 array -> normalised float32 (S, S, 3).
+    """A PIL image (any mode) or an HxWx3 uint8 array -> normalised float32 (S, S, 3)."""
+    return self.normalize(self.pixels(image).astype(np.float32))
 
-    Any mode becomes RGB as PIL's convert('RGB') makes it (alpha dropped, as in the input
-    pipelines, torchvision and HF's processors)."""
+  def pixels(self, image) -> np.ndarray:
+    """A PIL image (any mode) or an HxWx3 uint8 array -> the resized and cropped RGB pixels, uint8
+    (S, S, 3), not normalised: what predict and the eval input pipeline feed the model.
+
+    Any mode becomes RGB as PIL's convert('RGB') makes it (alpha dropped, as torchvision and HF's
+    processors do)."""
     from PIL import Image  # pylint: disable=g-import-not-at-top
     if isinstance(image, np.ndarray):
       image = Image.fromarray(image)
@@ -139,14 +145,32 @@ class Preprocess:
     resample = Image.BICUBIC if self.interpolation == 'bicubic' else Image.BILINEAR
     image = image.resize((new_w, new_h), resample)
     size = self.image_size
-    return self.normalize(np.asarray(image, np.float32)[top:top + size, left:left + size])
+    return np.asarray(image, np.uint8)[top:top + size, left:left + size]
+
+  def pixels_of_encoded(self, encoded) -> np.ndarray:
+    """`pixels` of an encoded image (JPEG, PNG, ...), decoded by PIL: the eval input pipeline's
+    transform (PIL releases the GIL while it decodes and resizes, so tf.data's threads run it in
+    parallel). The pipeline checks the pixel count from the header first."""
+    if isinstance(encoded, np.ndarray):  # tf.numpy_function run eagerly: a 0-d object array
+      encoded = encoded.item()
+    return self.pixels(_read_rgb(io.BytesIO(encoded), 'image'))
 
   def normalize(self, pixels):
-    """RGB pixel values (0-255, float32; NumPy or JAX, any leading axes) -> the model's input:
-    x / 255, minus mean, over std, in float32 and in that order (the exported uint8 programs
-    compute the same)."""
-    mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-    return (pixels / np.float32(255.0) - mean) / std
+    """`normalize(pixels, self.mean, self.std)`."""
+    return normalize(pixels, self.mean, self.std)
+
+
+# A mean and std under which `normalize` leaves its input as it is (x / 255 * 255, to float32
+# rounding): for callers of the train and eval steps that hold model inputs rather than pixels.
+PASS_THROUGH = {'mean': (0.0, 0.0, 0.0), 'std': (1 / 255, 1 / 255, 1 / 255)}
+
+
+def normalize(pixels, mean, std):
+  """RGB pixel values (0-255, any dtype; NumPy or JAX, any leading axes) -> the model's input:
+  x / 255, minus mean, over std, in float32 and in that order. Predict, the train and eval steps
+  (on the device, from uint8 batches) and the exported uint8 programs all compute it so."""
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  return (pixels / np.float32(255.0) - mean) / std
 
 
 def official_eval(image_size: int = 224) -> Preprocess:
@@ -224,22 +248,37 @@ def too_many_pixels(pixels: int | None = None) -> str:
 def load_image(path):
   """Reads an image file as an RGB PIL image; a clear ImageError if it is not a readable image or
   has more than `max_image_pixels()` pixels."""
+  return _read_rgb(path, path)
+
+
+def _eight_bit(image):
+  """16-bit grey images scaled to 8 bits (PIL's convert('RGB') would clip them at 255, a white
+  image); other modes as they are."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.mode not in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N'):
+    return image
+  values = np.asarray(image, np.int64).clip(0, 65535)
+  return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+
+
+def _read_rgb(source, name: str):
+  """`source` (a path or a file object) read as an RGB PIL image; errors name it as `name`."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
     with warnings.catch_warnings():  # PIL warns from half the limit on: below it, nothing to say
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-      with Image.open(path) as img:
+      with Image.open(source) as img:
         img.load()
-        return img.convert('RGB')
+        return _eight_bit(img).convert('RGB')
   except Image.DecompressionBombError as e:
     pixels = re.search(r'\((\d+) pixels\)', str(e))  # PIL's message: "Image size (N pixels) ..."
-    raise ImageError(f'{path}: {too_many_pixels(int(pixels[1]) if pixels else None)}') from e
+    raise ImageError(f'{name}: {too_many_pixels(int(pixels[1]) if pixels else None)}') from e
   except FileNotFoundError as e:
-    raise ImageError(f'{path}: no such file') from e
+    raise ImageError(f'{name}: no such file') from e
   except UnidentifiedImageError as e:
-    raise ImageError(f'{path}: not a readable image file (JPEG, PNG, ...)') from e
+    raise ImageError(f'{name}: not a readable image file (JPEG, PNG, ...)') from e
   except (OSError, SyntaxError) as e:  # truncated or corrupt data
-    raise ImageError(f'{path}: corrupt or truncated image ({e})') from e
+    raise ImageError(f'{name}: corrupt or truncated image ({e})') from e
 
 
 def add_flags(parser) -> None:

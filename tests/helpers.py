@@ -179,6 +179,23 @@ def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
           + chunk(b'IEND', b''))
 
 
+# An all-white batch (uint8 255), normalised by ImageNet's mean and std, is above this everywhere;
+# a batch of real images is not (the digits' black backgrounds normalise to about -2).
+WHITE = 2.0
+
+
+def white_images_at_step(monkeypatch, step: int):
+  """The trainer's train iterator, with the batch of `step` (1-based) all white."""
+  from cvt_flax.training import loop  # pylint: disable=g-import-not-at-top
+  real = loop.data.make_train_iterator
+
+  def wrapped(*args, start_step=0, **kwargs):
+    for i, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
+      yield dict(batch, image=np.full_like(batch['image'], 255)) if i + 1 == step else batch
+
+  monkeypatch.setattr(loop.data, 'make_train_iterator', wrapped)
+
+
 def tiny_config(data_dir: str, **overrides):
   """A few-step run of TINY_MODEL on digits at 16 px with Mixup/CutMix on; `overrides` are
   dotted field names ('input.image_size') -> values."""

@@ -80,6 +80,33 @@ def test_tiny_model_fits_v5e_and_report_says_so(compiled):
   assert 0 < compiled[False].eval.hbm_bytes < compiled[False].train.hbm_bytes
 
 
+@pytest.mark.parametrize('name, hosts, vcpus', [
+    ('v5e-1', 1, 24), ('v5e-4', 1, 112), ('v5e-8', 1, 224), ('v5e-16', 4, 112), ('v6e-8', 1, 180),
+    ('v6e-64', 16, 180), ('v4-8', 1, 240), ('v5p-128', 16, 208)])
+def test_each_slice_knows_its_hosts_vcpus(name, hosts, vcpus):
+  tpu_slice = tpus.parse_slice(name)
+  assert (tpu_slice.num_hosts, tpu_slice.host_vcpus) == (hosts, vcpus)
+
+
+def test_the_hosts_bound_the_estimate_when_their_pipelines_are_slower(compiled):
+  result = compiled[False]
+  chips = report.estimate(result)
+  assert chips.bound in ('compute', 'memory') and chips.host_images_per_sec is None
+  slice_rate = chips.images_per_sec_per_chip * V5E_4.num_chips
+  # Hosts that deliver half of what the chips take: half the images/s, and the report says why.
+  per_cpu = slice_rate / 2 / (V5E_4.host_vcpus * V5E_4.num_hosts)
+  hosts = report.estimate(result, per_cpu)
+  assert hosts.bound == 'host'
+  assert hosts.images_per_sec_per_chip * V5E_4.num_chips == pytest.approx(slice_rate / 2)
+  assert hosts.step_seconds == pytest.approx(2 * chips.step_seconds)
+  assert 'they bound the step' in report.to_text(result, per_cpu)
+  assert report.to_json(result, per_cpu)['host_images_per_sec'] == pytest.approx(slice_rate / 2)
+  # Faster hosts change nothing.
+  fast = report.estimate(result, 3 * per_cpu)
+  assert (fast.bound, fast.step_seconds) == (chips.bound, chips.step_seconds)
+  assert 'not estimated' in report.to_text(result)
+
+
 # XLA's FLOPs / the analytic 6 x multiply-adds. Below 1 only by the input gradient of the first
 # conv, which no one computes (2 of its 6 FLOPs per MAC). Above 1 by what the MAC count leaves out
 # (`cvt_flax.flops`): normalisations, activations, softmax, residual adds, the loss and the AdamW
@@ -180,6 +207,11 @@ def test_capacity_plan_table_renders_the_reports(compiled, monkeypatch):
   assert len(lines) == 4 and lines[2].startswith('| digits | v5e-4 | 16 | float32 | - / none |')
   assert lines[3].startswith('| digits (fsdp=True) | v5e-4 | 16 | float32 | FSDP / none |')
   assert all(' yes |' in line for line in lines[2:])
+  # Hosts that deliver half of what the chips take bound the row, which says so.
+  chips = report.to_json(compiled[False])['estimated_images_per_sec_per_chip']
+  per_cpu = chips / 2 * V5E_4.num_chips / (V5E_4.host_vcpus * V5E_4.num_hosts)
+  bounded = plan.table({'digits_v5e4': report.to_json(compiled[False])}, per_cpu).splitlines()[2]
+  assert '| **host** | 1 x 112 |' in bounded and f'| {chips / 2:.0f} |' in bounded
 
 
 # The CvT-13 train step as XLA:TPU compiles it (the official recipe, bf16, 8 images per chip on

@@ -13,6 +13,7 @@ from flax import nnx
 
 import cvt_flax
 from cvt_flax.models import Compute, compute, layers
+from cvt_flax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from cvt_flax.training import steps
 from helpers import PARITY_ATOL, TINY_MODEL, fixture_model, logits_and_features, run_python
 
@@ -20,6 +21,7 @@ from helpers import PARITY_ATOL, TINY_MODEL, fixture_model, logits_and_features,
 # The other fields: the 2-stage defaults (`cvt_flax.models.config.stage_defaults`).
 SMALL = dict(dim_embed=(64, 128), num_heads=(1, 2), depth=(1, 1))
 IMAGES = jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)  # stage 0: 3136 queries, 784 keys
+PIXELS = jax.ShapeDtypeStruct(IMAGES.shape, jnp.uint8)  # the train step's input
 
 
 def _lowered(platform, dtype='float32', **settings):
@@ -29,8 +31,9 @@ def _lowered(platform, dtype='float32', **settings):
   tx = optax.adamw(1e-3)
   state = steps.init_train_state(model, tx)
   train_step = steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
-                                     num_classes=10, mixup=dict(prob=0.0), seed=0)
-  batch = {'image': IMAGES, 'label': jax.ShapeDtypeStruct((8,), jnp.int32)}
+                                     num_classes=10, mixup=dict(prob=0.0), seed=0,
+                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  batch = {'image': PIXELS, 'label': jax.ShapeDtypeStruct((8,), jnp.int32)}
   model.eval()
   graphdef, variables = nnx.split(model)
   forward = jax.jit(lambda v, x: nnx.merge(graphdef, v)(x))
@@ -147,12 +150,13 @@ from helpers import TINY_MODEL
 model = cvt_flax.create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
 tx = optax.adamw(1e-3)
 step = steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(1e-3),
-                             num_classes=10, mixup=dict(), seed=0)
-batch = {'image': jax.numpy.ones((4, 16, 16, 3)), 'label': jax.numpy.zeros((4,), 'int32')}
+                             num_classes=10, mixup=dict(), seed=0, mean=(0.5,) * 3, std=(0.2,) * 3)
+batch = {'image': jax.numpy.ones((4, 16, 16, 3), 'uint8'), 'label': jax.numpy.zeros((4,), 'int32'),
+         'erase': jax.numpy.zeros((4, 4), 'int32')}
 # Tracing runs every line of the steps' Python (compiling them adds nothing TensorFlow could be in).
 state, metrics = jax.eval_shape(step, steps.init_train_state(model, tx), batch)
 model.eval()
-sums = jax.eval_shape(eval_step.make_eval_step(nnx.graphdef(model)),
+sums = jax.eval_shape(eval_step.make_eval_step(nnx.graphdef(model), mean=(0.5,) * 3, std=(0.2,) * 3),
                       steps.model_variables(state), dict(batch, mask=jax.numpy.ones((4,))))
 print('OK', metrics['loss'].shape == (), sums['count'].shape == ())
 '''

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from cvt_flax.data import augment, pipeline, randaugment
-from cvt_flax.data.config import default_input_config
+from cvt_flax.data.config import default_input_config, with_eval_preprocess
 from cvt_flax.preprocess import Preprocess
 import tensorflow as tf
 
@@ -82,17 +82,8 @@ def test_posterize_zero_bits_is_black():
   assert np.all(out.numpy() == 0)
 
 
-def test_resize_matches_pil_bicubic():
-  image = _natural_image(75, 100, seed=2)
-  for height, width in ((224, 224), (32, 40), (50, 300), (300, 20), (60, 80)):
-    expected = np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
-    out = augment.resize(tf.constant(image), height, width).numpy()
-    assert out.shape == (height, width, 3)
-    assert np.abs(out - expected).max() <= 1, (height, width)
-
-
 @pytest.mark.parametrize('mode', ['crop', 'warp'])
-def test_eval_resize_matches_timm_transform(mode):
+def test_eval_transform_is_timms_exactly(mode):
   image = _natural_image(75, 100, seed=3)
   pil = Image.fromarray(image)
   if mode == 'warp':
@@ -103,9 +94,11 @@ def test_eval_resize_matches_timm_transform(mode):
     top = int(round((resized.size[1] - 64) / 2))
     left = int(round((resized.size[0] - 64) / 2))
     expected = resized.crop((left, top, left + 64, top + 64))
-  out = augment.decode_and_resize_eval(tf.io.encode_png(image), Preprocess(64, mode)).numpy()
-  assert out.shape == (64, 64, 3)
-  assert np.abs(out - np.asarray(expected)).max() <= 1
+  cfg = default_input_config()
+  with_eval_preprocess(cfg, Preprocess(64, mode))
+  out = pipeline.eval_transform(cfg, tf.io.encode_png(image)).numpy()
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, np.asarray(expected))  # the same PIL calls
 
 
 def _boxes(height, width, scale, ratio, num):
@@ -137,24 +130,17 @@ def test_random_resized_crop_falls_back_to_center_crop_like_torchvision():
     assert (top, left, crop_h, crop_w) == ((1000 - 13) // 2, 0, round(10 / (3 / 4)), 10)
 
 
-def test_random_erasing_box_and_noise():
-  image = tf.zeros([64, 48, 3])
-  erased_fractions = []
+def test_random_erasing_boxes_as_timm_draws_them():
+  fractions = []
   for i in range(40):
-    out = augment.random_erasing(image, tf.constant([3, i]), prob=1.0).numpy()
-    changed = np.any(out != 0, axis=-1)
-    rows, cols = np.nonzero(changed)
-    if rows.size:  # The erased region is one axis-aligned box.
-      box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-      assert box.all()
-      erased_fractions.append(box.size / changed.size)
-  assert len(erased_fractions) >= 35  # With prob 1 a box fits almost always on 64x48.
-  assert min(erased_fractions) >= 0.015 and max(erased_fractions) <= 1 / 3 + 0.03
-  noise = augment.random_erasing(image, tf.constant([3, 0]), prob=1.0).numpy()
-  noise = noise[noise != 0]
-  assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2  # Per-pixel N(0, 1).
-  untouched = augment.random_erasing(image + 5.0, tf.constant([3, 0]), prob=0.0)
-  np.testing.assert_array_equal(untouched.numpy(), 5.0)
+    top, left, height, width = augment.erasing_box(tf.constant([3, i]), 64, 48, prob=1.0).numpy()
+    if height:
+      assert top >= 0 and left >= 0 and top + height <= 64 and left + width <= 48
+      fractions.append(height * width / (64 * 48))
+  assert len(fractions) >= 35  # With prob 1 a box fits almost always on 64x48.
+  assert min(fractions) >= 0.015 and max(fractions) <= 1 / 3 + 0.03
+  never = [augment.erasing_box(tf.constant([3, i]), 64, 48, prob=0.0).numpy() for i in range(5)]
+  np.testing.assert_array_equal(never, 0)
 
 
 def _augment_everything(image_bytes, seed):
@@ -162,7 +148,8 @@ def _augment_everything(image_bytes, seed):
   cfg.image_size = 24
   cfg.random_erasing = 1.0
   cfg.randaugment_num_ops = 3
-  return pipeline.train_transform(cfg, image_bytes, seed)
+  out = pipeline.train_transform(cfg, image_bytes, seed)
+  return tf.concat([tf.reshape(tf.cast(out['image'], tf.int32), [-1]), out['erase']], axis=0)
 
 
 @pytest.mark.parametrize('encode', [tf.io.encode_png, tf.io.encode_jpeg])
@@ -170,13 +157,13 @@ def test_ops_agree_eagerly_and_inside_tf_data(encode):
   image_bytes = encode(tf.constant(_natural_image(37, 53, seed=4)))
   seeds = tf.constant([[1, 2], [3, 4], [5, 6], [7, 8]], tf.int64)
   def resized(b):
-    return augment.decode_and_resize_eval(b, Preprocess(24))
+    return augment.decode_and_random_resized_crop(b, tf.constant([0, 0]), 24, scale=(1.0, 1.0))
 
   fns = {
       'crop': lambda b, s: augment.decode_and_random_resized_crop(b, s, 24),
       'flip': lambda b, s: augment.random_flip(resized(b), s),
       'randaugment': lambda b, s: randaugment.rand_augment(resized(b), s, 4, 9.0, 0.5, FILL),
-      'erasing': lambda b, s: augment.random_erasing(resized(b), s, 1.0),
+      'erasing': lambda b, s: augment.erasing_box(s, 24, 24, 1.0),
       'train_transform': _augment_everything,
   }
   for name, fn in fns.items():

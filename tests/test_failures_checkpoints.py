@@ -23,7 +23,7 @@ from cvt_flax.training import checkpointing
 from cvt_flax.training.checkpointing import (Checkpointer, CheckpointRestoreError, complete_steps,
                                              CheckpointSaveError, WorkdirError)
 from cvt_flax.training.run import build_run, create_initial_state, write_run_files
-from helpers import DATA, tiny_config, train_losses
+from helpers import DATA, WHITE, tiny_config, train_losses, white_images_at_step
 
 # Orbax's async machinery reports 'Event loop is closed' from finalisers after a failure.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -169,18 +169,13 @@ _nan_gradient_if.defvjp(_fwd, _bwd)
 
 def test_nan_gradient_stops_training_and_keeps_the_last_good_checkpoint(
     digits_dir, tmp_path, monkeypatch):
-  sentinel = 1e3  # the step-3 batch is all 1e3 (normalised images are within about +-3)
-  real_call, real_iterator = CvT.__call__, loop.data.make_train_iterator
+  real_call = CvT.__call__
 
-  def call(self, x, *args, **kwargs):
-    return _nan_gradient_if(jnp.max(x) >= sentinel, real_call(self, x, *args, **kwargs))
-
-  def iterator(*args, start_step=0, **kwargs):
-    for i, batch in enumerate(real_iterator(*args, start_step=start_step, **kwargs), start_step):
-      yield dict(batch, image=np.full_like(batch['image'], sentinel)) if i + 1 == 3 else batch
+  def call(self, x, *args, **kwargs):  # the step-3 batch is all white
+    return _nan_gradient_if(jnp.min(x) >= WHITE, real_call(self, x, *args, **kwargs))
 
   monkeypatch.setattr(CvT, '__call__', call)
-  monkeypatch.setattr(loop.data, 'make_train_iterator', iterator)
+  white_images_at_step(monkeypatch, 3)
   cfg = tiny_config(digits_dir, checkpoint_every_steps=2)
   with pytest.raises(loop.TrainingDivergedError) as err:
     loop.train_and_evaluate(cfg, str(tmp_path))

@@ -32,6 +32,9 @@ def test_gpu_names_give_machines_of_one_or_eight_gpus():
   assert (gpus.parse_machine('h100-8').num_chips, gpus.parse_machine('t4').num_chips) == (8, 1)
   assert gpus.parse_machine('a100-80-8').gpu.chip.hbm_bytes > 80e9
   assert gpus.parse_machine('a100-40').gpu.chip.hbm_bytes < 45e9
+  # The host's vCPUs: the 8-GPU machine type's, or Colab's 2 beside a T4.
+  assert [gpus.parse_machine(n).host_vcpus for n in ('h100-8', 'h100', 'a100-80-8', 't4')] == [
+      208, 26, 96, 2]
   for bad in ('h100-4', 'h300-8', 'a100-8', 't4-x'):
     with pytest.raises(ConfigError, match='h100-8'):
       gpus.parse_machine(bad)

@@ -1,4 +1,4 @@
-"""Mixup / CutMix (timm batch-mode semantics) as a pure, jit-able JAX function."""
+"""Mixup / CutMix (timm batch-mode semantics) and random erasing's noise: pure, jit-able JAX functions."""
 import functools
 
 import jax
@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cvt_flax.training.erasing import fill_boxes
 from cvt_flax.training.mixup import default_mixup_config, mixup_cutmix
 
 N, H, W, C, CLASSES = 6, 12, 10, 3, 10
@@ -119,3 +120,17 @@ def test_default_config_is_the_official_recipe():
   mixup.lock()
   assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.switch_prob, mixup.prob,
           mixup.label_smoothing) == (0.8, 1.0, 0.5, 1.0, 0.1)
+
+
+def test_erasing_fills_exactly_the_boxes_with_unit_normal_noise():
+  images = jnp.full((3, 64, 48, 3), 5.0)
+  boxes = jnp.array([[0, 0, 0, 0], [10, 4, 20, 30], [63, 47, 1, 1]], jnp.int32)
+  out = np.asarray(jax.jit(fill_boxes)(jax.random.key(0), images, boxes))
+  changed = np.any(out != 5.0, axis=-1)
+  assert not changed[0].any()  # height 0: nothing erased
+  expected = np.zeros((64, 48), bool)
+  expected[10:30, 4:34] = True
+  np.testing.assert_array_equal(changed[1], expected)
+  assert changed[2].sum() == 1 and changed[2, 63, 47]
+  noise = out[1][expected]
+  assert abs(noise.mean()) < 0.1 and 0.9 < noise.std() < 1.1  # 1,800 per-pixel N(0, 1) draws

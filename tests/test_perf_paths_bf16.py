@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import cvt_flax
+from cvt_flax import preprocess
 from cvt_flax.training import steps
 from helpers import fixture_model, logits_and_features
 
@@ -43,7 +44,7 @@ def test_bf16_training_steps_run_and_reduce_loss():
   tx = optax.adamw(3e-3)
   step = jax.jit(steps.make_train_step(nnx.graphdef(model), tx, optax.constant_schedule(3e-3),
                                        num_classes=4, mixup=dict(prob=0.0, label_smoothing=0.0),
-                                       seed=0))
+                                       seed=0, **preprocess.PASS_THROUGH))
   state = steps.init_train_state(model, tx)
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels, jnp.int32)}
   losses = []

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
 from cvt_flax import preprocess
-from cvt_flax.data import augment, config, pipeline
+from cvt_flax.data import config, pipeline
 from cvt_flax.preprocess import Preprocess, PreprocessError
 
 # scikit-image's photos: square, landscape, portrait-ish sizes; rocket's crop margin is odd.
@@ -65,18 +65,17 @@ def test_hf_processor_configs_of_the_released_models():
 @pytest.mark.parametrize('prep', [Preprocess(224), Preprocess(224, crop_offset='floor'),
                                   Preprocess(384, 'warp'), Preprocess(96, crop_pct=0.9,
                                                                        interpolation='bilinear')])
-def test_tf_pipeline_path_matches_the_pil_path(prep):
+def test_eval_pipeline_path_is_the_predict_path(prep):
   cfg = config.default_input_config()
   config.with_eval_preprocess(cfg, prep)
   assert config.eval_preprocess(cfg) == prep
   for name in PHOTOS:
     photo = _photo(name)
-    ours = pipeline.eval_transform(cfg, tf.io.encode_png(photo)).numpy()
-    # PIL and TF's two-pass bicubic differ by at most one grey level (normalised: 1/255/std).
-    np.testing.assert_allclose(ours, prep(photo), atol=1 / 255 / min(prep.std) + 1e-5,
-                               err_msg=name)
-    unnormalised = augment.decode_and_resize_eval(tf.io.encode_png(photo), prep).numpy()
-    assert unnormalised.shape == (prep.image_size, prep.image_size, 3)
+    pixels = pipeline.eval_transform(cfg, tf.io.encode_png(photo)).numpy()
+    assert pixels.shape == (prep.image_size, prep.image_size, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, prep.pixels(photo), err_msg=name)
+    # What the eval step computes from them on the device is predict's input.
+    np.testing.assert_array_equal(preprocess.normalize(pixels, prep.mean, prep.std), prep(photo))
 
 
 def test_any_image_mode_becomes_rgb_as_in_the_pipeline():
@@ -86,8 +85,7 @@ def test_any_image_mode_becomes_rgb_as_in_the_pipeline():
   np.testing.assert_allclose(prep(Image.fromarray(rgba)), 200 / 255, atol=1e-6)
   cfg = config.default_input_config()
   config.with_eval_preprocess(cfg, prep)
-  np.testing.assert_allclose(pipeline.eval_transform(cfg, tf.io.encode_png(rgba)).numpy(),
-                             200 / 255, atol=1e-6)
+  np.testing.assert_array_equal(pipeline.eval_transform(cfg, tf.io.encode_png(rgba)).numpy(), 200)
   grey = Preprocess(8, 'warp')(Image.fromarray(np.full((9, 9), 128, np.uint8)))
   assert grey.shape == (8, 8, 3) and np.ptp(grey[..., 0]) < 1e-6
 

@@ -5,7 +5,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cvt_flax import preprocess
 from cvt_flax.models import create_model
+from cvt_flax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from cvt_flax.runtime import eval_step
 from cvt_flax.training import steps
 from helpers import TINY_MODEL
@@ -29,9 +31,17 @@ def _batch(n=16, seed=0):
           'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
 
 
+def _pixels(n, seed):
+  """A batch as the input pipeline makes it: uint8 pixels."""
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.integers(0, 256, (n, 16, 16, 3)), jnp.uint8),
+          'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+
+
 def _step(graphdef, tx, state, batch, accum):
   fn = steps.make_train_step(graphdef, tx, optax.constant_schedule(1.0), num_classes=10,
-                             mixup=MIXUP, seed=3, grad_accum_steps=accum)
+                             mixup=MIXUP, seed=3, grad_accum_steps=accum,
+                             **preprocess.PASS_THROUGH)
   return jax.jit(fn)(state, batch)
 
 
@@ -75,12 +85,14 @@ def test_eval_step_counts_only_masked_examples():
   model = create_model(TINY_MODEL, num_classes=10, rngs=nnx.Rngs(0))
   _, state = _setup(TINY_MODEL, tx)
   model.eval()
-  eval_fn = jax.jit(eval_step.make_eval_step(nnx.graphdef(model)))
-  batch = _batch(12, seed=5)
+  eval_fn = jax.jit(eval_step.make_eval_step(nnx.graphdef(model), mean=IMAGENET_MEAN,
+                                              std=IMAGENET_STD))
+  batch = _pixels(12, seed=5)
   mask = np.array([1] * 9 + [0] * 3, np.float32)
   sums = eval_fn(steps.model_variables(state), dict(batch, mask=jnp.asarray(mask)))
   nnx.update(model, state.params, state.batch_stats)
-  logits = np.asarray(nnx.jit(lambda model, x: model(x))(model, batch['image']))  # eager: ~40 s
+  inputs = preprocess.normalize(batch['image'], IMAGENET_MEAN, IMAGENET_STD)
+  logits = np.asarray(nnx.jit(lambda model, x: model(x))(model, inputs))  # eager: ~40 s
   labels = np.asarray(batch['label'])
   top5 = np.argsort(-logits, axis=1)[:, :5]
   assert float(sums['count']) == 9

@@ -3,6 +3,7 @@ GPU needed) and reports whether it fits and how fast it should run.
 
     python -m cvt_flax.aot --config configs/imagenet.py:cvt-13,224 --topology v5e-8
     python -m cvt_flax.aot --config configs/imagenet.py:cvt-13,224 --topology h100-8
+    python -m cvt_flax.aot --config configs/imagenet.py:cvt-13,224 --topology v6e-8 --measure_host
     python -m cvt_flax.aot --config configs/imagenet.py:cvt-w24,384 --topology v5e-8 \
         --config.fsdp=False --json
     python -m cvt_flax.aot --config configs/finetune.py:cifar100 --topology v4-8 \
@@ -12,12 +13,15 @@ GPU needed) and reports whether it fits and how fast it should run.
 The run is the one `train.py` would build on that slice (`cvt_flax.aot.compile`). GPUs need JAX's
 CUDA plugin: `pip install 'cvt-flax[gpu-aot]'` (`make test` installs it). A config that
 takes its architecture from `init_from` (configs/finetune.py) names it here with
-`--config.model.variant`. Exit status: 0 if the train and eval steps fit in the chips' HBM; 2 if
+`--config.model.variant`. `--measure_host` times the config's train input pipeline on
+synthetic JPEGs on this machine's CPUs (about a minute) and bounds the estimate by what the
+slice's hosts deliver at that rate per vCPU (`cvt_flax.aot.report`). Exit status: 0 if the train and eval steps fit in the chips' HBM; 2 if
 they do not (the message says what to change) or for bad input (one line, `error: ...`). While it
 compiles, stderr says what and for how long.
 """
 import json
 import sys
+import tempfile
 
 from cvt_flax import errors, files
 from cvt_flax.runtime import platforms
@@ -31,6 +35,7 @@ with errors.reported():
 from absl import app, flags, logging
 
 from cvt_flax.aot import compile as aot_compile, gpus, report, tpus
+from cvt_flax.data import synthetic
 from cvt_flax.models import compute as compute_lib
 from cvt_flax.training import config as config_lib, config_flag, run as run_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -46,11 +51,31 @@ _TRAIN_EXAMPLES = flags.DEFINE_integer(
     'prepared here and cvt_flax.aot does not know it.')
 _TOP_COSTS = flags.DEFINE_integer('top_costs', 0, "Also print the train step's N costliest ops.")
 _HLO_OUT = flags.DEFINE_string('hlo_out', None, "Write the train step's compiled HLO text here.")
+_HOST_RATE = flags.DEFINE_float(
+    'host_images_per_sec_per_cpu', None, "The train input pipeline's images/s per host vCPU, to "
+    'bound the estimate by the hosts (default: not bounded, unless --measure_host).')
+_MEASURE_HOST = flags.DEFINE_bool(
+    'measure_host', False, "Measure --host_images_per_sec_per_cpu: the config's train pipeline "
+    "on synthetic JPEGs on this machine's CPUs.")
 flags.mark_flags_as_required(['topology'])
 
 
 def _progress(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
+
+
+def _host_rate(config) -> float | None:
+  """--host_images_per_sec_per_cpu, or measured here with --measure_host."""
+  if not _MEASURE_HOST.value:
+    return _HOST_RATE.value
+  if _HOST_RATE.value is not None:
+    raise errors.ConfigError('--measure_host and --host_images_per_sec_per_cpu: give one.')
+  with tempfile.TemporaryDirectory(prefix='cvt_flax_host_') as data_dir:
+    _progress('measuring the train input pipeline on synthetic JPEGs (about a minute)')
+    synthetic.build(data_dir)
+    rate = synthetic.train_images_per_sec(config.input, data_dir) / synthetic.usable_cpus()
+  _progress(f'train input pipeline: {rate:.0f} images/s per CPU here')
+  return rate
 
 
 def main(argv):
@@ -71,10 +96,11 @@ def main(argv):
     config_lib.validate_config(config)
     name = _TOPOLOGY.value
     tpu_slice = gpus.parse_machine(name) if gpus.is_gpu_name(name) else tpus.parse_slice(name)
+    host_rate = _host_rate(config)
     compiled = aot_compile.compile_for_slice(config, tpu_slice, with_eval=_EVAL.value,
                                              num_train_examples=_TRAIN_EXAMPLES.value,
                                              progress=_progress)
-  print(report.to_text(compiled), flush=True)
+  print(report.to_text(compiled, host_rate), flush=True)
   choices = run_lib.compute_choices(compiled.run)
   print(f"compute ({choices['settings']['dtype']}, per stage for the train step's "
         f"{choices['batch_per_step']} images):")
@@ -85,7 +111,7 @@ def main(argv):
   if _HLO_OUT.value:
     files.write_text(_HLO_OUT.value, compiled.train.hlo_text)
   if _JSON.value:
-    print(json.dumps({**report.to_json(compiled), 'compute': choices}, sort_keys=True))
+    print(json.dumps({**report.to_json(compiled, host_rate), 'compute': choices}, sort_keys=True))
   if not report.fits(compiled):
     sys.exit(2)
 

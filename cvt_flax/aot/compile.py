@@ -193,10 +193,10 @@ def _compile_eval_step(run: run_lib.Run):
   def spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
 
-  abstract_batch = {'image': spec((batch, size, size, 3), jnp.float32),
+  abstract_batch = {'image': spec((batch, size, size, 3), jnp.uint8),
                     'label': spec((batch,), jnp.int32), 'mask': spec((batch,), jnp.float32)}
   step = eval_step_lib.jit_eval_step(run.eval_graphdef, model_variables(run.state_shardings),
-                                     run.mesh)
+                                     run.mesh, mean=cfg.input.mean, std=cfg.input.std)
   return step.lower(model_variables(run.abstract_state), abstract_batch).compile()
 
 

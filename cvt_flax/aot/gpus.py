@@ -10,6 +10,12 @@ a100_sxm_80, a100_sxm_40, b200); XLA has none for the T4 and L4, whose figures c
 public documents (the Turing and Ada architecture whitepapers, the T4 and L4 datasheets) and from
 what CUDA reports on Colab (memory). Only the fields that this jax's proto knows are written.
 
+The host's vCPUs per GPU are those of Compute Engine's GPU machine types
+(https://cloud.google.com/compute/docs/gpus, "accelerator-optimized machine family"): 8-GPU
+a3-highgpu-8g (H100) 208 vCPUs, a3-ultragpu-8g (H200) 224, a2-ultragpu-8g and a2-highgpu-8g (A100
+80GB, 40GB) 96, a4-highgpu-8g (B200) 224, g2-standard-96 (8 L4) 96, divided by 8; a T4 alone is
+Colab's runtime, 2 vCPUs.
+
 Peak FLOP/s and memory bandwidth are NVIDIA's datasheet figures (dense, without sparsity): bf16
 tensor cores, and for float32 the TF32 tensor cores that XLA:GPU uses for float32 matmuls by
 default from Ampere on. A T4 (Turing) has neither: it has fp16 tensor cores (65 TFLOP/s), and
@@ -40,6 +46,7 @@ class Gpu:
   l2_bytes: int
   clock_ghz: float
   peak_float32_flops: float  # float32 matmuls: TF32 tensor cores (Ampere on), else FP32 units
+  host_vcpus_per_gpu: int  # the host's vCPUs per GPU (module docstring)
 
   def peak_flops(self, dtype: str) -> float:
     """Peak matmul FLOP/s for a program in `dtype`: bf16 on its tensor cores where it has them."""
@@ -50,33 +57,35 @@ class Gpu:
 
 _DATASHEETS = 'https://www.nvidia.com/en-us/data-center/'
 _H100 = Gpu(Chip('NVIDIA H100 SXM 80GB', 989e12, 84_942_979_072, 3352e9, _DATASHEETS + 'h100/'),
-            (9, 0), 132, 128, 233472, 232448, 2048, 50 * MiB, 1.98, 495e12)
+            (9, 0), 132, 128, 233472, 232448, 2048, 50 * MiB, 1.98, 495e12, 208 // 8)
 _A100 = Gpu(Chip('NVIDIA A100 SXM 80GB', 312e12, 85_100_068_864, 2039e9, _DATASHEETS + 'a100/'),
-            (8, 0), 108, 64, 167936, 166912, 2048, 40 * MiB, 1.41, 156e12)
+            (8, 0), 108, 64, 167936, 166912, 2048, 40 * MiB, 1.41, 156e12, 96 // 8)
 
 
-def _with_memory(gpu: Gpu, name: str, memory_bytes: int, bytes_per_s: float, source: str) -> Gpu:
-  """`gpu`'s chip with other memory (an H200 is an H100 with more and faster HBM)."""
+def _with_memory(gpu: Gpu, name: str, memory_bytes: int, bytes_per_s: float, source: str,
+                 host_vcpus_per_gpu: int) -> Gpu:
+  """`gpu`'s chip with other memory (an H200 is an H100 with more and faster HBM), in another
+  machine type."""
   chip = dataclasses.replace(gpu.chip, name=name, hbm_bytes=memory_bytes,
                              hbm_bytes_per_s=bytes_per_s, source=source)
-  return dataclasses.replace(gpu, chip=chip)
+  return dataclasses.replace(gpu, chip=chip, host_vcpus_per_gpu=host_vcpus_per_gpu)
 
 
 GPUS = {
     'h100': _H100,
     'h200': _with_memory(_H100, 'NVIDIA H200 SXM 141GB', 151_397_597_184, 4800e9,
-                         _DATASHEETS + 'h200/'),
+                         _DATASHEETS + 'h200/', 224 // 8),
     'a100-80': _A100,
     'a100-40': _with_memory(_A100, 'NVIDIA A100 SXM 40GB', 42_331_013_120, 1555e9,
-                            _DATASHEETS + 'a100/'),
+                            _DATASHEETS + 'a100/', 96 // 8),
     'b200': Gpu(Chip('NVIDIA B200 180GB', 2250e12, 191_514_411_008, 7672e9,
                      _DATASHEETS + 'dgx-b200/'), (10, 0), 148, 128, 233472, 232448, 2048,
-                126.5 * MiB, 1.965, 1100e12),
+                126.5 * MiB, 1.965, 1100e12, 224 // 8),
     # Colab's smaller GPUs. Memory: what nvidia-smi reports there.
     't4': Gpu(Chip('NVIDIA T4 16GB', 65e12, 15360 * MiB, 320e9, _DATASHEETS + 'tesla-t4/'),
-              (7, 5), 40, 64, 65536, 65536, 1024, 4 * MiB, 1.59, 8.1e12),
+              (7, 5), 40, 64, 65536, 65536, 1024, 4 * MiB, 1.59, 8.1e12, 2),
     'l4': Gpu(Chip('NVIDIA L4 24GB', 121e12, 23034 * MiB, 300e9, _DATASHEETS + 'l4/'),
-              (8, 9), 58, 128, 102400, 101376, 1536, 48 * MiB, 2.04, 60e12),
+              (8, 9), 58, 128, 102400, 101376, 1536, 48 * MiB, 2.04, 60e12, 96 // 8),
 }
 # The machines a name may give: 8-GPU servers (HGX/DGX, one host) and single GPUs.
 _COUNTS = (1, 8)
@@ -101,6 +110,10 @@ class GpuMachine:
 
   def peak_flops(self, dtype: str) -> float:
     return self.gpu.peak_flops(dtype)
+
+  @property
+  def host_vcpus(self) -> int:
+    return self.gpu.host_vcpus_per_gpu * self.num_chips
 
   @property
   def topology(self) -> str:

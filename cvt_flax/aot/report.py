@@ -6,8 +6,13 @@ GPU counts as a chip; its peak for the config's dtype, `gpus`, a TPU's bf16 peak
 from XLA:TPU's cost analysis, on a GPU the bytes counted from the HLO and the FLOPs the model's
 analytic count. MFU = the model's analytic training FLOPs
 (3x the forward multiply-adds, 2 FLOPs each: `cvt_flax.flops`) over that time at peak. An
-estimate from the compiler, not a measurement: it ignores overlap limits, collectives' time and
-the input pipeline, and a GPU's program was compiled without autotuning (`aot.compile`).
+estimate from the compiler, not a measurement: it ignores overlap limits, collectives' time, and
+a GPU's program was compiled without autotuning (`aot.compile`).
+
+The hosts: given the train input pipeline's images/s per vCPU (measured on this machine's CPU with
+`--measure_host`, or `--host_images_per_sec_per_cpu`), the hosts deliver that times their vCPUs
+(`tpus`, `gpus`); the estimated images/s is the lower of the chips' and the hosts', and `bound`
+says 'host' when the hosts set it. A rate from another CPU than the hosts' is an approximation.
 """
 from __future__ import annotations
 
@@ -26,10 +31,11 @@ _COMPILER = {'tpu': 'libtpu', 'cuda': 'XLA:GPU (deviceless, no autotuning)'}
 @dataclasses.dataclass
 class Estimate:
   step_seconds: float
-  bound: str  # 'compute' | 'memory'
+  bound: str  # 'compute' | 'memory' | 'host'
   images_per_sec_per_chip: float
   mfu: float
   schedule_days: float
+  host_images_per_sec: float | None = None  # what the slice's hosts deliver, all together
 
 
 def step_costs(compiled: Compiled) -> tuple[float, float]:
@@ -48,8 +54,16 @@ def model_train_flops_per_chip(compiled: Compiled) -> float:
   return TRAIN_FLOPS_PER_MAC * macs * compiled.per_chip_batch
 
 
-def estimate(compiled: Compiled) -> Estimate | None:
-  """The roofline estimate of the train step; None if XLA refused to compile it."""
+def host_images_per_sec(compiled: Compiled, per_cpu: float | None) -> float | None:
+  """What the slice's hosts deliver at `per_cpu` images/s per vCPU (None: not known)."""
+  if per_cpu is None:
+    return None
+  return per_cpu * compiled.slice.host_vcpus * compiled.slice.num_hosts
+
+
+def estimate(compiled: Compiled, host_per_cpu: float | None = None) -> Estimate | None:
+  """The roofline estimate of the train step, bounded by the hosts' input pipelines if
+  `host_per_cpu` (images/s per vCPU) is given; None if XLA refused to compile the step."""
   chip, train = compiled.slice.chip, compiled.train
   if train.out_of_memory:
     return None
@@ -58,10 +72,13 @@ def estimate(compiled: Compiled) -> Estimate | None:
   compute_s = flops / peak
   memory_s = bytes_accessed / chip.hbm_bytes_per_s
   step = max(compute_s, memory_s)
+  bound = 'compute' if compute_s >= memory_s else 'memory'
+  hosts = host_images_per_sec(compiled, host_per_cpu)
+  if hosts is not None and hosts / compiled.slice.num_chips < compiled.per_chip_batch / step:
+    step, bound = compiled.per_chip_batch * compiled.slice.num_chips / hosts, 'host'
   mfu = model_train_flops_per_chip(compiled) / (step * peak)
-  return Estimate(step, 'compute' if compute_s >= memory_s else 'memory',
-                  compiled.per_chip_batch / step, mfu,
-                  compiled.run.total_steps * step / 86400)
+  return Estimate(step, bound, compiled.per_chip_batch / step, mfu,
+                  compiled.run.total_steps * step / 86400, hosts)
 
 
 def hbm_needed(compiled: Compiled, step: CompiledStep) -> int:
@@ -123,8 +140,9 @@ def advice(compiled: Compiled) -> str:
           f'{_gib(step.temp_bytes)}. Try: ' + '; '.join(fixes) + '.' + compiler)
 
 
-def to_json(compiled: Compiled) -> dict:
-  est, train, sl = estimate(compiled), compiled.train, compiled.slice
+def to_json(compiled: Compiled, host_per_cpu: float | None = None) -> dict:
+  """The report as a dict; `host_per_cpu`: the train pipeline's images/s per host vCPU."""
+  est, train, sl = estimate(compiled, host_per_cpu), compiled.train, compiled.slice
   flops, bytes_accessed = step_costs(compiled)
   out = {
       'topology': sl.name, 'platform': sl.platform, 'platform_topology': sl.topology,
@@ -146,6 +164,9 @@ def to_json(compiled: Compiled) -> dict:
       'estimated_images_per_sec': est and est.images_per_sec_per_chip * sl.num_chips,
       'estimated_images_per_sec_per_chip': est and est.images_per_sec_per_chip,
       'estimated_mfu': est and est.mfu, 'estimated_schedule_days': est and est.schedule_days,
+      'hosts': sl.num_hosts, 'host_vcpus': sl.host_vcpus,
+      'host_images_per_sec_per_cpu': host_per_cpu,
+      'host_images_per_sec': host_images_per_sec(compiled, host_per_cpu),
       'total_steps': compiled.run.total_steps,
       'compile_seconds': sum(s.compile_seconds for s in _steps(compiled)),
       'collectives': {c.kind: {'count': c.count, 'bytes': c.bytes}
@@ -156,9 +177,10 @@ def to_json(compiled: Compiled) -> dict:
   return out
 
 
-def to_text(compiled: Compiled) -> str:
+def to_text(compiled: Compiled, host_per_cpu: float | None = None) -> str:
   """The human-readable report (per chip)."""
-  j, sl, train, cfg = to_json(compiled), compiled.slice, compiled.train, compiled.run.config
+  j, sl, train = to_json(compiled, host_per_cpu), compiled.slice, compiled.train
+  cfg = compiled.run.config
   lines = [
       f'{sl.name} ({sl.num_chips} x {sl.chip.name}, {_COMPILER[sl.platform]} topology '
       f'{sl.topology}, {sl.num_hosts} host(s)); global batch {cfg.batch_size} = '
@@ -179,7 +201,7 @@ def to_text(compiled: Compiled) -> str:
     lines.append(f'HBM per chip (eval step): {_gib(compiled.eval.hbm_bytes)}')
   lines.append(f'fits: yes, {_gib(sl.chip.hbm_bytes - train.hbm_bytes)} to spare' if j['fits']
                else f'fits: NO, {advice(compiled)}')
-  est = estimate(compiled)
+  est = estimate(compiled, host_per_cpu)
   if est is None:
     return '\n'.join(lines)
   colls = ', '.join(f'{kind} x{c["count"]} ({c["bytes"] / 1e6:.1f} MB)'
@@ -194,8 +216,19 @@ def to_text(compiled: Compiled) -> str:
       f'roofline estimate (not a measurement): {est.step_seconds * 1e3:.1f} ms per step, '
       f'{est.bound}-bound; {est.images_per_sec_per_chip:.0f} images/s per chip, '
       f'{j["estimated_images_per_sec"]:.0f} on the slice; MFU {est.mfu:.1%}; '
-      f'{compiled.run.total_steps} steps = {est.schedule_days * 24:.1f} hours']
+      f'{compiled.run.total_steps} steps = {est.schedule_days * 24:.1f} hours',
+      _host_line(j)]
   return '\n'.join(lines)
+
+
+def _host_line(j: dict) -> str:
+  vcpus = f'{j["hosts"]} host(s) of {j["host_vcpus"]} vCPUs'
+  if j['host_images_per_sec'] is None:
+    return (f'hosts: {vcpus}; their input pipelines not estimated (--measure_host or '
+            '--host_images_per_sec_per_cpu)')
+  return (f'hosts: {vcpus} at {j["host_images_per_sec_per_cpu"]:.0f} images/s per vCPU deliver '
+          f'{j["host_images_per_sec"]:.0f} images/s'
+          + ('; they bound the step' if j['bound'] == 'host' else ''))
 
 
 def costs_text(compiled: Compiled, n: int) -> str:

@@ -5,6 +5,11 @@ Slice names follow Cloud TPU's accelerator types: for v4 and v5p the number coun
 (two per chip, one 'megacore' JAX device per chip), for v5e and v6e it counts chips (one core
 each). Single-host slices hold up to 4 chips (v4, v5p) or 8 chips (v5e, v6e); larger slices have
 4 chips per host.
+
+Each host's vCPUs (which decode and augment the images) are those of the TPU VM machine types in
+GKE's TPU planning page (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus,
+"machine type" tables): v4 ct4p-hightpu-4t 240; v5e ct5lp-hightpu-1t/4t/8t 24/112/224; v5p
+ct5p-hightpu-4t 208; v6e ct6e-standard-1t/4t/8t 44/180/180.
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ _CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}  # what the slice name
 _SINGLE_HOST_CHIPS = {'v4': 4, 'v5p': 4, 'v5e': 8, 'v6e': 8}
 _CHIPS_PER_HOST = 4  # in multi-host slices of every generation
 _MAX_CHIPS = {'v4': 4096, 'v5p': 8960, 'v5e': 256, 'v6e': 256}
+# vCPUs of one host by the chips it holds (multi-host slices: 4 chips per host).
+_HOST_VCPUS = {'v4': {4: 240}, 'v5p': {4: 208}, 'v5e': {1: 24, 4: 112, 8: 224},
+               'v6e': {1: 44, 4: 180, 8: 180}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +71,13 @@ class Slice:
     if self.num_chips <= _SINGLE_HOST_CHIPS[self.generation]:
       return 1
     return self.num_chips // _CHIPS_PER_HOST
+
+  @property
+  def host_vcpus(self) -> int:
+    """vCPUs of each host (a slice of 2 chips runs on the 4-chip machine type)."""
+    per_host = self.num_chips // self.num_hosts
+    by_chips = _HOST_VCPUS[self.generation]
+    return by_chips[min(c for c in by_chips if c >= per_host)]
 
 
 def _grid_2d(chips: int) -> tuple[int, int]:

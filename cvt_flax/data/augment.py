@@ -2,14 +2,15 @@
 
 Every random op takes an explicit stateless seed (an int32/int64 tensor of shape [2]) and draws only
 from `tf.random.stateless_*`, so the same seed gives the same result eagerly and inside `tf.data`.
-Images between ops are float32 HxWx3 in 0-255 with integer values (as uint8 PIL images are in timm),
-until `normalize`; random erasing acts on the normalised image, as in timm.
+Images between ops are float32 HxWx3 in 0-255 with integer values (as uint8 PIL images are in timm).
+Normalisation and random erasing's noise happen on the device, in the train step; here random
+erasing only draws its box (`erasing_box`).
 """
 import math
 
 import tensorflow as tf
 
-from cvt_flax.preprocess import Preprocess, max_image_pixels, too_many_pixels
+from cvt_flax.preprocess import max_image_pixels, too_many_pixels
 
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its center-crop fallback.
 ERASE_ATTEMPTS = 10
@@ -82,7 +83,7 @@ def _header_pixels(image_bytes):
                  default=lambda: tf.constant(0, tf.int64))
 
 
-def _refuse_bombs(image_bytes):
+def refuse_bombs(image_bytes):
   """`image_bytes`, once its header shows no more than `preprocess.max_image_pixels()` pixels: a
   small file can decode to gigabytes (a 30000 x 30000 PNG of 109 KB), so the size is checked before
   decoding. The failing example is named by `checks`."""
@@ -107,39 +108,21 @@ def _decode_any(image_bytes):
   return image
 
 
-def _resize_pass(image, height, width, method):
-  resized = tf.image.resize(image, tf.stack([height, width]), method=method, antialias=True)
+def resize(image, height, width, method='bicubic'):
+  """One antialiased 2-D resize pass, quantised to uint8 values: the train crops' resize. It
+  differs from PIL's two separable passes (with a uint8 image between them) only where bicubic
+  overshoots at sharp edges; the eval transform is PIL's own (`Preprocess.pixels_of_encoded`)."""
+  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]), method=method,
+                            antialias=True)
   return quantize(resized)
 
 
-def resize(image, height, width, pil_exact=True, method='bicubic'):
-  """PIL's bicubic (or bilinear) resize, antialiased when shrinking, as timm/torchvision use it.
-
-  PIL resizes in two separable passes with a uint8 image in between, starting with the pass that
-  gives the smaller intermediate image (horizontal on ties). `pil_exact` does the same and stays
-  within 1 level of PIL; otherwise one 2-D pass, faster (benchmarks/RESULTS.md), which differs
-  from PIL only where bicubic overshoots at sharp edges (up to ~20 levels on high-contrast noise;
-  train crops use it).
-  """
-  image = tf.cast(image, tf.float32)
-  if not pil_exact:
-    return _resize_pass(image, height, width, method)
-  shape = tf.shape(image)
-  in_height, in_width = shape[0], shape[1]
-  horizontal_first = width * in_height <= in_width * height
-  return tf.cond(
-      horizontal_first,
-      lambda: _resize_pass(_resize_pass(image, in_height, width, method), height, width, method),
-      lambda: _resize_pass(_resize_pass(image, height, in_width, method), height, width, method))
-
-
 def decode_and_random_resized_crop(image_bytes, seed, size, scale=(0.08, 1.0),
-                                   ratio=(3 / 4, 4 / 3), pil_exact=False):
+                                   ratio=(3 / 4, 4 / 3)):
   """Decodes an encoded image and applies RandomResizedCrop to (size, size).
 
   JPEGs are decoded only inside the chosen window (`decode_and_crop_jpeg`), which is what makes the
-  ImageNet pipeline fast; other formats (PNG, ...) are decoded fully, then cropped. The resize is
-  the fast single pass unless `pil_exact` (see `resize`).
+  ImageNet pipeline fast; other formats (PNG, ...) are decoded fully, then cropped (`resize`).
   """
   def from_jpeg():
     shape = tf.image.extract_jpeg_shape(image_bytes)
@@ -154,9 +137,9 @@ def decode_and_random_resized_crop(image_bytes, seed, size, scale=(0.08, 1.0),
     top, left, crop_h, crop_w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
     return image[top:top + crop_h, left:left + crop_w]
 
-  image_bytes = _refuse_bombs(image_bytes)
+  image_bytes = refuse_bombs(image_bytes)
   crop = tf.cond(tf.io.is_jpeg(image_bytes), from_jpeg, from_any)
-  image = resize(crop, size, size, pil_exact)
+  image = resize(crop, size, size)
   image.set_shape([size, size, 3])
   return image
 
@@ -167,36 +150,16 @@ def random_flip(image, seed, prob=0.5):
   return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
-def decode_and_resize_eval(image_bytes, preprocess: Preprocess):
-  """The eval transform's decode, resize and centre crop (`cvt_flax.preprocess`: the sizes and
-  offsets come from `Preprocess.geometry`, as in predict's PIL path); 0-255 values, unnormalised."""
-  image = _decode_any(_refuse_bombs(image_bytes))
-  shape = tf.shape(image)
-  new_h, new_w, top, left = preprocess.geometry(shape[0], shape[1], maximum=tf.maximum)
-  image = resize(image, new_h, new_w, method=preprocess.interpolation)
-  size = preprocess.image_size
-  image = image[top:top + size, left:left + size]
-  image.set_shape([size, size, 3])
-  return image
-
-
-def normalize(image, mean, std):
-  """0-255 image -> (image / 255 - mean) / std, with mean/std in 0-1 units."""
-  scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
-  offset = tf.constant([m / s for m, s in zip(mean, std)], tf.float32)
-  return image * scale - offset
-
-
-def random_erasing(image, seed, prob=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
-  """timm's RandomErasing(mode='pixel', count=1) on a normalised HxWxC image.
+def erasing_box(seed, height, width, prob=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
+  """The box of timm's RandomErasing(mode='pixel', count=1) on a height x width image, as int32
+  (top, left, box height, box width); all zeros for no erasing. The train step fills the box with
+  per-pixel N(0, 1) noise on the normalised image (`cvt_flax.training.erasing`).
 
   With probability `prob`, up to 10 boxes (area fraction ~ U(area), log aspect ~ U(log aspect)) are
-  tried; the first one strictly smaller than the image is filled with per-pixel N(0, 1) noise.
+  tried; the first one strictly smaller than the image is taken.
   """
-  seeds = split_seed(seed, 6)
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  total = tf.cast(height * width, tf.float32)
+  seeds = split_seed(seed, 5)
+  total = float(height * width)
   target = total * _uniform(seeds[0], [ERASE_ATTEMPTS], area[0], area[1])
   ratio = tf.exp(_uniform(seeds[1], [ERASE_ATTEMPTS], math.log(aspect[0]), math.log(aspect[1])))
   box_h = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)
@@ -207,12 +170,4 @@ def random_erasing(image, seed, prob=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 
   top = _randint(seeds[2], [], height - box_h + 1)  # timm: random.randint(0, H - h), inclusive.
   left = _randint(seeds[3], [], width - box_w + 1)
   erase = (_uniform(seeds[4], [], 0.0, 1.0) < prob) & tf.reduce_any(fits)
-
-  def erased():
-    noise = tf.random.stateless_normal(tf.stack([box_h, box_w, shape[2]]), seeds[5],
-                                       dtype=image.dtype)
-    padding = [[top, height - top - box_h], [left, width - left - box_w], [0, 0]]
-    inside = tf.pad(tf.ones([box_h, box_w, 1], tf.bool), padding[:2] + [[0, 0]])
-    return tf.where(inside, tf.pad(noise, padding), image)
-
-  return tf.cond(erase, erased, lambda: image)
+  return tf.stack([top, left, box_h, box_w]) * tf.cast(erase, tf.int32)

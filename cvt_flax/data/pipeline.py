@@ -18,6 +18,10 @@ across TFDS/TF versions or a re-prepared dataset (record order, op numerics may 
 Eval: each process reads its own part of the eval split (the parts cover every example exactly once),
 in file order, unshuffled and without randomness. All processes yield the same number of batches; the
 tail is padded with zero images whose `mask` is 0.
+
+Batches carry uint8 pixels (a quarter of float32's bytes to copy and ship); the train and eval
+steps normalise them on the device, and the train step fills random erasing's boxes (drawn here,
+per example) with noise there (`cvt_flax.training.erasing`).
 """
 import difflib
 import math
@@ -191,7 +195,9 @@ def example_seed(seed, process_index, epoch, index):
 
 
 def train_transform(cfg, image_bytes, seed):
-  """Encoded image -> normalised float32 (S, S, 3): the official CvT/timm train augmentation."""
+  """Encoded image -> {'image': uint8 (S, S, 3)} and, if `cfg.random_erasing`, {'erase': int32 (4,)
+  the box to erase}: the official CvT/timm train augmentation up to the normalisation. The train
+  step normalises and fills the box with noise on the device (`cvt_flax.training.erasing`)."""
   seeds = augment.split_seed(seed, 4)
   image = augment.decode_and_random_resized_crop(
       image_bytes, seeds[0], cfg.image_size, tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
@@ -201,17 +207,21 @@ def train_transform(cfg, image_bytes, seed):
     fill = tuple(min(255, round(255 * m)) for m in cfg.mean)  # timm fills with the mean colour.
     image = randaugment.rand_augment(image, seeds[2], cfg.randaugment_num_ops,
                                      cfg.randaugment_magnitude, cfg.randaugment_mstd, fill)
-  image = augment.normalize(image, tuple(cfg.mean), tuple(cfg.std))
+  out = {'image': tf.cast(image, tf.uint8)}
   if cfg.random_erasing > 0:
-    image = augment.random_erasing(image, seeds[3], cfg.random_erasing)
-  return image
+    out['erase'] = augment.erasing_box(seeds[3], cfg.image_size, cfg.image_size,
+                                       cfg.random_erasing)
+  return out
 
 
 def eval_transform(cfg, image_bytes):
-  """Encoded image -> normalised float32 (S, S, 3): the eval transform `eval_preprocess(cfg)`."""
+  """Encoded image -> uint8 (S, S, 3): the eval transform `eval_preprocess(cfg)` up to the
+  normalisation, by the same PIL code as predict (`Preprocess.pixels_of_encoded`)."""
   preprocess = eval_preprocess(cfg)
-  image = augment.decode_and_resize_eval(image_bytes, preprocess)
-  return augment.normalize(image, preprocess.mean, preprocess.std)
+  image = tf.numpy_function(preprocess.pixels_of_encoded, [augment.refuse_bombs(image_bytes)],
+                            tf.uint8, stateful=False)
+  size = cfg.image_size
+  return tf.ensure_shape(image, [size, size, 3])
 
 
 def _with_options(ds):
@@ -254,7 +264,7 @@ def _train_records(cfg, *, batch, seed, start_step, process_index, process_count
 def _train_example_fn(cfg, seed, process_index):
   def preprocess(ex):
     ex_seed = example_seed(seed, process_index, ex['epoch'], ex['index'])
-    return {'image': train_transform(cfg, ex['image'], ex_seed), 'label': ex['label']}
+    return dict(train_transform(cfg, ex['image'], ex_seed), label=ex['label'])
   return preprocess
 
 
@@ -273,8 +283,9 @@ def make_train_dataset(input_cfg, *, global_batch_size, seed, start_step=0, proc
 
 def make_train_iterator(input_cfg, *, global_batch_size, seed, start_step=0, process_index=0,
                         process_count=1):
-  """Endless iterator of {'image': float32 (B, S, S, 3), 'label': int32 (B,)} numpy batches with
-  B = global_batch_size // process_count; the first one is batch `start_step` of the stream.
+  """Endless iterator of {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} numpy batches, plus
+  'erase': int32 (B, 4) if the config erases (`train_transform`), with B = global_batch_size //
+  process_count; the first one is batch `start_step` of the stream. The train step normalises.
 
   Raises `DataError` naming the example(s) if an image does not decode or a label is out of range.
   """
@@ -321,15 +332,16 @@ def make_eval_dataset(input_cfg, *, global_batch_size, process_index=0,
                   'mask': tf.constant(1.0)},
       num_parallel_calls=_parallelism(cfg), deterministic=True)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([size, size, 3]), 'label': tf.constant(0), 'mask': tf.constant(0.0)})
+      'image': tf.zeros([size, size, 3], tf.uint8), 'label': tf.constant(0),
+      'mask': tf.constant(0.0)})
   num_batches = num_eval_batches(total, global_batch_size, process_count)
   ds = ds.concatenate(padding.repeat()).take(num_batches * batch).batch(batch)
   return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
 
 def make_eval_iterator(input_cfg, *, global_batch_size, process_index=0, process_count=1):
-  """Finite iterator of {'image', 'label', 'mask'} numpy batches of global_batch_size //
-  process_count examples; every process yields the same number of batches, and over all processes
+  """Finite iterator of {'image': uint8, 'label', 'mask'} numpy batches of global_batch_size //
+  process_count examples (the eval step normalises); every process yields the same number of batches, and over all processes
   each eval example appears once with mask 1 (padding has mask 0 and label 0).
 
   Raises `DataError` naming the example(s) if an image does not decode or a label is out of range.

@@ -4,6 +4,14 @@ Each of `num_ops` rounds picks one of the 15 ops below uniformly (with replaceme
 with probability 0.5, at magnitude ~ N(magnitude, mstd) clipped to [0, 10]. Signed ops (rotate,
 shear, translate) flip the sign with probability 0.5. The op implementations follow PIL (which timm
 calls): point ops are exact, geometric ops use bilinear sampling and fill with the mean colour.
+
+Speed (benchmarks/RESULTS.md has each op's cost per image against a decode): selects use `Select`
+on operands of equal shape (TF's broadcasting `SelectV2`, behind `tf.where`, is an order of
+magnitude slower on images); per-channel reductions run over contiguous rows; translations move
+whole rows, shears resample each row with `crop_and_resize`, and only rotation takes TF's
+general projective transform. Not XLA: an XLA-compiled op runs fast alone, but called from
+RandAugment's `tf.switch_case` inside tf.data it was compiled again and again (tens of ms per
+image).
 """
 import functools
 import math
@@ -14,6 +22,14 @@ from cvt_flax.data.augment import quantize, split_seed
 
 MAX_LEVEL = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the strongest setting.
 APPLY_PROB = 0.5  # timm's rand_augment_ops use AugmentOp(prob=0.5).
+
+
+def select(condition, x, y):
+  """`tf.where(condition, x, y)` with every operand broadcast to the result's shape first."""
+  shape = tf.broadcast_dynamic_shape(tf.broadcast_dynamic_shape(tf.shape(condition), tf.shape(x)),
+                                     tf.shape(y))
+  return tf.raw_ops.Select(condition=tf.broadcast_to(condition, shape), x=tf.broadcast_to(x, shape),
+                           y=tf.broadcast_to(y, shape))
 
 
 def _blend(degenerate, image, factor):
@@ -28,27 +44,34 @@ def _grey(image):
   return tf.cast(luma, tf.float32)[..., None]
 
 
+def _channels_first(image):
+  """(C, H * W): per-channel reductions over contiguous rows, several times faster in TF than
+  reducing an HxWxC image over its first two axes."""
+  return tf.transpose(tf.reshape(image, [-1, image.shape[-1]]))
+
+
 def auto_contrast(image, _):
   """PIL ImageOps.autocontrast: stretch each channel to the full 0-255 range."""
-  low = tf.reduce_min(image, axis=[0, 1])
-  high = tf.reduce_max(image, axis=[0, 1])
+  channels = _channels_first(image)
+  low, high = tf.reduce_min(channels, axis=1), tf.reduce_max(channels, axis=1)
   scale = 255.0 / tf.maximum(high - low, 1.0)
   stretched = tf.clip_by_value(tf.floor((image - low) * scale), 0.0, 255.0)
-  return tf.where(high > low, stretched, image)
+  return select(high > low, stretched, image)
 
 
 def _equalize_channel(channel):
   values = tf.cast(channel, tf.int32)
   histogram = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
-  last_nonzero = tf.gather(histogram, tf.reduce_max(tf.where(histogram > 0)))
-  step = (tf.reduce_sum(histogram) - last_nonzero) // 256
+  last = tf.reduce_max(tf.range(256) * tf.cast(histogram > 0, tf.int32))  # last non-empty bin
+  step = (tf.reduce_sum(histogram) - tf.gather(histogram, last)) // 256
   lut = (step // 2 + tf.cumsum(histogram, exclusive=True)) // tf.maximum(step, 1)
   equalized = tf.cast(tf.gather(tf.minimum(lut, 255), values), tf.float32)
-  return tf.where(step > 0, equalized, channel)
+  return select(step > 0, equalized, channel)
 
 
 def equalize(image, _):
-  """PIL ImageOps.equalize, per channel."""
+  """PIL ImageOps.equalize, per channel (one histogram per channel measured faster in TF than one
+  histogram of all three)."""
   return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
 
 
@@ -63,12 +86,12 @@ def posterize(image, bits):
 
 
 def solarize(image, threshold):
-  return tf.where(image >= tf.cast(threshold, tf.float32), 255.0 - image, image)
+  return select(image >= tf.cast(threshold, tf.float32), 255.0 - image, image)
 
 
 def solarize_add(image, addition, threshold=128.0):
   added = tf.minimum(image + tf.cast(addition, tf.float32), 255.0)
-  return tf.where(image < threshold, added, image)
+  return select(image < threshold, added, image)
 
 
 def color(image, factor):
@@ -85,16 +108,17 @@ def brightness(image, factor):
 
 
 def sharpness(image, factor):
-  """PIL ImageEnhance.Sharpness: blend with the SMOOTH-filtered image (border pixels unfiltered)."""
-  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], 'VALID')[0]
-  smooth = tf.pad(quantize(smooth), [[1, 1], [1, 1], [0, 0]])
+  """PIL ImageEnhance.Sharpness: blend with the SMOOTH-filtered image (border pixels unfiltered).
+  The 3x3 filter is a sum of nine shifted views."""
   shape = tf.shape(image)
-  rows = tf.range(shape[0])[:, None, None]
-  cols = tf.range(shape[1])[None, :, None]
-  border = (rows == 0) | (rows == shape[0] - 1) | (cols == 0) | (cols == shape[1] - 1)
-  return _blend(tf.where(border, image, smooth), image, factor)
+  height, width = shape[0], shape[1]
+  window = [image[dy:height - 2 + dy, dx:width - 2 + dx] for dy in range(3) for dx in range(3)]
+  smooth = (tf.add_n(window) + 4.0 * window[4]) / 13.0
+  smooth = tf.pad(quantize(smooth), [[1, 1], [1, 1], [0, 0]])
+  rows = tf.range(height)[:, None, None]
+  cols = tf.range(width)[None, :, None]
+  border = (rows == 0) | (rows == height - 1) | (cols == 0) | (cols == width - 1)
+  return _blend(select(border, image, smooth), image, factor)
 
 
 def affine(image, matrix, fill):
@@ -115,7 +139,7 @@ def affine(image, matrix, fill):
   x_in, y_in = a * x + b * y + c, d * x + e * y + f
   inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)
   # PIL truncates the interpolated value.
-  return tf.floor(tf.where(inside[..., None], sampled, tf.constant(fill, tf.float32)))
+  return tf.floor(select(inside[..., None], sampled, tf.constant(fill, tf.float32)))
 
 
 def rotate(image, degrees, fill):
@@ -129,22 +153,69 @@ def rotate(image, degrees, fill):
   return affine(image, matrix, fill)
 
 
+def _shift_rows(image, shifts, fill):
+  """PIL's AFFINE transform for a matrix (1, b, c, 0, 1, 0): output row y samples input row y at
+  x + shifts[y] (pixel i at i), bilinearly, with edge pixels replicated inside the image and `fill`
+  outside it. Each row is an image of its own to `crop_and_resize`, whose one box per row samples
+  it on a regular grid (no gather); the edge-padded row makes the replication exact."""
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  padded = tf.pad(image, [[0, 0], [1, 1], [0, 0]], mode='SYMMETRIC')[:, None]  # (H, 1, W + 2, C)
+  span = tf.cast(width + 1, tf.float32)  # crop_and_resize's x scale: last padded column
+  start = (1.0 + shifts) / span
+  end = (tf.cast(width, tf.float32) + shifts) / span
+  zeros = tf.zeros_like(shifts)
+  boxes = tf.stack([zeros, start, zeros, end], axis=1)
+  rows = tf.image.crop_and_resize(padded, boxes, tf.range(height), tf.stack([1, width]))
+  sampled = tf.reshape(rows, tf.shape(image))
+  position = tf.range(tf.cast(width, tf.float32))[None, :] + shifts[:, None]
+  inside = (position >= -0.5) & (position < tf.cast(width, tf.float32) - 0.5)
+  return tf.floor(select(inside[..., None], sampled, tf.constant(fill, tf.float32)))
+
+
+def _transposed(op, image, *args):
+  """`op` along the other axis: on the transposed image, transposed back."""
+  return tf.transpose(op(tf.transpose(image, [1, 0, 2]), *args), [1, 0, 2])
+
+
+def _sheared_shifts(image, factor, offset=0.0, axis=0):
+  """Per-row shifts of matrix (1, factor, offset, 0, 1, 0) in pixel-index coordinates: PIL samples
+  x + 0.5 + factor (y + 0.5) + offset for the pixel centred at x + 0.5."""
+  rows = tf.range(tf.cast(tf.shape(image)[axis], tf.float32))
+  return tf.cast(factor, tf.float32) * (rows + 0.5) + tf.cast(offset, tf.float32)
+
+
 def shear_x(image, factor, fill):
-  return affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill)
+  return _shift_rows(image, _sheared_shifts(image, factor), fill)
 
 
 def shear_y(image, factor, fill):
-  return affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill)
+  return _transposed(lambda t: _shift_rows(t, _sheared_shifts(t, factor), fill), image)
+
+
+def _shift_all_rows(image, shift, fill):
+  """PIL's AFFINE transform for (1, 0, 0, 0, 1, shift): output row y samples input row y + shift,
+  bilinearly between two whole rows (a gather of rows is a copy each), edge rows replicated inside
+  the image and `fill` outside it."""
+  height = tf.shape(image)[0]
+  position = tf.range(tf.cast(height, tf.float32)) + tf.cast(shift, tf.float32)
+  lower = tf.floor(position)
+  above = tf.clip_by_value(tf.cast(lower, tf.int32), 0, height - 1)
+  below = tf.clip_by_value(tf.cast(lower, tf.int32) + 1, 0, height - 1)
+  weight = (position - lower)[:, None, None]
+  sampled = tf.gather(image, above) * (1.0 - weight) + tf.gather(image, below) * weight
+  inside = (position >= -0.5) & (position < tf.cast(height, tf.float32) - 0.5)
+  return tf.floor(select(inside[:, None, None], sampled, tf.constant(fill, tf.float32)))
 
 
 def translate_x_rel(image, fraction, fill):
   pixels = fraction * tf.cast(tf.shape(image)[1], tf.float32)
-  return affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill)
+  return _transposed(_shift_all_rows, image, pixels, fill)
 
 
 def translate_y_rel(image, fraction, fill):
   pixels = fraction * tf.cast(tf.shape(image)[0], tf.float32)
-  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
+  return _shift_all_rows(image, pixels, fill)
 
 
 # timm's level -> argument mappings (magnitude m in [0, 10]; `sign` is +1 or -1).
@@ -193,14 +264,19 @@ def apply_op(image, name, magnitude, sign=1.0, fill=(128, 128, 128)):
 
 
 def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, fill=(128, 128, 128)):
-  """timm RandAugment: `num_ops` rounds of (random op, p=0.5, noisy magnitude, random sign)."""
-  for round_seed in tf.unstack(split_seed(seed, num_ops)):
-    seeds = split_seed(round_seed, 4)
-    index = tf.random.stateless_uniform([], seeds[0], 0, len(OP_NAMES), dtype=tf.int32)
-    apply = tf.random.stateless_uniform([], seeds[1]) < APPLY_PROB
-    noisy = magnitude + magnitude_std * tf.random.stateless_normal([], seeds[2])
-    level = tf.clip_by_value(noisy if magnitude_std > 0 else magnitude, 0.0, MAX_LEVEL)
-    sign = tf.where(tf.random.stateless_uniform([], seeds[3]) > 0.5, -1.0, 1.0)
-    branches = [functools.partial(apply_op, image, name, level, sign, fill) for name in OP_NAMES]
-    image = tf.cond(apply, functools.partial(tf.switch_case, index, branches), lambda: image)
+  """timm RandAugment: `num_ops` rounds of (random op, p=0.5, noisy magnitude, random sign); the
+  draws of all rounds at once (per-op TF overhead counts at this size)."""
+  seeds = split_seed(seed, 3)
+  indices = tf.random.stateless_uniform([num_ops], seeds[0], 0, len(OP_NAMES), dtype=tf.int32)
+  apply, flip = tf.unstack(tf.random.stateless_uniform([2, num_ops], seeds[1]))
+  noisy = magnitude + magnitude_std * tf.random.stateless_normal([num_ops], seeds[2])
+  levels = tf.clip_by_value(noisy if magnitude_std > 0 else tf.fill([num_ops], magnitude), 0.0,
+                            MAX_LEVEL)
+  signs = 1.0 - 2.0 * tf.cast(flip > 0.5, tf.float32)
+  skip = len(OP_NAMES)  # the last branch leaves the image as it is: one control-flow op a round
+  chosen = select(apply < APPLY_PROB, indices, skip)
+  for i in range(num_ops):
+    branches = [functools.partial(apply_op, image, name, levels[i], signs[i], fill)
+                for name in OP_NAMES]
+    image = tf.switch_case(chosen[i], branches + [lambda image=image: image])
   return image

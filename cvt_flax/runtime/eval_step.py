@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cvt_flax.preprocess import normalize
 from cvt_flax.runtime import compiler
 from cvt_flax.runtime import sharding
 
@@ -25,9 +26,11 @@ def split_model(model: nnx.Module):
   return nnx.split(model, *MODEL_FILTERS)
 
 
-def make_eval_step(eval_graphdef) -> Callable:
+def make_eval_step(eval_graphdef, *, mean, std) -> Callable:
   """Returns `eval_step(variables, batch) -> sums` of masked top-1/top-5 hits, loss and example
-  count, where `variables` = (params, batch_stats, rngs) as `split_model` returns them.
+  count, where `variables` = (params, batch_stats, rngs) as `split_model` returns them, and
+  `batch` = {'image': pixels 0-255 (uint8 from the input pipeline), 'label', 'mask'}; the step
+  normalises the pixels by `mean`/`std` (`cvt_flax.preprocess.normalize`).
 
   `eval_graphdef` is the graphdef of the model in eval mode (running BatchNorm statistics, no
   dropout). Sums (not means) so that padded batches and several processes add up exactly.
@@ -35,7 +38,7 @@ def make_eval_step(eval_graphdef) -> Callable:
 
   def eval_step(variables, batch: dict[str, jax.Array]):
     model = nnx.merge(eval_graphdef, *variables)
-    logits = model(batch['image'])
+    logits = model(normalize(batch['image'], mean, std))
     labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
     k = min(5, logits.shape[-1])
     _, top = jax.lax.top_k(logits, k)
@@ -48,8 +51,9 @@ def make_eval_step(eval_graphdef) -> Callable:
   return eval_step
 
 
-def jit_eval_step(eval_graphdef, variables_shardings, mesh) -> Callable:
+def jit_eval_step(eval_graphdef, variables_shardings, mesh, *, mean, std) -> Callable:
   """`make_eval_step` jitted for `mesh`: variables as sharded, batches split over 'data'."""
-  return compiler.jit(make_eval_step(eval_graphdef), platform=mesh.devices.flat[0].platform,
+  return compiler.jit(make_eval_step(eval_graphdef, mean=mean, std=std),
+                     platform=mesh.devices.flat[0].platform,
                      in_shardings=(variables_shardings, sharding.batch_sharding(mesh)),
                      out_shardings=sharding.replicated(mesh))

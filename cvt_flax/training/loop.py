@@ -100,6 +100,17 @@ class _StepMetrics:
             '(--config.dtype=float32).')
 
 
+def train_batch_spec(cfg: ConfigDict, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The train batch as the input pipeline makes it (`cvt_flax.data.make_train_iterator`): uint8
+  pixels, int32 labels, and random erasing's int32 boxes if the config erases."""
+  size, batch = cfg.input.image_size, cfg.batch_size
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+  out = {'image': spec((batch, size, size, 3), jnp.uint8), 'label': spec((batch,), jnp.int32)}
+  if cfg.input.random_erasing > 0:
+    out['erase'] = spec((batch, 4), jnp.int32)
+  return out
+
+
 def compile_train_step(run: Run):
   """The train step compiled for the run's mesh: state and batch sharded as the run says, the
   state donated."""
@@ -107,16 +118,13 @@ def compile_train_step(run: Run):
   batch_sh = sharding.batch_sharding(run.mesh)
   micro_sh = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
   step_fn = make_train_step(run.graphdef, run.tx, run.schedule, num_classes=run.num_classes,
-                            mixup=dict(cfg.mixup), seed=cfg.seed,
-                            grad_accum_steps=cfg.grad_accum_steps, microbatch_sharding=micro_sh)
-  size = cfg.input.image_size
-  abstract_batch = {
-      'image': jax.ShapeDtypeStruct((cfg.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
-      'label': jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32, sharding=batch_sh)}
-  return compiler.compile_ahead(step_fn, run.abstract_state, abstract_batch, platform=run.platform,
-                               in_shardings=(run.state_shardings, batch_sh),
-                               out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                               donate_argnums=(0,))
+                            mixup=dict(cfg.mixup), seed=cfg.seed, mean=cfg.input.mean,
+                            std=cfg.input.std, grad_accum_steps=cfg.grad_accum_steps,
+                            microbatch_sharding=micro_sh)
+  return compiler.compile_ahead(step_fn, run.abstract_state, train_batch_spec(cfg, batch_sh),
+                                platform=run.platform, in_shardings=(run.state_shardings, batch_sh),
+                                out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+                                donate_argnums=(0,))
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
@@ -191,7 +199,8 @@ def _peer_failure_hint(error: Exception, newest: int | None) -> str:
 
 def _train_loop(run: Run, state: TrainState, start: int, ckpt, writer, stop) -> dict[str, Any]:
   eval_step = eval_step_lib.jit_eval_step(run.eval_graphdef,
-                                          model_variables(run.state_shardings), run.mesh)
+                                          model_variables(run.state_shardings), run.mesh,
+                                          mean=run.config.input.mean, std=run.config.input.std)
   if start >= run.total_steps:  # nothing left to train: evaluate what the workdir holds
     record = _evaluate(run, state, eval_step, start, writer)
   else:

@@ -14,8 +14,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from cvt_flax.preprocess import normalize
 from cvt_flax.runtime.eval_step import split_model
+from cvt_flax.training.erasing import fill_boxes
 from cvt_flax.training.mixup import mixup_cutmix
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -42,12 +45,16 @@ def _microbatches(tree, num: int, sharding: NamedSharding | None):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    num_classes: int, mixup: dict[str, float], seed: int, grad_accum_steps: int = 1,
+                    num_classes: int, mixup: dict[str, float], seed: int, mean, std,
+                    grad_accum_steps: int = 1,
                     microbatch_sharding: NamedSharding | None = None) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`, pure and jit-able.
 
-  Mixup/CutMix randomness is `fold_in(key(seed), step)`: a function of the step, so it survives a
-  resume. Dropout randomness comes from the RNG streams in `state.rngs`. With grad_accum_steps = A,
+  `batch`: {'image': pixels 0-255 (uint8 from the input pipeline), 'label'}, and 'erase' (boxes,
+  `erasing.fill_boxes`) if the input config erases. The step normalises by `mean`/`std` (0-1 units,
+  `cvt_flax.preprocess.normalize`), fills the boxes with noise, then mixes.
+  Mixup/CutMix and the erasing noise draw from `fold_in(key(seed), step)`: a function of the step,
+  so they survive a resume. Dropout randomness comes from the RNG streams in `state.rngs`. With grad_accum_steps = A,
   mixup is applied to the whole global batch, then the gradient is the mean over A equal
   microbatches, which equals the big-batch gradient except for BatchNorm (statistics per microbatch,
   running stats updated A times, as accumulation in PyTorch does).
@@ -78,8 +85,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     return loss_sum / grad_accum_steps, grads, stats, rngs
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    mix_rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    images, targets = mixup_cutmix(mix_rng, batch['image'], batch['label'], num_classes, **mixup)
+    mix_rng, noise_rng = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step))
+    images = normalize(batch['image'], mean, std)
+    if 'erase' in batch:
+      images = fill_boxes(noise_rng, images, batch['erase'])
+    images, targets = mixup_cutmix(mix_rng, images, batch['label'], num_classes, **mixup)
     if grad_accum_steps == 1:
       loss, grads, stats, rngs = loss_and_grads(state.params, state.batch_stats, state.rngs,
                                                 images, targets)
