@@ -9,7 +9,7 @@ after the other:
   run right before each row (the median of `--repeats` ratios is printed);
 - `make_train_iterator` with the official recipe (crop inside the decode window, flip, RandAugment
   m9, random erasing's box), and with crop + flip only;
-- `make_eval_iterator` (PIL's decode, resize and centre crop);
+- `make_eval_iterator` (TF's decode, then PIL's resize and centre crop);
 - with `--ops`, each RandAugment op alone after crop + flip (every image, magnitude 9).
 
   .venv/bin/python benchmarks/bench_input_pipeline.py [--ops] [--num_images 512 --batches 20]
@@ -83,7 +83,7 @@ ROWS = {
     'train: official recipe (crop, flip, RandAugment m9, erasing)': _train,
     'train: crop + flip only': lambda args: _train(args, randaugment_num_ops=0,
                                                     random_erasing=0.0),
-    'eval: PIL decode, resize, centre crop': lambda args: data.make_eval_iterator(
+    'eval: decode, PIL resize, centre crop': lambda args: data.make_eval_iterator(
         _config(args), global_batch_size=args.batch_size),
 }
 OP_ROWS = {f'op: {name}': (lambda args, n=name: _one_op(args, n))

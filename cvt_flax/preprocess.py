@@ -1,9 +1,9 @@
 """The eval transform a model expects: its definition, its geometry, and its PIL implementation.
 
 `Preprocess` is the one definition and this module its one implementation, in PIL: predict calls
-it (`Preprocess.__call__`), and so does the eval input pipeline, image by image inside tf.data
-(`Preprocess.pixels_of_encoded`), which sends the uint8 pixels to the eval step to normalise on
-the device. Predict, `evaluate` and HF's processors see the same pixels.
+it (`Preprocess.__call__`), and so does the eval input pipeline on each decoded image inside
+tf.data (`Preprocess.pixels`), which sends the uint8 pixels to the eval step to normalise on the
+device. Predict, `evaluate` and HF's processors see the same pixels.
 
   resize='crop': resize the shorter side to int(image_size / crop_pct) (the longer side scaled and
                  truncated, as torchvision's Resize(int) and HF's processors do), then take the
@@ -19,7 +19,6 @@ pipeline would give it.
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 import warnings
 from typing import Any, Callable, Mapping
@@ -147,14 +146,6 @@ class Preprocess:
     size = self.image_size
     return np.asarray(image, np.uint8)[top:top + size, left:left + size]
 
-  def pixels_of_encoded(self, encoded) -> np.ndarray:
-    """`pixels` of an encoded image (JPEG, PNG, ...), decoded by PIL: the eval input pipeline's
-    transform (PIL releases the GIL while it decodes and resizes, so tf.data's threads run it in
-    parallel). The pipeline checks the pixel count from the header first."""
-    if isinstance(encoded, np.ndarray):  # tf.numpy_function run eagerly: a 0-d object array
-      encoded = encoded.item()
-    return self.pixels(_read_rgb(io.BytesIO(encoded), 'image'))
-
   def normalize(self, pixels):
     """`normalize(pixels, self.mean, self.std)`."""
     return normalize(pixels, self.mean, self.std)
@@ -248,37 +239,32 @@ def too_many_pixels(pixels: int | None = None) -> str:
 def load_image(path):
   """Reads an image file as an RGB PIL image; a clear ImageError if it is not a readable image or
   has more than `max_image_pixels()` pixels."""
-  return _read_rgb(path, path)
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  try:
+    with warnings.catch_warnings():  # PIL warns from half the limit on: below it, nothing to say
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      with Image.open(path) as img:
+        img.load()
+        return _eight_bit(img).convert('RGB')
+  except Image.DecompressionBombError as e:
+    pixels = re.search(r'\((\d+) pixels\)', str(e))  # PIL's message: "Image size (N pixels) ..."
+    raise ImageError(f'{path}: {too_many_pixels(int(pixels[1]) if pixels else None)}') from e
+  except FileNotFoundError as e:
+    raise ImageError(f'{path}: no such file') from e
+  except UnidentifiedImageError as e:
+    raise ImageError(f'{path}: not a readable image file (JPEG, PNG, ...)') from e
+  except (OSError, SyntaxError) as e:  # truncated or corrupt data
+    raise ImageError(f'{path}: corrupt or truncated image ({e})') from e
 
 
 def _eight_bit(image):
-  """16-bit grey images scaled to 8 bits (PIL's convert('RGB') would clip them at 255, a white
-  image); other modes as they are."""
+  """16-bit grey images scaled to 8 bits, as the input pipelines' decoder does (PIL's
+  convert('RGB') would clip them at 255: a white image); other modes as they are."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if image.mode not in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N'):
     return image
   values = np.asarray(image, np.int64).clip(0, 65535)
   return Image.fromarray(((values + 128) // 257).astype(np.uint8))
-
-
-def _read_rgb(source, name: str):
-  """`source` (a path or a file object) read as an RGB PIL image; errors name it as `name`."""
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-  try:
-    with warnings.catch_warnings():  # PIL warns from half the limit on: below it, nothing to say
-      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-      with Image.open(source) as img:
-        img.load()
-        return _eight_bit(img).convert('RGB')
-  except Image.DecompressionBombError as e:
-    pixels = re.search(r'\((\d+) pixels\)', str(e))  # PIL's message: "Image size (N pixels) ..."
-    raise ImageError(f'{name}: {too_many_pixels(int(pixels[1]) if pixels else None)}') from e
-  except FileNotFoundError as e:
-    raise ImageError(f'{name}: no such file') from e
-  except UnidentifiedImageError as e:
-    raise ImageError(f'{name}: not a readable image file (JPEG, PNG, ...)') from e
-  except (OSError, SyntaxError) as e:  # truncated or corrupt data
-    raise ImageError(f'{name}: corrupt or truncated image ({e})') from e
 
 
 def add_flags(parser) -> None:

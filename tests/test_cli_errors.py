@@ -118,7 +118,7 @@ def test_evaluate_names_the_split_a_folder_lacks_and_its_empty_classes(workdir, 
 def test_evaluate_on_undecodable_images_prints_only_its_line(workdir, tmp_path):
   bad = _folder(tmp_path / 'bad', {'test': 1})
   _one_error_line(_run('-m', 'cvt_flax.evaluate', '--checkpoint', workdir, '--dataset',
-                       f'imagefolder:{bad}'), f'{bad}/test/c0/0.jpg', 'not a readable image file')
+                       f'imagefolder:{bad}'), f'{bad}/test/c0/0.jpg', 'Unknown image file format')
 
 
 def test_references_mean_what_the_user_meant(workdir):

@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import cvt_flax.data as data
-from cvt_flax.data import digits
+from cvt_flax.data import digits, synthetic
 from helpers import input_config
 
 NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'cifar100': 100}
@@ -182,3 +182,14 @@ def test_bad_inputs_raise_clear_errors(auto_prepared_dir, tmp_path):
                             global_batch_size=8)
   with pytest.raises(FileNotFoundError, match='cifar10.*not prepared'):  # Never downloads.
     data.get_dataset_info(input_config('cifar10', str(tmp_path)))
+
+
+def test_synthetic_jpegs_time_the_train_pipeline(tmp_path):
+  """What `python -m cvt_flax.aot --measure_host` runs, at a small size."""
+  builder = synthetic.build(str(tmp_path), num_images=16)
+  assert (builder.info.splits['train'].num_examples,
+          builder.info.splits['validation'].num_examples) == (16, 8)
+  cfg = input_config('imagenet2012', image_size=32)  # the recipe's augmentation at 32 px
+  rate = synthetic.train_images_per_sec(cfg, str(tmp_path), batch_size=8, batches=2, warmup=1)
+  assert rate > 0
+  assert cfg.dataset == 'imagenet2012'  # the caller's config is left as it was

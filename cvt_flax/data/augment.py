@@ -96,7 +96,7 @@ def refuse_bombs(image_bytes):
     return tf.identity(image_bytes)
 
 
-def _decode_any(image_bytes):
+def decode_any(image_bytes):
   """Any encoded image -> uint8 HxWx3. channels=3 turns grey (and RGBA) images into RGB, so
   1-channel datasets need no special case. JPEGs are decoded with the accurate integer DCT, which
   gives PIL's pixels exactly (TF's default fast DCT is up to 10 levels off)."""
@@ -132,7 +132,7 @@ def decode_and_random_resized_crop(image_bytes, seed, size, scale=(0.08, 1.0),
                                          dct_method='INTEGER_ACCURATE')
 
   def from_any():
-    image = _decode_any(image_bytes)
+    image = decode_any(image_bytes)
     shape = tf.shape(image)
     top, left, crop_h, crop_w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
     return image[top:top + crop_h, left:left + crop_w]

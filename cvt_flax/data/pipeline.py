@@ -216,10 +216,11 @@ def train_transform(cfg, image_bytes, seed):
 
 def eval_transform(cfg, image_bytes):
   """Encoded image -> uint8 (S, S, 3): the eval transform `eval_preprocess(cfg)` up to the
-  normalisation, by the same PIL code as predict (`Preprocess.pixels_of_encoded`)."""
+  normalisation. TF decodes (the same pixels as PIL's decoder, without Python) and predict's own
+  PIL code resizes and crops (`Preprocess.pixels`; PIL releases the GIL while it resizes)."""
   preprocess = eval_preprocess(cfg)
-  image = tf.numpy_function(preprocess.pixels_of_encoded, [augment.refuse_bombs(image_bytes)],
-                            tf.uint8, stateful=False)
+  decoded = augment.decode_any(augment.refuse_bombs(image_bytes))
+  image = tf.numpy_function(preprocess.pixels, [decoded], tf.uint8, stateful=False)
   size = cfg.image_size
   return tf.ensure_shape(image, [size, size, 3])
 
