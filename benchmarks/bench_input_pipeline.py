@@ -44,7 +44,8 @@ def _train(args, **overrides):
 
 
 def _records(args):
-  return synthetic.build(args.data_dir, args.num_images).as_dataset(split='train', decoders={'image': tfds.decode.SkipDecoding()}).cache()
+  return synthetic.build(args.data_dir, args.num_images).as_dataset(
+      split='train', decoders={'image': tfds.decode.SkipDecoding()}).cache()
 
 
 def _endless(args, transform, records=None, parallel=tf.data.AUTOTUNE):

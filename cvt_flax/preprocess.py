@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -50,10 +50,8 @@ def _floor_half(margin):
 
 
 def _round_half_even(margin):
-  """round(margin / 2) for an integer margin, half to even as Python's and torchvision's round,
-  with integer ops only (so the same code runs on TF int32 tensors)."""
-  half = margin // 2
-  return half + (margin % 2) * (half % 2)
+  """round(margin / 2) for an integer margin, half to even as Python's and torchvision's round."""
+  return round(margin / 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +108,16 @@ class Preprocess:
   def resize_shorter_side(self) -> int:
     return int(self.image_size / self.crop_pct)
 
-  def geometry(self, height, width, maximum: Callable = max):
-    """(resized height, resized width, crop top, crop left) for a height x width image.
-
-    Integer arithmetic only, so that `height`/`width` may be Python ints or TF int32 tensors
-    (pass `maximum=tf.maximum`). For 'warp' the crop is the whole resized image.
-    """
+  def geometry(self, height: int, width: int):
+    """(resized height, resized width, crop top, crop left) for a height x width image. For
+    'warp' the crop is the whole resized image."""
     size = self.image_size
     if self.resize == 'warp':
       return size, size, 0, 0
     short = self.resize_shorter_side
     # The shorter side becomes `short`, the longer one short * long // shorter (truncated).
-    new_h = maximum(short, short * height // width)
-    new_w = maximum(short, short * width // height)
+    new_h = max(short, short * height // width)
+    new_w = max(short, short * width // height)
     offset = _round_half_even if self.crop_offset == 'round' else _floor_half
     return new_h, new_w, offset(new_h - size), offset(new_w - size)
 

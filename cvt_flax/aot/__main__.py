@@ -15,9 +15,9 @@ CUDA plugin: `pip install 'cvt-flax[gpu-aot]'` (`make test` installs it). A conf
 takes its architecture from `init_from` (configs/finetune.py) names it here with
 `--config.model.variant`. `--measure_host` times the config's train input pipeline on
 synthetic JPEGs on this machine's CPUs (about a minute) and bounds the estimate by what the
-slice's hosts deliver at that rate per vCPU (`cvt_flax.aot.report`). Exit status: 0 if the train and eval steps fit in the chips' HBM; 2 if
-they do not (the message says what to change) or for bad input (one line, `error: ...`). While it
-compiles, stderr says what and for how long.
+slice's hosts deliver at that rate per vCPU (`cvt_flax.aot.report`). Exit status: 0 if the train
+and eval steps fit in the chips' HBM; 2 if they do not (the message says what to change) or for
+bad input (one line, `error: ...`). While it compiles, stderr says what and for how long.
 """
 import json
 import sys

@@ -108,12 +108,12 @@ def decode_any(image_bytes):
   return image
 
 
-def resize(image, height, width, method='bicubic'):
-  """One antialiased 2-D resize pass, quantised to uint8 values: the train crops' resize. It
-  differs from PIL's two separable passes (with a uint8 image between them) only where bicubic
-  overshoots at sharp edges; the eval transform is PIL's own (`Preprocess.pixels_of_encoded`)."""
-  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]), method=method,
-                            antialias=True)
+def resize(image, height, width):
+  """One antialiased 2-D bicubic resize pass, quantised to uint8 values: the train crops' resize.
+  It differs from PIL's two separable passes (with a uint8 image between them) only where bicubic
+  overshoots at sharp edges; the eval transform is PIL's own (`Preprocess.pixels`)."""
+  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]),
+                            method='bicubic', antialias=True)
   return quantize(resized)
 
 

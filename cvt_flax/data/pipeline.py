@@ -342,8 +342,9 @@ def make_eval_dataset(input_cfg, *, global_batch_size, process_index=0,
 
 def make_eval_iterator(input_cfg, *, global_batch_size, process_index=0, process_count=1):
   """Finite iterator of {'image': uint8, 'label', 'mask'} numpy batches of global_batch_size //
-  process_count examples (the eval step normalises); every process yields the same number of batches, and over all processes
-  each eval example appears once with mask 1 (padding has mask 0 and label 0).
+  process_count examples (the eval step normalises); every process yields the same number of
+  batches, and over all processes each eval example appears once with mask 1 (padding has mask 0
+  and label 0).
 
   Raises `DataError` naming the example(s) if an image does not decode or a label is out of range.
   """

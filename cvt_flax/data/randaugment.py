@@ -138,8 +138,13 @@ def affine(image, matrix, fill):
   y = tf.range(height)[:, None] + 0.5
   x_in, y_in = a * x + b * y + c, d * x + e * y + f
   inside = (x_in >= 0) & (x_in < width) & (y_in >= 0) & (y_in < height)
-  # PIL truncates the interpolated value.
-  return tf.floor(select(inside[..., None], sampled, tf.constant(fill, tf.float32)))
+  return _inside_or_fill(inside[..., None], sampled, fill)
+
+
+def _inside_or_fill(inside, sampled, fill):
+  """The geometric ops' output as PIL writes it: the interpolated value truncated where the sample
+  point lies inside the image (`inside` broadcasts against `sampled`), `fill` elsewhere."""
+  return tf.floor(select(inside, sampled, tf.constant(fill, tf.float32)))
 
 
 def rotate(image, degrees, fill):
@@ -170,7 +175,7 @@ def _shift_rows(image, shifts, fill):
   sampled = tf.reshape(rows, tf.shape(image))
   position = tf.range(tf.cast(width, tf.float32))[None, :] + shifts[:, None]
   inside = (position >= -0.5) & (position < tf.cast(width, tf.float32) - 0.5)
-  return tf.floor(select(inside[..., None], sampled, tf.constant(fill, tf.float32)))
+  return _inside_or_fill(inside[..., None], sampled, fill)
 
 
 def _transposed(op, image, *args):
@@ -178,11 +183,11 @@ def _transposed(op, image, *args):
   return tf.transpose(op(tf.transpose(image, [1, 0, 2]), *args), [1, 0, 2])
 
 
-def _sheared_shifts(image, factor, offset=0.0, axis=0):
-  """Per-row shifts of matrix (1, factor, offset, 0, 1, 0) in pixel-index coordinates: PIL samples
-  x + 0.5 + factor (y + 0.5) + offset for the pixel centred at x + 0.5."""
-  rows = tf.range(tf.cast(tf.shape(image)[axis], tf.float32))
-  return tf.cast(factor, tf.float32) * (rows + 0.5) + tf.cast(offset, tf.float32)
+def _sheared_shifts(image, factor):
+  """Per-row shifts of matrix (1, factor, 0, 0, 1, 0) in pixel-index coordinates: PIL samples
+  x + 0.5 + factor (y + 0.5) for the pixel centred at x + 0.5."""
+  rows = tf.range(tf.cast(tf.shape(image)[0], tf.float32))
+  return tf.cast(factor, tf.float32) * (rows + 0.5)
 
 
 def shear_x(image, factor, fill):
@@ -205,7 +210,7 @@ def _shift_all_rows(image, shift, fill):
   weight = (position - lower)[:, None, None]
   sampled = tf.gather(image, above) * (1.0 - weight) + tf.gather(image, below) * weight
   inside = (position >= -0.5) & (position < tf.cast(height, tf.float32) - 0.5)
-  return tf.floor(select(inside[:, None, None], sampled, tf.constant(fill, tf.float32)))
+  return _inside_or_fill(inside[:, None, None], sampled, fill)
 
 
 def translate_x_rel(image, fraction, fill):

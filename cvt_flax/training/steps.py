@@ -54,8 +54,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
   `erasing.fill_boxes`) if the input config erases. The step normalises by `mean`/`std` (0-1 units,
   `cvt_flax.preprocess.normalize`), fills the boxes with noise, then mixes.
   Mixup/CutMix and the erasing noise draw from `fold_in(key(seed), step)`: a function of the step,
-  so they survive a resume. Dropout randomness comes from the RNG streams in `state.rngs`. With grad_accum_steps = A,
-  mixup is applied to the whole global batch, then the gradient is the mean over A equal
+  so they survive a resume. Dropout randomness comes from the RNG streams in `state.rngs`. With
+  grad_accum_steps = A, mixup is applied to the whole global batch, then the gradient is the mean over A equal
   microbatches, which equals the big-batch gradient except for BatchNorm (statistics per microbatch,
   running stats updated A times, as accumulation in PyTorch does).
   """
