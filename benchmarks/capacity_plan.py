@@ -51,6 +51,11 @@ ROWS = {
     'w24_384_v5p8': ('v5p-8', f'{IMAGENET}:cvt-w24,384', (
         '--config.remat=block', '--config.grad_accum_steps=16', '--config.eval_batch_size=256')),
     'c13_224_v4_8': ('v4-8', f'{IMAGENET}:cvt-13,224', ()),
+    # Ironwood: tpu7x-8 is 4 chips of 2 devices, so the recipes' global batches give 512 images per
+    # chip (256 per device).
+    'c13_224_tpu7x8': ('tpu7x-8', f'{IMAGENET}:cvt-13,224', ()),
+    'c21_224_tpu7x8': ('tpu7x-8', f'{IMAGENET}:cvt-21,224', ()),
+    'w24_384_tpu7x8': ('tpu7x-8', f'{IMAGENET}:cvt-w24,384', ()),
     'c13_224_v5e256': ('v5e-256', f'{IMAGENET}:cvt-13,224', ()),
     'w24_384_v5e256': ('v5e-256', f'{IMAGENET}:cvt-w24,384', ()),
     # Colab's GPUs: the finetune notebook's run (CvT-13 at 224, 64 images a step, 1,000 steps).

@@ -15,6 +15,11 @@ The centre crop's offset of an odd margin is where libraries differ: torchvision
 evaluation, timm) rounds half to even (`crop_offset='round'`), HF's image processors floor
 (`'floor'`). Each source keeps its own, so a converted model sees exactly the pixels its reference
 pipeline would give it.
+
+The pixels are the installed Pillow's. Pillow 13 (which `make install` pins) resizes in the
+other order from Pillow 12 and older (vertical pass first) where the height loses more than twice
+as many pixels as the width, which moves pixels by up to a few grey levels: a reference computed
+with another Pillow can differ by that much.
 """
 from __future__ import annotations
 
@@ -134,7 +139,8 @@ class Preprocess:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     if isinstance(image, np.ndarray):
       image = Image.fromarray(image)
-    image = image.convert('RGB')
+    if image.mode != 'RGB':
+      image = image.convert('RGB')
     new_h, new_w, top, left = self.geometry(image.height, image.width)
     resample = Image.BICUBIC if self.interpolation == 'bicubic' else Image.BILINEAR
     image = image.resize((new_w, new_h), resample)

@@ -1,4 +1,5 @@
 """Augmentation ops: PIL/torchvision/timm semantics, value ranges, and stateless determinism."""
+import io
 import math
 
 import numpy as np
@@ -119,6 +120,22 @@ def test_random_resized_crop_boxes_respect_bounds():
   assert ratio.min() >= 3 / 4 - 0.02 and ratio.max() <= 4 / 3 + 0.02
   assert len({tuple(b) for b in boxes}) > 250  # Random, not a constant box.
   assert area.max() - area.min() > 0.5
+
+
+@pytest.mark.parametrize('subsampling', [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+def test_jpeg_crop_window_decodes_as_the_whole_image(subsampling):
+  # The JPEG path decodes only the crop's window; the PNG path decodes everything, then crops. Given
+  # the same pixels (the JPEG's, as PIL decodes them), both must give the same crops.
+  buffer = io.BytesIO()
+  Image.fromarray(_natural_image(75, 100, seed=5)).save(buffer, format='JPEG', quality=90,
+                                                        subsampling=subsampling)
+  jpeg = buffer.getvalue()
+  png = tf.io.encode_png(np.asarray(Image.open(io.BytesIO(jpeg)).convert('RGB')))
+  for i in range(8):
+    seed = tf.constant([3, i])
+    np.testing.assert_array_equal(augment.decode_and_random_resized_crop(jpeg, seed, 32),
+                                  augment.decode_and_random_resized_crop(png, seed, 32),
+                                  err_msg=f'box {i}')
 
 
 def test_random_resized_crop_falls_back_to_center_crop_like_torchvision():

@@ -14,7 +14,7 @@ from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, with_compute
 from cvt_flax.models.tpu import depthwise_conv, sharded
 from cvt_flax.runtime import compiler
-from helpers import assert_same_gradients, on_one_and_four_cpu_devices
+from helpers import MOSAIC_SLICES, assert_same_gradients, on_one_and_four_cpu_devices
 
 STRIDES = (1, 2, 2)  # q, k, v in every CvT variant
 
@@ -112,9 +112,10 @@ def test_each_kernel_declares_its_arithmetic_and_at_least_the_bytes_it_reads_and
   assert backward.flops >= 2 * taps * (h * width + 2 * (h // 2) * (width // 2))  # dx and dw
 
 
+@pytest.mark.parametrize('slice_name', MOSAIC_SLICES)
 @pytest.mark.parametrize('b', [8, 256])
-def test_mosaic_compiles_cvt13_last_stage_and_xla_counts_the_kernels(b):
-  device = aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
+def test_mosaic_compiles_cvt13_last_stage_and_xla_counts_the_kernels(b, slice_name):
+  device = aot_compile.slice_devices(tpus.parse_slice(slice_name))[0]
   placed = jax.sharding.SingleDeviceSharding(device)
   h, c = 14, 384
   assert depthwise_conv.fits(b, h, h, c)

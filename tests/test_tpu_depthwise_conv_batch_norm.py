@@ -11,7 +11,7 @@ from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, norms
 from cvt_flax.models.tpu import depthwise_conv, sharded
 from cvt_flax.runtime import compiler
-from helpers import on_one_and_four_cpu_devices
+from helpers import MOSAIC_SLICES, on_one_and_four_cpu_devices
 from test_tpu_depthwise_conv import STRIDES, _exact, _inputs
 
 EPSILON = 1e-5
@@ -76,9 +76,10 @@ def _float64(arrays):
   return [np.asarray(a, np.float64) for a in arrays]
 
 
-# Square and non-square maps; a map whose mean is 1e3 its spread (BatchNorm's cancellation case).
+# Square and non-square maps; a map whose mean is 1e3 its spread (BatchNorm's cancellation case);
+# 32 images, two blocks of 16 whose statistics the kernels merge.
 @pytest.mark.parametrize('shape, offset', [((2, 14, 14, 24), 0.0), ((3, 8, 6, 16), 0.0),
-                                           ((2, 7, 9, 8), 1e3)])
+                                           ((2, 7, 9, 8), 1e3), ((32, 6, 6, 8), 1e3)])
 def test_outputs_statistics_and_all_gradients_are_exact_to_float32_rounding(shape, offset):
   inputs = _bn_inputs(shape, offset)
   exact = _exact_bn(*inputs)
@@ -133,9 +134,10 @@ def test_the_kernels_declare_their_arithmetic_and_the_bytes_they_read_and_write(
   assert backward.flops == taps * (2 * 3 * h * h + h * h + 2 * (h // 2) ** 2)
 
 
+@pytest.mark.parametrize('slice_name', MOSAIC_SLICES)
 @pytest.mark.parametrize('b', [8, 256])
-def test_mosaic_compiles_cvt13_last_stage_with_its_batch_norms(b):
-  device = aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
+def test_mosaic_compiles_cvt13_last_stage_with_its_batch_norms(b, slice_name):
+  device = aot_compile.slice_devices(tpus.parse_slice(slice_name))[0]
   placed = jax.sharding.SingleDeviceSharding(device)
   h, c = 14, 384
   x = jax.ShapeDtypeStruct((b, h, h, c), jnp.bfloat16, sharding=placed)

@@ -13,7 +13,7 @@ import cvt_flax
 from cvt_flax.aot import compile as aot_compile, hlo, tpus
 from cvt_flax.models import compute as compute_lib, layers, tpu, with_compute
 from cvt_flax.runtime import compiler, sharding
-from helpers import LOGITS_FP32_PAIR_ATOL, TINY_MODEL
+from helpers import LOGITS_FP32_PAIR_ATOL, MOSAIC_SLICES, TINY_MODEL
 
 # (batch, heads, queries, keys, head dim): CvT's last stage (cls + 196 queries, 50 keys: one
 # partial key block) and lengths spanning several blocks, neither a multiple of 128.
@@ -80,9 +80,9 @@ def test_every_kernel_declares_its_matmuls_and_at_least_the_bytes_it_reads_and_w
   assert dkv.bytes_accessed >= 2 * query_side + 4 * key_side + 2 * stats  # q, grad; k, v, dk, dv
 
 
-@pytest.fixture(scope='module')
-def tpu_device():
-  return aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
+@pytest.fixture(scope='module', params=MOSAIC_SLICES)
+def tpu_device(request):
+  return aot_compile.slice_devices(tpus.parse_slice(request.param))[0]
 
 
 def test_mosaic_compiles_every_stage_shape_and_xla_counts_the_kernels(tpu_device):

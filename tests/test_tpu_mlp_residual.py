@@ -15,7 +15,7 @@ from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, norms, with_compute
 from cvt_flax.models.tpu import mlp_residual, sharded
 from cvt_flax.runtime import compiler
-from helpers import assert_same_gradients, on_one_and_four_cpu_devices
+from helpers import MOSAIC_SLICES, assert_same_gradients, on_one_and_four_cpu_devices
 
 ACTIVATIONS = {'quick_gelu': layers.quick_gelu, 'gelu': layers.exact_gelu}
 
@@ -144,18 +144,26 @@ def test_each_kernel_declares_its_matmuls_and_at_least_the_bytes_it_reads_and_wr
   assert backward.bytes_accessed >= 3 * tokens + weights + 2 * weights  # x, grad, dx; float32 dw
 
 
-def test_mosaic_compiles_every_cvt13_stage_and_xla_counts_the_kernels():
-  device = aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
+@pytest.mark.parametrize('slice_name', MOSAIC_SLICES)
+def test_mosaic_compiles_every_cvt13_stage_and_xla_counts_the_kernels(slice_name):
+  device = aot_compile.slice_devices(tpus.parse_slice(slice_name))[0]
   placed = jax.sharding.SingleDeviceSharding(device)
   for b, n, width in [(8, 3136, 64), (8, 784, 192), (8, 197, 384)]:
     assert mlp_residual.fits(n, width, 4 * width, 2)
-    x = jax.ShapeDtypeStruct((b, n, width), jnp.bfloat16, sharding=placed)
+    # float32 in, and the bfloat16 results into a matmul as the next block's would: the kernels'
+    # operands and results are laid out as XLA chooses inside a step (TPU7x: (16, 128) tiles).
+    x = jax.ShapeDtypeStruct((b, n, width), jnp.float32, sharding=placed)
     scale = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=placed)
     params = [jax.ShapeDtypeStruct(p.shape[-1:] if p.shape[0] == 1 else p.shape, jnp.float32,
                                    sharding=placed) for p in _params(width, jnp.float32)]
-    step = jax.jit(lambda x, s, p, g: _output_and_grads(
-        lambda x, *p: mlp_residual.fused_mlp_block(x, s, *p, layers.quick_gelu, 1e-5), x, p, g))
-    compiled = step.lower(x, scale, params, x).compile()
+
+    def sums(x, s, p, g):
+      outs = _output_and_grads(
+          lambda x, *p: mlp_residual.fused_mlp_block(x, s, *p, layers.quick_gelu, 1e-5),
+          x.astype(jnp.bfloat16), p, g.astype(jnp.bfloat16))
+      return [jnp.sum(o @ jnp.ones((o.shape[-1], 128), o.dtype), dtype=jnp.float32)
+              for o in outs if o.dtype == jnp.bfloat16]
+    compiled = jax.jit(sums).lower(x, scale, params, x).compile()
     cost = compiler.cost_analysis(compiled)
     # The kernels' FLOPs are the step's (nothing else multiplies), and its bytes include theirs.
     assert cost['flops'] >= 14 * b * n * width * 4 * width

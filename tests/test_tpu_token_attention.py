@@ -13,7 +13,7 @@ from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, with_compute
 from cvt_flax.models.tpu import token_attention
 from cvt_flax.runtime import compiler
-from helpers import assert_same_gradients
+from helpers import MOSAIC_SLICES, assert_same_gradients
 
 # (batch, queries, keys, channels, heads) at CvT-13's three stages, per chip.
 STAGES = [(8, 3136, 784, 64, 1), (8, 784, 196, 192, 3), (8, 197, 50, 384, 6)]
@@ -119,9 +119,9 @@ def test_both_kernels_declare_their_matmuls_and_the_bytes_they_read_and_write(sh
   assert backward.bytes_accessed >= 3 * query_side + 4 * key_side  # q, grad, dq; k, v, dk, dv
 
 
-@pytest.fixture(scope='module')
-def tpu_device():
-  return aot_compile.slice_devices(tpus.parse_slice('v5e-1'))[0]
+@pytest.fixture(scope='module', params=MOSAIC_SLICES)
+def tpu_device(request):
+  return aot_compile.slice_devices(tpus.parse_slice(request.param))[0]
 
 
 # CvT-13's stages, its last at 256 images per chip, and CvT-W24's last stage at 384 px (16 heads,

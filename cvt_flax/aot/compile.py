@@ -75,6 +75,16 @@ class CompiledStep:
     """The compiled HLO's instructions (parsed once: the text of a CvT-13 step is 13 MB)."""
     return hlo.parse_ops(self.hlo_text)
 
+  def per_chip(self, devices_per_chip: int) -> 'CompiledStep':
+    """The figures of one device's program summed over a chip's `devices_per_chip` devices (each
+    runs the same SPMD program on its own share of the chip's HBM): TPU7x's two TensorCores."""
+    if devices_per_chip == 1:
+      return self
+    scaled = {f: getattr(self, f) * devices_per_chip
+              for f in ('argument_bytes', 'output_bytes', 'alias_bytes', 'temp_bytes', 'code_bytes',
+                        'flops', 'bytes_accessed')}
+    return dataclasses.replace(self, **scaled)
+
   @property
   def hbm_bytes(self) -> int:
     """Peak HBM of the step: arguments, outputs net of donation, temporaries and the program
@@ -200,8 +210,8 @@ def _compile_eval_step(run: run_lib.Run):
   return step.lower(model_variables(run.abstract_state), abstract_batch).compile()
 
 
-def state_bytes_per_chip(abstract_state: Any) -> int:
-  """Bytes of the train state one chip holds: each array's shard (whole if replicated)."""
+def state_bytes_per_device(abstract_state: Any) -> int:
+  """Bytes of the train state one device holds: each array's shard (whole if replicated)."""
   return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
              for leaf in jax.tree.leaves(abstract_state))
 
@@ -223,4 +233,6 @@ def compile_for_slice(config: ConfigDict, tpu_slice: Slice | GpuMachine, *,
   if with_eval:
     with _reporting(progress, f'the eval step for {tpu_slice.name}'):
       evaluation = _timed(lambda: _compile_eval_step(run))
-  return Compiled(tpu_slice, run, train, evaluation, state_bytes_per_chip(run.abstract_state))
+  k = tpu_slice.devices_per_chip
+  return Compiled(tpu_slice, run, train.per_chip(k), evaluation and evaluation.per_chip(k),
+                  k * state_bytes_per_device(run.abstract_state))

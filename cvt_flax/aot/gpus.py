@@ -99,6 +99,7 @@ class GpuMachine:
   num_chips: int
   platform = 'cuda'
   num_hosts = 1
+  devices_per_chip = 1
 
   @property
   def gpu(self) -> Gpu:

@@ -22,6 +22,7 @@ _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r'calls=%([\w.\-]+)')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_DECLARED_BYTES = re.compile(r'"cost_estimate":\{[^}]*"bytes_accessed":"(\d+)"')
 # Custom calls that are kernels doing the step's work: Pallas's (Mosaic) on a TPU, cuBLAS's and
 # cuDNN's on a GPU. Others (sharding annotations, buffer allocations) move nothing.
 KERNEL_TARGETS = ('tpu_custom_call', '__cublas', '__cudnn')
@@ -49,6 +50,7 @@ class Op:
   source: str  # the JAX op it came from (metadata op_name), shortened
   fused: str   # the fused computation it calls ('' if none)
   target: str = ''  # a custom call's target: 'tpu_custom_call' (Pallas), '__cublas$...', ...
+  declared_bytes: int = 0  # a Pallas kernel's own cost estimate (`pl.CostEstimate`), if it has one
 
   @property
   def bytes(self) -> int:
@@ -85,10 +87,11 @@ def parse_ops(hlo_text: str) -> list[Op]:
     source = _OP_NAME.search(m['attrs'])
     calls = _CALLS.search(m['attrs'])
     target = _TARGET.search(m['attrs'])
+    declared = _DECLARED_BYTES.search(m['attrs'])
     ops.append(Op(m['name'], m['op'], result_bytes[m['name']],
                   sum(result_bytes.get(o, 0) for o in operands), int(cycles[1]) if cycles else 0,
                   _short_source(source[1]) if source else '', calls[1] if calls else '',
-                  target[1] if target else ''))
+                  target[1] if target else '', int(declared[1]) if declared else 0))
   return ops
 
 
@@ -99,9 +102,9 @@ _NO_TRAFFIC = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant',
 
 
 def memory_bytes(ops: list[Op]) -> int:
-  """The step's memory traffic as XLA:GPU runs it: every kernel's (fusion, cuBLAS or cuDNN call,
-  copy, collective) operands plus its result, as if nothing stayed in caches. A loop's body
-  counts once."""
+  """The step's memory traffic counted from its HLO: every kernel's (fusion, Pallas, cuBLAS or
+  cuDNN call, copy, collective) operands plus its result, as if nothing stayed on chip: XLA:GPU's
+  bytes, and on a TPU a count beside XLA's own estimate. A loop's body counts once."""
   return sum(op.bytes for op in ops
              if op.opcode not in _NO_TRAFFIC and not op.opcode.endswith('-done'))
 
@@ -137,6 +140,28 @@ def top_costs(ops: list[Op], n: int = 10, by: int = 2) -> list[tuple[str, int, i
       count[key] += 1
   rows = [(key, count[key], cycles[key], size[key]) for key in cycles]
   return sorted(rows, key=lambda row: -row[by])[:n]
+
+
+@dataclasses.dataclass
+class KernelCalls:
+  source: str  # the JAX op the kernel came from
+  calls: int
+  declared_bytes: int  # over the calls, as the kernel declares them (its `pl.CostEstimate`)
+  operand_and_result_bytes: int  # over the calls, from the HLO shapes
+
+
+def kernel_calls(ops: list[Op]) -> list[KernelCalls]:
+  """The Pallas kernels by source: their declared bytes beside their operands' and results',
+  largest first. A kernel that declares less than it is handed is the one to check (one that
+  re-reads a block, or keeps a result in VMEM, may rightly declare more, or less)."""
+  rows: dict[str, KernelCalls] = {}
+  for op in ops:
+    if is_kernel(op) and op.target == 'tpu_custom_call':
+      row = rows.setdefault(op.source or op.name, KernelCalls(op.source or op.name, 0, 0, 0))
+      row.calls += 1
+      row.declared_bytes += op.declared_bytes
+      row.operand_and_result_bytes += op.bytes
+  return sorted(rows.values(), key=lambda k: -k.operand_and_result_bytes)
 
 
 def is_kernel(op: Op) -> bool:

@@ -7,7 +7,9 @@ from XLA:TPU's cost analysis, on a GPU the bytes counted from the HLO and the FL
 analytic count. MFU = the model's analytic training FLOPs
 (3x the forward multiply-adds, 2 FLOPs each: `cvt_flax.flops`) over that time at peak. An
 estimate from the compiler, not a measurement: it ignores overlap limits, collectives' time, and
-a GPU's program was compiled without autotuning (`aot.compile`).
+a GPU's program was compiled without autotuning (`aot.compile`). A chip of several JAX devices
+(TPU7x: two TensorCores, a device each) counts its devices' programs together
+(`CompiledStep.per_chip`).
 
 The hosts: given the train input pipeline's images/s per vCPU (measured on this machine's CPU with
 `--measure_host`, or `--host_images_per_sec_per_cpu`), the hosts deliver that times their vCPUs
@@ -46,6 +48,15 @@ def step_costs(compiled: Compiled) -> tuple[float, float]:
   loops = compiled.run.config.grad_accum_steps
   flops = compiled.train.flops * loops or model_train_flops_per_chip(compiled)
   return flops, compiled.train.bytes_accessed * loops
+
+
+def counted_bytes(compiled: Compiled) -> float:
+  """The train step's bytes per chip counted from its HLO (`hlo.memory_bytes`: every op's
+  operands plus its result, a Pallas kernel's as it is handed them), scaled as `step_costs`
+  scales XLA's: on a TPU a count independent of XLA's cost model and of the kernels' declared
+  costs; on a GPU the same figure as `step_costs`' bytes."""
+  loops = compiled.run.config.grad_accum_steps
+  return hlo.memory_bytes(compiled.train.ops) * compiled.slice.devices_per_chip * loops
 
 
 def model_train_flops_per_chip(compiled: Compiled) -> float:
@@ -146,7 +157,7 @@ def to_json(compiled: Compiled, host_per_cpu: float | None = None) -> dict:
   flops, bytes_accessed = step_costs(compiled)
   out = {
       'topology': sl.name, 'platform': sl.platform, 'platform_topology': sl.topology,
-      'chips': sl.num_chips,
+      'chips': sl.num_chips, 'devices_per_chip': sl.devices_per_chip,
       'chip': sl.chip.name, 'per_chip_batch': compiled.per_chip_batch,
       'dtype': compiled.run.config.dtype, 'fsdp': compiled.run.config.fsdp,
       'remat': compiled.run.config.remat,
@@ -158,6 +169,7 @@ def to_json(compiled: Compiled, host_per_cpu: float | None = None) -> dict:
       'train_code_bytes': train.code_bytes, 'train_out_of_memory': train.out_of_memory,
       'train_flops_per_step_per_chip': flops,
       'train_bytes_per_step_per_chip': bytes_accessed,
+      'train_bytes_counted_from_hlo_per_chip': counted_bytes(compiled) if train.hlo_text else None,
       'grad_accum_steps': compiled.run.config.grad_accum_steps,
       'model_train_flops_per_step_per_chip': model_train_flops_per_chip(compiled),
       'estimated_step_seconds': est and est.step_seconds, 'bound': est and est.bound,
@@ -182,7 +194,9 @@ def to_text(compiled: Compiled, host_per_cpu: float | None = None) -> str:
   j, sl, train = to_json(compiled, host_per_cpu), compiled.slice, compiled.train
   cfg = compiled.run.config
   lines = [
-      f'{sl.name} ({sl.num_chips} x {sl.chip.name}, {_COMPILER[sl.platform]} topology '
+      f'{sl.name} ({sl.num_chips} x {sl.chip.name}'
+      + (f' of {sl.devices_per_chip} devices each' if sl.devices_per_chip > 1 else '')
+      + f', {_COMPILER[sl.platform]} topology '
       f'{sl.topology}, {sl.num_hosts} host(s)); global batch {cfg.batch_size} = '
       f'{compiled.per_chip_batch} per chip; fsdp={cfg.fsdp}, remat={cfg.remat}, '
       f'grad_accum_steps={cfg.grad_accum_steps}, dtype={cfg.dtype}',
@@ -211,7 +225,9 @@ def to_text(compiled: Compiled, host_per_cpu: float | None = None) -> str:
       f'{j["model_train_flops_per_step_per_chip"] / 1e12:.3f}), '
       f'{j["train_bytes_per_step_per_chip"] / 1e9:.1f} GB accessed'
       + (f' (the accumulation loop\'s body x{cfg.grad_accum_steps})'
-         if cfg.grad_accum_steps > 1 else ''),
+         if cfg.grad_accum_steps > 1 else '')
+      + (f'; counted from the HLO: {j["train_bytes_counted_from_hlo_per_chip"] / 1e9:.1f} GB'
+         if sl.platform == 'tpu' and j['train_bytes_counted_from_hlo_per_chip'] else ''),
       f'collectives (train step, a loop body once): {colls}',
       f'roofline estimate (not a measurement): {est.step_seconds * 1e3:.1f} ms per step, '
       f'{est.bound}-bound; {est.images_per_sec_per_chip:.0f} images/s per chip, '
@@ -245,6 +261,13 @@ def costs_text(compiled: Compiled, n: int) -> str:
       # A kernel has no cycle estimate in the HLO (its declared cost is in the totals above).
       share = f'{cycles / total_cycles:.1%}' if cycles else '-'
       lines.append(f'| {source} | {count} | {share} | {size / 1e9:.2f} |')
+  kernels = hlo.kernel_calls(ops)
+  if kernels:
+    lines += ["Pallas kernels (one device's program): declared bytes against their operands and "
+              'results', '| kernel: source | calls | declared GB | operands + results GB |',
+              '|---|---:|---:|---:|']
+    lines += [f'| {k.source} | {k.calls} | {k.declared_bytes / 1e9:.2f} | '
+              f'{k.operand_and_result_bytes / 1e9:.2f} |' for k in kernels]
   moves, cycles, size = hlo.layout_changes(ops)
   lines.append(f'layout changes (copies, transposes): {moves} ops, {cycles / total_cycles:.1%} of '
                f'the cycles, {size / 1e9:.2f} GB')

@@ -1,15 +1,19 @@
 """TPU slices as users name them (`v5e-16`), what libtpu calls their topology, and each chip's
 public figures.
 
-Slice names follow Cloud TPU's accelerator types: for v4 and v5p the number counts TensorCores
-(two per chip, one 'megacore' JAX device per chip), for v5e and v6e it counts chips (one core
-each). Single-host slices hold up to 4 chips (v4, v5p) or 8 chips (v5e, v6e); larger slices have
+Slice names follow Cloud TPU's accelerator types: for v4, v5p and TPU7x (Ironwood) the number
+counts TensorCores, two per chip; for v5e and v6e it counts chips (one core each). On v4 and v5p
+a chip's two cores are one 'megacore' JAX device; on TPU7x each core is a JAX device of its own
+(`Slice.devices_per_chip`), so `tpu7x-8` is 4 chips, 8 devices (libtpu's 'tpu7x:2x2x1').
+Single-host slices hold up to 4 chips (v4, v5p, TPU7x) or 8 chips (v5e, v6e); larger slices have
 4 chips per host.
 
 Each host's vCPUs (which decode and augment the images) are those of the TPU VM machine types in
 GKE's TPU planning page (https://cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus,
 "machine type" tables): v4 ct4p-hightpu-4t 240; v5e ct5lp-hightpu-1t/4t/8t 24/112/224; v5p
-ct5p-hightpu-4t 208; v6e ct6e-standard-1t/4t/8t 44/180/180.
+ct5p-hightpu-4t 208; v6e ct6e-standard-1t/4t/8t 44/180/180. The TPU7x page's table
+(https://cloud.google.com/tpu/docs/tpu7x, "Number of vCPUs (4-chip VM)") gives 224 for TPU7x and
+repeats v5p's 208 and v6e's 180.
 """
 from __future__ import annotations
 
@@ -38,14 +42,16 @@ CHIPS = {
     'v5e': Chip('TPU v5e', 197e12, 16 * GiB, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
     'v5p': Chip('TPU v5p', 459e12, 95 * GiB, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
     'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1638e9, 'https://cloud.google.com/tpu/docs/v6e'),
+    'tpu7x': Chip('TPU7x', 2307e12, 192 * GiB, 7380e9, 'https://cloud.google.com/tpu/docs/tpu7x'),
 }
-_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}  # what the slice name counts
-_SINGLE_HOST_CHIPS = {'v4': 4, 'v5p': 4, 'v5e': 8, 'v6e': 8}
+_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1, 'tpu7x': 2}  # what the slice name counts
+_MEGACORE = ('v4', 'v5p')  # the chip's two cores are one device; TPU7x's are two
+_SINGLE_HOST_CHIPS = {'v4': 4, 'v5p': 4, 'v5e': 8, 'v6e': 8, 'tpu7x': 4}
 _CHIPS_PER_HOST = 4  # in multi-host slices of every generation
-_MAX_CHIPS = {'v4': 4096, 'v5p': 8960, 'v5e': 256, 'v6e': 256}
+_MAX_CHIPS = {'v4': 4096, 'v5p': 8960, 'v5e': 256, 'v6e': 256, 'tpu7x': 9216}
 # vCPUs of one host by the chips it holds (multi-host slices: 4 chips per host).
 _HOST_VCPUS = {'v4': {4: 240}, 'v5p': {4: 208}, 'v5e': {1: 24, 4: 112, 8: 224},
-               'v6e': {1: 44, 4: 180, 8: 180}}
+               'v6e': {1: 44, 4: 180, 8: 180}, 'tpu7x': {4: 224}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,15 @@ class Slice:
   def peak_flops(self, dtype: str) -> float:  # pylint: disable=unused-argument
     """A TPU's float32 matmuls run as bf16 passes on its MXUs: its bf16 peak for any dtype."""
     return self.chip.peak_bf16_flops
+
+  @property
+  def devices_per_chip(self) -> int:
+    """JAX devices per chip: 2 on TPU7x (each TensorCore), 1 elsewhere (one core, or megacore)."""
+    return 1 if self.generation in _MEGACORE else _CORES_PER_CHIP[self.generation]
+
+  @property
+  def num_devices(self) -> int:
+    return self.num_chips * self.devices_per_chip
 
   @property
   def num_hosts(self) -> int:
@@ -119,7 +134,9 @@ def parse_slice(name: str) -> Slice:
     kwargs = (('chips_per_host_bounds', per_host),)
   else:
     topology = f'{generation}:' + 'x'.join(map(str, _grid_3d(chips)))
-    kwargs = (('chip_config_name', 'megacore'), ('chips_per_host_bounds', (2, 2, 1)))
+    kwargs = (('chips_per_host_bounds', (2, 2, 1)),)
+    if generation in _MEGACORE:
+      kwargs = (('chip_config_name', 'megacore'),) + kwargs
   return Slice(name, generation, chips, topology, kwargs)
 
 

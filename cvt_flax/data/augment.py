@@ -122,14 +122,20 @@ def decode_and_random_resized_crop(image_bytes, seed, size, scale=(0.08, 1.0),
   """Decodes an encoded image and applies RandomResizedCrop to (size, size).
 
   JPEGs are decoded only inside the chosen window (`decode_and_crop_jpeg`), which is what makes the
-  ImageNet pipeline fast; other formats (PNG, ...) are decoded fully, then cropped (`resize`).
+  ImageNet pipeline fast; other formats (PNG, ...) are decoded fully, then cropped (`resize`). The
+  window is one column wider on each side than the box: libjpeg upsamples chroma at a window's
+  edge columns without their neighbours (up to 37 levels off a full decode); the box's own columns
+  come out as a full decode (PIL's, timm's) gives them.
   """
   def from_jpeg():
     shape = tf.image.extract_jpeg_shape(image_bytes)
     top, left, crop_h, crop_w = random_resized_crop_box(seed, shape[0], shape[1], scale, ratio)
-    window = tf.stack([top, left, crop_h, crop_w])
-    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3,
+    wide_left = tf.maximum(left - 1, 0)
+    wide_right = tf.minimum(left + crop_w + 1, shape[1])
+    window = tf.stack([top, wide_left, crop_h, wide_right - wide_left])
+    wide = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3,
                                          dct_method='INTEGER_ACCURATE')
+    return wide[:, left - wide_left:left - wide_left + crop_w]
 
   def from_any():
     image = decode_any(image_bytes)

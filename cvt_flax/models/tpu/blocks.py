@@ -12,8 +12,9 @@ from jax.experimental.pallas import tpu as pltpu
 F32 = jnp.float32
 # dot_general contractions of two 2-D blocks: a @ b.T, a.T @ b, a @ b
 NT, TN, NN = ((1,), (1,)), ((0,), (0,)), ((1,), (0,))
-# What a kernel's working set may take of VMEM: a v4 core has 16 MiB (v5p 64, v5e and v6e 128 MiB;
-# Pallas's `tpu_info`), and the step must compile on all; the rest is left to Mosaic's own.
+# What a kernel's working set may take of VMEM: a v4 core has 16 MiB (v5p and TPU7x 64, v5e and
+# v6e 128 MiB; Pallas's `tpu_info`), and the step must compile on all; the rest is left to
+# Mosaic's own.
 VMEM_BUDGET = 14 * 2 ** 20
 
 

@@ -19,7 +19,7 @@ every other row and column by splitting them into pairs. In the backward pass th
 gradients are spread back to full resolution (zeros between), after which all three convolutions
 are the same stride-1 sums: the input gradient correlates each gradient with its flipped kernel,
 and each weight's gradient is the sum over the map of the shifted input times the gradient. A
-block is 8 images by 128 channels (or all of either where they do not divide). Everything runs in
+block is 16 images by 128 channels (or all of either where they do not divide). Everything runs in
 float32; the weights arrive rounded to the compute dtype, as XLA's convolution uses them, so the
 outputs differ from XLA's only in summation order.
 
@@ -52,8 +52,10 @@ KERNEL, PADDING, STRIDES = 3, 1, (1, 2)
 TAPS = KERNEL * KERNEL
 LANES = 128
 # Float32 arrays of a block's padded size that Mosaic holds in VMEM at once in the backward kernel:
-# 6.4 for blocks of 8 x 128 at CvT-13's stage 2 (23.7 MB, over the 16 MiB limit).
+# 6.4 for blocks of 8 x 128 at CvT-13's stage 2 (23.7 MB, over the 16 MiB limit). With blocks of
+# 16 images, CvT-13's last stage (14 x 14) plans exactly VMEM_BUDGET.
 _LIVE_BLOCKS = 7
+_IMAGES = 16
 _SEMANTICS = ('parallel', 'arbitrary')  # channel blocks; images (the weight gradients add up)
 
 
@@ -67,9 +69,10 @@ def out_size(size: int, stride: int) -> int:
 
 
 def _block(b, c):
-  """(images, channels) per block: 8 images (a float32 tile's rows) and 128 channels (the lanes)
-  where they divide, else all of them."""
-  return 8 if b % 8 == 0 else b, LANES if c % LANES == 0 else c
+  """(images, channels) per block: 16 images and 128 channels (the lanes) where they divide, else
+  all of them. 16 rows are a bfloat16 tile's (a float32 tile is 8): TPU7x's XLA lays bfloat16
+  maps out in (16, 128) tiles, and Mosaic refuses a block of 8 images of them."""
+  return _IMAGES if b % _IMAGES == 0 else b, LANES if c % LANES == 0 else c
 
 
 def _padded(size):

@@ -40,9 +40,11 @@ _SEMANTICS = ('arbitrary', 'arbitrary')
 
 
 def block_rows(tokens: int) -> int:
-  """Rows per block: the tokens in equal blocks of at most MAX_BLOCK_ROWS, rounded up to 8."""
+  """Rows per block: the tokens in equal blocks of at most MAX_BLOCK_ROWS, rounded up to 16, the
+  rows of a bfloat16 tile (TPU7x's XLA lays bfloat16 arrays out in (16, 128) tiles, and Mosaic
+  refuses a block of 392 rows of them; earlier generations took multiples of 8)."""
   blocks = pl.cdiv(tokens, MAX_BLOCK_ROWS)
-  return 8 * pl.cdiv(pl.cdiv(tokens, blocks), 8)
+  return 16 * pl.cdiv(pl.cdiv(tokens, blocks), 16)
 
 
 def fits(tokens: int, width: int, hidden: int, itemsize: int) -> bool:
