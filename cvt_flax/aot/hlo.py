@@ -156,8 +156,9 @@ def kernel_calls(ops: list[Op]) -> list[KernelCalls]:
   re-reads a block, or keeps a result in VMEM, may rightly declare more, or less)."""
   rows: dict[str, KernelCalls] = {}
   for op in ops:
-    if is_kernel(op) and op.target == 'tpu_custom_call':
-      row = rows.setdefault(op.source or op.name, KernelCalls(op.source or op.name, 0, 0, 0))
+    if op.target == 'tpu_custom_call':
+      source = op.source or op.name
+      row = rows.setdefault(source, KernelCalls(source, 0, 0, 0))
       row.calls += 1
       row.declared_bytes += op.declared_bytes
       row.operand_and_result_bytes += op.bytes
