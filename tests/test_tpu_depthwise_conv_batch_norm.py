@@ -57,11 +57,11 @@ def _xla(x, w, scale, bias):
           jnp.stack([r[2] for r in results]))
 
 
-def _kernels(mesh=None):
-  """The kernels, interpreted; on `mesh` one call per shard of the batch, the statistics over all
-  the shards' images, as the model runs them."""
+def _kernels(mesh=None, rows=None):
+  """The kernels, interpreted (in blocks of `rows` rows where given); on `mesh` one call per shard
+  of the batch, the statistics over all the shards' images, as the model runs them."""
   kernels = lambda *args: depthwise_conv.depthwise_convs_batch_norm(
-      *args, STRIDES, EPSILON, sharded.batch_axes(mesh), interpret=True)
+      *args, STRIDES, EPSILON, sharded.batch_axes(mesh), interpret=True, rows=rows)
   return lambda *args: sharded.on_batch_shards(mesh, kernels, args, split_in=1,
                                                split_out=(True, False, False))
 

@@ -65,8 +65,11 @@ def _short_source(op_name: str) -> str:
 
 
 def parse_ops(hlo_text: str) -> list[Op]:
-  """Every instruction outside fused computations (operands' sizes looked up across all)."""
+  """Every instruction outside fused computations (operands' sizes looked up across all). An
+  array handed to an op more than once, itself or through bitcasts (a kernel's block and its halo
+  rows), counts once among its operands."""
   result_bytes: dict[str, int] = {}
+  viewed: dict[str, str] = {}  # a bitcast -> the array it views
   lines = []
   in_fused = False
   for line in hlo_text.splitlines():
@@ -78,21 +81,32 @@ def parse_ops(hlo_text: str) -> list[Op]:
     if not match:
       continue
     result_bytes[match['name']] = sum(array_bytes(match['type']))
+    if match['op'] == 'bitcast':
+      viewed[match['name']] = re.findall(r'%([\w.\-]+)', match['args'])[0]
     if not in_fused:
       lines.append(match)
   ops = []
   for m in lines:
-    operands = re.findall(r'%([\w.\-]+)', m['args'])
+    operands = {}
+    for name in re.findall(r'%([\w.\-]+)', m['args']):
+      operands.setdefault(_viewed_array(name, viewed), name)
     cycles = _CYCLES.search(m['attrs'])
     source = _OP_NAME.search(m['attrs'])
     calls = _CALLS.search(m['attrs'])
     target = _TARGET.search(m['attrs'])
     declared = _DECLARED_BYTES.search(m['attrs'])
     ops.append(Op(m['name'], m['op'], result_bytes[m['name']],
-                  sum(result_bytes.get(o, 0) for o in operands), int(cycles[1]) if cycles else 0,
+                  sum(result_bytes.get(o, 0) for o in operands.values()),
+                  int(cycles[1]) if cycles else 0,
                   _short_source(source[1]) if source else '', calls[1] if calls else '',
                   target[1] if target else '', int(declared[1]) if declared else 0))
   return ops
+
+
+def _viewed_array(name: str, viewed: dict[str, str]) -> str:
+  while name in viewed:
+    name = viewed[name]
+  return name
 
 
 # Instructions that move no memory of their own: views, tuples, control flow around computations

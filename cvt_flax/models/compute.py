@@ -289,9 +289,15 @@ def conv_path(compute: Compute, fmap_shape, kernel_size: int, strides, paddings)
   if compute.dwconv_impl == 'fused':
     if not tpu.depthwise_conv.supported(kernel_size, strides, paddings):
       return 'xla', "XLA's grouped convolution: the kernels take 3x3 convolutions with padding 1"
-    if not tpu.depthwise_conv.fits(_per_device(compute, b), h, w, c):
-      return 'xla', (f"XLA's grouped convolution: a {h}x{w}x{c} map of {_per_device(compute, b)} "
-                     "images per device does not fit the kernels' VMEM plan")
+    images, itemsize = _per_device(compute, b), jax.numpy.dtype(compute.jnp_dtype).itemsize
+    if not tpu.depthwise_conv.fits(images, h, w, c, itemsize):
+      return 'xla', (f"XLA's grouped convolution: a {h}x{w}x{c} map of {images} images per "
+                     "device does not fit the kernels' VMEM plan")
+    rows = tpu.depthwise_conv.row_block(images, h, w, c, itemsize)
+    if rows is not None:
+      return 'fused', ('Pallas kernels in blocks of rows with a halo (statistics, forward, '
+                       f'BatchNorm sums, backward: {", ".join(map(str, rows))}), '
+                       'tpu.depthwise_conv')
     return 'fused', 'Pallas kernels reading the map once, tpu.depthwise_conv'
   if compute.dwconv_impl == 'shifts':
     return 'shifts', 'shifted multiply-adds, the CPU path'

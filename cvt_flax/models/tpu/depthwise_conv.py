@@ -31,9 +31,11 @@ normalised outputs) over the batch, a second applies the BatchNorms' backward pa
 the convolutions'. Each kernel recomputes the convolutions from the map (9 multiply-adds per
 output), so no unnormalised output and no BatchNorm pass reaches HBM.
 
+Maps whose block does not fit VMEM whole (at 224 px, CvT's first two stages) run the same four
+kernels in blocks of rows with a halo (`depthwise_conv_rows`), where their sides are even.
+
 Supported: kernel 3, padding 1, strides 1 or 2 (every CvT variant's `dw_bn` projections), maps
-whose block fits in VMEM (`fits`): at 224 px, CvT's last stage (14 x 14); larger maps take XLA's
-convolutions.
+that fit VMEM whole or in blocks of rows (`fits`); others take XLA's convolutions.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from cvt_flax.models import layers
+from cvt_flax.models.tpu import depthwise_conv_rows
 from cvt_flax.models.tpu.blocks import F32, VMEM_BUDGET, call, nbytes
 
 KERNEL, PADDING, STRIDES = 3, 1, (1, 2)
@@ -80,10 +83,24 @@ def _padded(size):
   return 2 * ((size + 3) // 2)
 
 
-def fits(b: int, h: int, w: int, c: int) -> bool:
+def _fits_whole(b: int, h: int, w: int, c: int) -> bool:
   images, channels = _block(b, c)
   sublanes, lanes = pl.cdiv(images, 8) * 8, pl.cdiv(channels, LANES) * LANES
   return _LIVE_BLOCKS * _padded(h) * _padded(w) * sublanes * lanes * 4 <= VMEM_BUDGET
+
+
+def row_block(b: int, h: int, w: int, c: int,
+              itemsize: int) -> depthwise_conv_rows.RowPlan | None:
+  """The rows per block each kernel takes an (h, w) map of `b` images and `c` channels in (of
+  `itemsize` bytes): None where it fits VMEM whole (or in no blocks of rows)."""
+  if _fits_whole(b, h, w, c):
+    return None
+  return depthwise_conv_rows.plan(h, w, _block(b, c), itemsize)
+
+
+def fits(b: int, h: int, w: int, c: int, itemsize: int = 2) -> bool:
+  """Whether the kernels take such a map: whole, or in blocks of rows."""
+  return _fits_whole(b, h, w, c) or row_block(b, h, w, c, itemsize) is not None
 
 
 def _to_scratch(pad_ref, image):
@@ -262,9 +279,12 @@ def _rows_spec(rows, block):
   return pl.BlockSpec((rows.shape[0], rows.shape[1], 1, block[1]), lambda i, j: (0, 0, 0, i))
 
 
-def _forward(x, w, strides, interpret, bn=None):
-  """The kernel on (h, w, b, c) `x` and (convs, 9, 1, c) `w`; BatchNorms applied where `bn`."""
+def _forward(x, w, strides, interpret, rows, bn=None):
+  """The kernel on (h, w, b, c) `x` and (convs, 9, 1, c) `w`; BatchNorms applied where `bn`; in
+  blocks of `rows` rows where not None."""
   block = _block(x.shape[2], x.shape[3])
+  if rows is not None:
+    return depthwise_conv_rows.forward(x, w, strides, rows.forward, block, interpret, bn)
   outs = _out_shapes(x, strides)
   extra = () if bn is None else (bn,)
   kernel = functools.partial(_forward_kernel, strides=strides, normalise=bn is not None)
@@ -275,10 +295,12 @@ def _forward(x, w, strides, interpret, bn=None):
               forward_cost(x, w, outs, *extra), interpret, x, w, *extra)
 
 
-def _statistics(x, w, strides, interpret):
-  """Per image block, each convolution's mean and sum of squared deviations: (blocks, convs, 2,
-  1, c) float32."""
+def _statistics(x, w, strides, interpret, rows):
+  """Per image block (and block of rows), each convolution's mean and sum of squared deviations:
+  (blocks, convs, 2, 1, c) float32."""
   block = _block(x.shape[2], x.shape[3])
+  if rows is not None:
+    return depthwise_conv_rows.statistics(x, w, strides, rows.statistics, block, interpret)
   grid = _grid(x, block)
   stats = jax.ShapeDtypeStruct((grid[1], len(strides), 2, 1, x.shape[3]), F32)
   spec = pl.BlockSpec((None, len(strides), 2, 1, block[1]), lambda i, j: (j, 0, 0, 0, i))
@@ -290,8 +312,10 @@ def _statistics(x, w, strides, interpret):
               stats, forward_cost(x, w, outs, stats, written=False), interpret, x, w)
 
 
-def _bn_sums(x, w, grads, bn, strides, interpret):
+def _bn_sums(x, w, grads, bn, strides, interpret, rows):
   block = _block(x.shape[2], x.shape[3])
+  if rows is not None:
+    return depthwise_conv_rows.bn_sums(x, w, grads, bn, strides, rows.bn_sums, block, interpret)
   sums = jax.ShapeDtypeStruct((len(strides), 2, 1, x.shape[3]), F32)
   kernel = functools.partial(_bn_sums_kernel, strides=strides)
   in_specs = [_map_spec(x.shape, block), _weights_spec(w, block), _rows_spec(bn, block),
@@ -302,8 +326,11 @@ def _bn_sums(x, w, grads, bn, strides, interpret):
               x, w, bn, *grads)
 
 
-def _backward(x, w, grads, strides, interpret, bn=None):
+def _backward(x, w, grads, strides, interpret, rows, bn=None):
   block = _block(x.shape[2], x.shape[3])
+  if rows is not None:
+    return depthwise_conv_rows.backward(x, w, grads, strides, rows.backward, block, interpret,
+                                        bn)
   outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, F32))
   extra = () if bn is None else (bn,)
   kernel = functools.partial(_backward_kernel, strides=strides, normalise=bn is not None)
@@ -324,23 +351,33 @@ def _from_kernel(x):
   return x.transpose(2, 0, 1, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_convs(x, w, strides, interpret=False):
+def _rows(x, rows):
+  """The rows per block of each kernel for NHWC `x`: `rows` for all where given (the tests'
+  choice), else the plan's (None: the whole map)."""
+  if rows is not None:
+    return depthwise_conv_rows.RowPlan(*[rows] * len(depthwise_conv_rows.KERNELS))
+  b, h, w, c = x.shape
+  return row_block(b, h, w, c, jnp.dtype(x.dtype).itemsize)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def depthwise_convs(x, w, strides, interpret=False, rows=None):
   """Depthwise 3x3 convolutions of NHWC `x` with zero padding 1, one per stride in `strides`
   (each 1 or 2): a list of outputs in x's dtype. `w`: (len(strides), 9, C) float32, the kernels'
-  (3, 3) taps in row-major order. `interpret`: Pallas's TPU interpreter instead of Mosaic."""
-  return _convs_forward(x, w, strides, interpret)[0]
+  (3, 3) taps in row-major order. `interpret`: Pallas's TPU interpreter instead of Mosaic.
+  `rows`: the rows per block (even, dividing the height) instead of `row_block`'s choice."""
+  return _convs_forward(x, w, strides, interpret, rows)[0]
 
 
-def _convs_forward(x, w, strides, interpret):
-  outs = _forward(_to_kernel(x), w[:, :, None], strides, interpret)
+def _convs_forward(x, w, strides, interpret, rows):
+  outs = _forward(_to_kernel(x), w[:, :, None], strides, interpret, _rows(x, rows))
   return [_from_kernel(o) for o in outs], (x, w)
 
 
-def _convs_backward(strides, interpret, residuals, grads):
+def _convs_backward(strides, interpret, rows, residuals, grads):
   x, w = residuals
   dx, dw = _backward(_to_kernel(x), w[:, :, None], [_to_kernel(g) for g in grads], strides,
-                     interpret)
+                     interpret, _rows(x, rows))
   return _from_kernel(dx), dw[:, :, 0]
 
 
@@ -379,9 +416,9 @@ def _merge_statistics(stats, count, axis_name):
   return mean, (squares + count / blocks * spread) / count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def depthwise_convs_batch_norm(x, w, scale, bias, strides, epsilon, axis_name=None,
-                               interpret=False):
+                               interpret=False, rows=None):
   """`depthwise_convs` followed by a training-mode BatchNorm of each output (the statistics over
   all the batch's images and positions): (outputs in x's dtype, batch means (convs, c), biased
   batch variances (convs, c)). `scale`, `bias`: (convs, c) float32. Each convolution's output is
@@ -393,25 +430,26 @@ def depthwise_convs_batch_norm(x, w, scale, bias, strides, epsilon, axis_name=No
   normalised outputs) and two backward (the BatchNorms' gradient sums; then dx and dw with the
   BatchNorms' backward pass applied in VMEM). Each recomputes the convolutions from the map, so no
   unnormalised output reaches HBM."""
-  return _bn_forward(x, w, scale, bias, strides, epsilon, axis_name, interpret)[0]
+  return _bn_forward(x, w, scale, bias, strides, epsilon, axis_name, interpret, rows)[0]
 
 
-def _bn_forward(x, w, scale, bias, strides, epsilon, axis_name, interpret):
-  w4, fmap = w[:, :, None], _to_kernel(x)
-  stats = _statistics(fmap, w4, strides, interpret)
+def _bn_forward(x, w, scale, bias, strides, epsilon, axis_name, interpret, rows):
+  w4, fmap, rows = w[:, :, None], _to_kernel(x), _rows(x, rows)
+  stats = _statistics(fmap, w4, strides, interpret, rows)
   mean, var = _merge_statistics(stats, _counts(strides, x.shape, axis_name), axis_name)
   rstd = jax.lax.rsqrt(var + epsilon)
   bn = jnp.stack([mean, scale * rstd, bias], axis=1)[:, :, None]
-  outs = [_from_kernel(o) for o in _forward(fmap, w4, strides, interpret, bn)]
+  outs = [_from_kernel(o) for o in _forward(fmap, w4, strides, interpret, rows, bn)]
   return (outs, mean, var), (x, w, scale, mean, rstd)
 
 
-def _bn_backward(strides, epsilon, axis_name, interpret, residuals, cotangents):
+def _bn_backward(strides, epsilon, axis_name, interpret, rows, residuals, cotangents):
   x, w, scale, mean, rstd = residuals
+  rows = _rows(x, rows)
   grads, d_mean, d_var = cotangents
   w4, norm = w[:, :, None], jnp.stack([mean, rstd], axis=1)[:, :, None]
   fmap, grads = _to_kernel(x), [_to_kernel(g.astype(x.dtype)) for g in grads]
-  local = _bn_sums(fmap, w4, grads, norm, strides, interpret)
+  local = _bn_sums(fmap, w4, grads, norm, strides, interpret, rows)
   # The statistics summed over the shards forward, so their cotangents (and the sums the
   # normalisation's gradient needs) are summed over them backward.
   total, d_mean, d_var = (_psum(a, axis_name) for a in (local, d_mean, d_var))
@@ -420,7 +458,7 @@ def _bn_backward(strides, epsilon, axis_name, interpret, residuals, cotangents):
   k1 = scale * rstd
   coefficients = jnp.stack([mean, rstd, k1, d_mean / count - k1 * d_bias / count,
                             2 * d_var / (count * rstd) - k1 * d_scale / count], axis=1)[:, :, None]
-  dx, dw = _backward(fmap, w4, grads, strides, interpret, coefficients)
+  dx, dw = _backward(fmap, w4, grads, strides, interpret, rows, coefficients)
   # This shard's share of the parameters' gradients (`sharded.on_batch_shards` adds the shares).
   return _from_kernel(dx), dw[:, :, 0], local[:, 1, 0], local[:, 0, 0]
 
