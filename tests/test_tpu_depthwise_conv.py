@@ -12,7 +12,7 @@ from flax import nnx
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, with_compute
-from cvt_flax.models.tpu import depthwise_conv, sharded
+from cvt_flax.models.tpu import depthwise_conv, depthwise_conv_whole, sharded
 from cvt_flax.runtime import compiler
 from helpers import MOSAIC_SLICES, assert_same_gradients, on_one_and_four_cpu_devices
 
@@ -101,9 +101,9 @@ def test_each_kernel_declares_its_arithmetic_and_at_least_the_bytes_it_reads_and
   b, h, width, c = shape
   x = jax.ShapeDtypeStruct((h, width, b, c), jnp.bfloat16)  # the kernels' layout
   w = jax.ShapeDtypeStruct((3, 9, 1, c), jnp.float32)
-  outs = depthwise_conv._out_shapes(x, STRIDES)
-  forward = depthwise_conv.forward_cost(x, w, outs)
-  backward = depthwise_conv.backward_cost(x, w, outs, x, w)
+  outs = depthwise_conv_whole._out_shapes(x, STRIDES)
+  forward = depthwise_conv_whole.forward_cost(x, w, outs)
+  backward = depthwise_conv_whole.backward_cost(x, w, outs, x, w)
   image, small = h * width * c * 2, (h // 2) * (width // 2) * c * 2  # bf16 maps
   assert forward.bytes_accessed >= b * (2 * image + 2 * small)  # x; q, k, v
   assert backward.bytes_accessed >= b * (3 * image + 2 * small)  # x, dq, dx; dk, dv

@@ -9,7 +9,7 @@ import pytest
 
 from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import layers, norms
-from cvt_flax.models.tpu import depthwise_conv, sharded
+from cvt_flax.models.tpu import depthwise_conv, depthwise_conv_whole, sharded
 from cvt_flax.runtime import compiler
 from helpers import MOSAIC_SLICES, on_one_and_four_cpu_devices
 from test_tpu_depthwise_conv import STRIDES, _exact, _inputs
@@ -121,9 +121,9 @@ def test_the_kernels_declare_their_arithmetic_and_the_bytes_they_read_and_write(
   x = jax.ShapeDtypeStruct((h, h, b, c), jnp.bfloat16)  # the kernels' layout
   w = jax.ShapeDtypeStruct((3, 9, 1, c), jnp.float32)
   rows = jax.ShapeDtypeStruct((3, 5, 1, c), jnp.float32)
-  outs = depthwise_conv._out_shapes(x, STRIDES)
-  statistics = depthwise_conv.forward_cost(x, w, outs, rows, written=False)
-  backward = depthwise_conv.backward_cost(x, w, outs, x, w, rows)
+  outs = depthwise_conv_whole._out_shapes(x, STRIDES)
+  statistics = depthwise_conv_whole.forward_cost(x, w, outs, rows, written=False)
+  backward = depthwise_conv_whole.backward_cost(x, w, outs, x, w, rows)
   image, small = h * h * c * 2, (h // 2) * (h // 2) * c * 2  # bf16 maps
   assert statistics.bytes_accessed >= b * image  # the map, and no output
   assert statistics.bytes_accessed < b * (image + small)

@@ -13,7 +13,8 @@ from flax import nnx
 import cvt_flax
 from cvt_flax.aot import compile as aot_compile, tpus
 from cvt_flax.models import with_compute
-from cvt_flax.models.tpu import depthwise_conv, depthwise_conv_rows
+from cvt_flax.models.tpu import depthwise_conv, depthwise_conv_rows, depthwise_conv_whole
+from cvt_flax.models.tpu.blocks import VMEM_BUDGET
 from helpers import MOSAIC_SLICES, assert_same_gradients, on_one_and_four_cpu_devices
 import test_tpu_depthwise_conv as plain
 import test_tpu_depthwise_conv_batch_norm as with_bn
@@ -66,7 +67,7 @@ def test_a_training_model_on_row_blocks_takes_the_same_steps(monkeypatch):
   def plan(*args):
     plans.append(planned(*args))
     return plans[-1]
-  monkeypatch.setattr(depthwise_conv, '_fits_whole', lambda b, h, w, c: h < 10)
+  monkeypatch.setattr(depthwise_conv_whole, 'fits', lambda b, h, w, c: h < 10)
   monkeypatch.setattr(depthwise_conv_rows, 'plan', plan)
   kernel = depthwise_conv.depthwise_convs_batch_norm
   monkeypatch.setattr(depthwise_conv, 'depthwise_convs_batch_norm',
@@ -115,10 +116,10 @@ def test_the_plan_takes_the_largest_blocks_that_fit_and_refuses_what_cannot():
   rows = depthwise_conv_rows.plan(56, 56, block, 2)
   for kernel, r in zip(depthwise_conv_rows.KERNELS, rows):
     assert 56 % r == 0 and r % 2 == 0
-    assert depthwise_conv_rows.vmem_bytes(kernel, r, 56, block, 2) <= depthwise_conv.VMEM_BUDGET
+    assert depthwise_conv_rows.vmem_bytes(kernel, r, 56, block, 2) <= VMEM_BUDGET
     larger = [n for n in range(r + 2, 56, 2) if 56 % n == 0]
     assert all(depthwise_conv_rows.vmem_bytes(kernel, n, 56, block, 2)
-               > depthwise_conv.VMEM_BUDGET for n in larger), kernel
+               > VMEM_BUDGET for n in larger), kernel
   assert depthwise_conv_rows.plan(7, 8, block, 2) is None  # odd sides: stride 2's pairs
   assert depthwise_conv_rows.plan(96, 96, block, 2) is None  # no 2 rows fit the backward kernel
   # CvT-13 at 224, 256 images per device: the first two stages in blocks of rows, the last whole.

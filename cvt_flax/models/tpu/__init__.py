@@ -6,7 +6,8 @@
                    normalised tokens and the hidden layer kept in VMEM
   depthwise_conv   a block's three depthwise convolutions reading the token map once
                    (`depthwise_convs`), and with their training-mode BatchNorms
-                   (`depthwise_convs_batch_norm`)
+                   (`depthwise_convs_batch_norm`); its kernels take the whole map
+                   (depthwise_conv_whole) or blocks of rows with a halo (depthwise_conv_rows)
 
 This package's front door is these modules: `cvt_flax.models.compute` calls each op as
 `tpu.<op>.<entry>`, through `tpu.sharded.on_batch_shards` where the batch is split over devices
