@@ -37,13 +37,14 @@ from cvt_flax.models.tpu.blocks import F32, VMEM_BUDGET, call, nbytes
 TAPS = 9  # a 3x3 kernel's taps, in row-major order
 LANES = 128
 KERNELS = ('statistics', 'forward', 'bn_sums', 'backward')
-# Each kernel's VMEM (Mosaic's own report, "Program vmem requirement", of compiles for v4 at CvT-13's
-# 56 x 56 x 64 and 28 x 28 x 192 maps, 256 images, bfloat16), as a fixed part and a part per row
-# of the block, in rows of the block's map in its dtype (`_row_bytes`). The unrolled program's
-# register spills grow with the rows as the pipeline's buffers do; the backward kernel holds the
-# most (the map with two halo rows either side, three gradients, dx, the weights' gradients).
-_VMEM_ROWS = {'statistics': (6.0, 6.3), 'forward': (12.5, 4.9), 'bn_sums': (7.4, 8.0),
-              'backward': (19.0, 13.4)}
+# Each kernel's VMEM in rows of the block's map in its dtype (`_row_bytes`): a fixed part and a
+# part per row of the block, through two compiles for v4 at CvT-13's 56 x 56 x 64 map (256 images,
+# bfloat16; Mosaic's "Program vmem requirement", benchmarks/RESULTS.md). At 28 x 28 x 192 they are
+# within 4% of Mosaic's figures (the statistics kernel: 18% over). The unrolled program's register spills grow with the rows as the
+# pipeline's buffers do; the backward kernel holds the most (the map with two halo rows either
+# side, three gradients, dx, the weights' gradients).
+_VMEM_ROWS = {'statistics': (6.2, 6.6), 'forward': (13.0, 5.1), 'bn_sums': (7.9, 8.4),
+              'backward': (19.9, 14.0)}
 
 
 class RowPlan(NamedTuple):
