@@ -163,10 +163,13 @@ def test_choices_name_each_ops_path_and_why():
   paths = lambda settings, batch=256: [(r['conv'][0], r['attention'][0], r['mlp'][0])
                                       for r in compute.choices(settings, cfg, 224, 224, batch)]
   tpu_bf16 = compute.make_compute(dtype='bfloat16', platform='tpu')
-  assert paths(tpu_bf16) == [('xla', 'token_attention', 'fused')] * 2 + [
-      ('fused', 'token_attention', 'fused')]
+  assert paths(tpu_bf16) == [('fused', 'token_attention', 'fused')] * 3
   rows = compute.choices(tpu_bf16, cfg, 224, 224, 256)
-  assert "56x56x64 map of 256 images per device does not fit" in rows[0]['conv'][1]
+  assert 'blocks of rows with a halo' in rows[0]['conv'][1]
+  assert 'reading the map once' in rows[2]['conv'][1]
+  # At 384 px the first map (96 x 96) fits the kernels' VMEM neither whole nor in blocks of rows.
+  at_384 = compute.choices(tpu_bf16, cfg, 384, 384, 256)
+  assert "96x96x64 map of 256 images per device does not fit" in at_384[0]['conv'][1]
   assert paths(compute.make_compute(dtype='bfloat16', platform='gpu')) == [
       ('xla', 'cudnn', 'xla')] * 3
   assert paths(compute.make_compute(platform='gpu'))[0][1] == 'deferred'  # cuDNN: bf16/fp16 only
