@@ -33,15 +33,15 @@ def _train_two_processes(data_dir, workdir, steps, cache_env):
                              str(steps)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   results = []
-  for proc in procs:
-    try:
+  try:
+    for proc in procs:  # each in turn: a peer may still be leaving jax.distributed when one ends
       out, err = proc.communicate(timeout=600)
-    finally:
-      for p in procs:  # a hung peer must not outlive the test
-        if p.poll() is None:
-          p.kill()
-    assert proc.returncode == 0, f'process failed:\n{out[-2000:]}\n{err[-5000:]}'
-    results.append(json.loads(out.split('RESULT', 1)[1]))
+      assert proc.returncode == 0, f'process failed:\n{out[-2000:]}\n{err[-5000:]}'
+      results.append(json.loads(out.split('RESULT', 1)[1]))
+  finally:
+    for p in procs:  # after a failure or a timeout, a hung peer must not outlive the test
+      if p.poll() is None:
+        p.kill()
   return results
 
 
