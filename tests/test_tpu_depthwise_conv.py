@@ -161,6 +161,27 @@ def test_on_four_devices_the_weight_gradients_are_summed_over_the_batch():
     np.testing.assert_allclose(four, one, rtol=1e-6, atol=1e-6, err_msg=what)
 
 
+def assert_training_step_matches_xla():
+  """One training step of the tiny model (a cls-token last stage, 36 x 28 px images) on XLA's
+  path and on the kernels: the loss, every parameter gradient (float32 reordering, as for the
+  block kernel) and the BatchNorms' running statistics equal. Returns (XLA's model, the kernels'
+  model, the images)."""
+  model = cvt_flax.create_model('tiny', num_classes=10, rngs=nnx.Rngs(3))
+  fused = with_compute(cvt_flax.create_model('tiny', num_classes=10, rngs=nnx.Rngs(3)),
+                       dwconv_impl='fused')
+  images = np.random.default_rng(4).normal(size=(3, 36, 28, 3)).astype(np.float32)
+  loss = lambda m, x: jnp.sum(m(x) ** 2)
+  want_loss, want = nnx.value_and_grad(loss)(model, images)
+  got_loss, got = nnx.value_and_grad(loss)(fused, images)
+  assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
+  assert_same_gradients(want, got)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.BatchStat)),
+                               nnx.to_flat_state(nnx.state(fused, nnx.BatchStat))):
+    np.testing.assert_allclose(b.get_value(), a.get_value(), rtol=1e-5, atol=1e-6,
+                               err_msg=str(path))
+  return model, fused, images
+
+
 def test_a_training_model_on_the_kernels_takes_the_same_steps(monkeypatch):
   """Training mode (the BatchNorms inside the kernels): the loss, every parameter gradient and
   the BatchNorms' running statistics equal XLA's path, with a cls-token stage and an odd-sized
@@ -171,22 +192,10 @@ def test_a_training_model_on_the_kernels_takes_the_same_steps(monkeypatch):
       calls[name].append(x.shape)
       return kernel(x, *args, interpret=True)
     monkeypatch.setattr(depthwise_conv, name, interpreted)
-  model = cvt_flax.create_model('tiny', num_classes=10, rngs=nnx.Rngs(3))  # cls token last
-  fused = with_compute(cvt_flax.create_model('tiny', num_classes=10, rngs=nnx.Rngs(3)),
-                       dwconv_impl='fused')
-  images = np.random.default_rng(4).normal(size=(3, 36, 28, 3)).astype(np.float32)
-  loss = lambda m, x: jnp.sum(m(x) ** 2)
-  want_loss, want = nnx.value_and_grad(loss)(model, images)
-  got_loss, got = nnx.value_and_grad(loss)(fused, images)
+  model, fused, images = assert_training_step_matches_xla()
   # 36x28 px, patches of stride 2, then 2
   assert calls == {'depthwise_convs': [], 'depthwise_convs_batch_norm': [(3, 18, 14, 16),
                                                                         (3, 9, 7, 32)]}
-  assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
-  assert_same_gradients(want, got)  # float32 reordering, as for the block kernel
-  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.BatchStat)),
-                               nnx.to_flat_state(nnx.state(fused, nnx.BatchStat))):
-    np.testing.assert_allclose(b.get_value(), a.get_value(), rtol=1e-5, atol=1e-6,
-                               err_msg=str(path))
   model.eval()
   fused.eval()
   np.testing.assert_allclose(fused(images), model(images), rtol=1e-5, atol=1e-5)

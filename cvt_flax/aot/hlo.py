@@ -18,6 +18,7 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 
 _ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<type>.*?) '
                           r'(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)(?P<attrs>.*)$')
+_OPERAND = re.compile(r'%([\w.\-]+)')  # an instruction's operand names
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r'calls=%([\w.\-]+)')
@@ -82,13 +83,13 @@ def parse_ops(hlo_text: str) -> list[Op]:
       continue
     result_bytes[match['name']] = sum(array_bytes(match['type']))
     if match['op'] == 'bitcast':
-      viewed[match['name']] = re.findall(r'%([\w.\-]+)', match['args'])[0]
+      viewed[match['name']] = _OPERAND.findall(match['args'])[0]
     if not in_fused:
       lines.append(match)
   ops = []
   for m in lines:
     operands = {}
-    for name in re.findall(r'%([\w.\-]+)', m['args']):
+    for name in _OPERAND.findall(m['args']):
       operands.setdefault(_viewed_array(name, viewed), name)
     cycles = _CYCLES.search(m['attrs'])
     source = _OP_NAME.search(m['attrs'])

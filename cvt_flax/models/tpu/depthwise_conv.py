@@ -59,7 +59,8 @@ def row_block(b: int, h: int, w: int, c: int, itemsize: int) -> rows_kernels.Row
 
 def fits(b: int, h: int, w: int, c: int, itemsize: int = 2) -> bool:
   """Whether the kernels take such a map: whole, or in blocks of rows."""
-  return whole_kernels.fits(b, h, w, c) or row_block(b, h, w, c, itemsize) is not None
+  return whole_kernels.fits(b, h, w, c) or rows_kernels.plan(
+      h, w, whole_kernels.block_of(b, c), itemsize) is not None
 
 
 # The four kernels on (h, w, b, c) `x` and (convs, 9, 1, c) `w`: whole maps where `rows` is None,

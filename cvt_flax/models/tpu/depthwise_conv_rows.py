@@ -99,7 +99,7 @@ class _Rows:
         row = _masked(bottom[r - self.rows], _has_neighbour(below=True))
       else:
         row = main[r].astype(F32)
-      self.cache[r] = _pad_columns(row.astype(F32))
+      self.cache[r] = _pad_columns(row)
     return self.cache[r]
 
 
