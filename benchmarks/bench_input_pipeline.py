@@ -15,6 +15,11 @@ after the other:
   .venv/bin/python benchmarks/bench_input_pipeline.py [--ops] [--num_images 512 --batches 20]
 
 Absolute images/s depend on the CPU; the ratio to the yardstick is what holds across x86 CPUs.
+
+With `--side_by_side` each ratio is measured with the yardstick and the row running at the same
+time, each in its own process pinned to a core of its own, for the same `--seconds`, and the cores
+swapped on every other repeat: a shared VM's speed drifts by 10-20% within minutes, and this way
+both sides see the same drift. It gives images/s per core, the figure the capacity plan asks for.
 """
 import argparse
 import json
@@ -24,10 +29,13 @@ import sys
 import tempfile
 import time
 
+if '--cpu' in sys.argv:  # a pinned child: pinned before TensorFlow sizes its thread pools
+  os.sched_setaffinity(0, {int(sys.argv[sys.argv.index('--cpu') + 1])})
+
 import cvt_flax.data as data
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from cvt_flax.data import augment, randaugment, synthetic
+from cvt_flax.data import augment, pipeline, randaugment, synthetic
 
 OP_MAGNITUDE = 9.0
 
@@ -110,23 +118,88 @@ def _timed_batches(args, name):
   return 1, timed
 
 
+def _endless_eval(args):
+  """The eval pipeline over its split again and again (side by side, the timing window decides
+  when to stop)."""
+  ds = pipeline.make_eval_dataset(_config(args), global_batch_size=args.batch_size).repeat()
+  return iter(tfds.as_numpy(ds))
+
+
+def images_in_window(iterator, seconds, warmup):
+  """Once warm, says 'ready', waits for 'go' on stdin, then counts images for `seconds`."""
+  for _ in range(warmup):
+    next(iterator)
+  print('ready', flush=True)
+  sys.stdin.readline()
+  images, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    images += next(iterator)['image'].shape[0]
+  return images / (time.perf_counter() - start)
+
+
 def measure_row(args):
   """In the child process: one row's images/s, printed as JSON."""
   rows = {**ROWS, **OP_ROWS}
-  iterator = rows[args.row](args)
+  if args.cpu is not None and args.row.startswith('eval'):
+    iterator = _endless_eval(args)
+  else:
+    iterator = rows[args.row](args)
   if args.row.startswith(('op:', 'yardstick')):
     iterator = ({'image': b} if not isinstance(b, dict) else b for b in iterator)
-  print(json.dumps({'rate': images_per_second(iterator, *_timed_batches(args, args.row))}))
+  if args.cpu is None:
+    rate = images_per_second(iterator, *_timed_batches(args, args.row))
+  else:
+    rate = images_in_window(iterator, args.seconds, args.warmup)
+  print(json.dumps({'rate': rate}), flush=True)
+
+
+def _row_command(args, name, *flags):
+  command = [sys.executable, __file__, '--row', name, '--data_dir', args.data_dir]
+  for flag in ('num_images', 'batch_size', 'warmup', 'image_size') + flags:
+    command += [f'--{flag}', str(getattr(args, flag))]
+  return command
 
 
 def _child(args, name):
-  command = [sys.executable, __file__, '--row', name, '--data_dir', args.data_dir]
-  for flag in ('num_images', 'batch_size', 'batches', 'warmup', 'image_size'):
-    command += [f'--{flag}', str(getattr(args, flag))]
-  proc = subprocess.run(command, capture_output=True, text=True, check=False)
+  proc = subprocess.run(_row_command(args, name, 'batches'), capture_output=True, text=True,
+                        check=False)
   if proc.returncode:
     raise SystemExit(f'row {name!r} failed:\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])['rate']
+
+
+def _pinned(args, name, cpu):
+  return subprocess.Popen(_row_command(args, name, 'seconds') + ['--cpu', str(cpu)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _side_by_side(args, name, cpus):
+  """[(row rate / yardstick rate, row rate, yardstick rate)], the two measured at the same time
+  on cores of their own, the cores swapped on every other repeat."""
+  runs = []
+  for repeat in range(args.repeats):
+    stick_cpu, row_cpu = cpus if repeat % 2 == 0 else cpus[::-1]
+    procs = [_pinned(args, 'yardstick', stick_cpu), _pinned(args, name, row_cpu)]
+    for proc in procs:  # lines before 'ready' (a library's prints) are skipped
+      if 'ready\n' not in iter(proc.stdout.readline, ''):
+        raise SystemExit(f'a side-by-side child of row {name!r} failed (see its stderr)')
+    for proc in procs:
+      proc.stdin.write('go\n')
+      proc.stdin.flush()
+    stick, rate = [json.loads(proc.stdout.readlines()[-1])['rate'] for proc in procs]
+    for proc in procs:
+      proc.wait()
+    runs.append((rate / stick, rate, stick))
+  return runs
+
+
+def _one_after_the_other(args, name):
+  runs = []
+  for _ in range(args.repeats):
+    stick = _child(args, 'yardstick')
+    rate = _child(args, name)
+    runs.append((rate / stick, rate, stick))
+  return runs
 
 
 def run(args):
@@ -138,21 +211,26 @@ def run(args):
         f'{builder.info.dataset_size / builder.info.splits.total_num_examples / 1e3:.0f} KB each, '
         f'in {args.data_dir} (built in {time.perf_counter() - start:.0f}s)')
   cores = synthetic.usable_cpus()
-  print(f'host cores usable: {cores} (os.cpu_count() = {os.cpu_count()}), batch '
-        f'{args.batch_size}, {args.image_size}px, {args.batches} timed batches, each row in its '
-        'own process\n')
+  cpus = sorted(os.sched_getaffinity(0))[:2]
+  if args.side_by_side:
+    if len(cpus) < 2:
+      raise SystemExit('--side_by_side needs two cores')
+    print(f'side by side on cores {cpus}: yardstick and row at once, {args.seconds:g} s each, '
+          f'batch {args.batch_size}, {args.image_size}px\n')
+    cores = 1
+  else:
+    print(f'host cores usable: {cores} (os.cpu_count() = {os.cpu_count()}), batch '
+          f'{args.batch_size}, {args.image_size}px, {args.batches} timed batches, each row in its '
+          'own process\n')
   print(f'| {"pipeline":<62} | images/s/core | yardstick beside it | vs yardstick | range |')
   print(f'|{"-" * 64}|--------------:|--------------------:|-------------:|-------|')
   for name in ROWS:
     if name.startswith('yardstick') or not any(part in name for part in args.rows.split(',')):
       continue
-    # The machine's speed drifts: each row runs right after the yardstick, `--repeats` times,
-    # and the median ratio is what is printed (with that run's rates).
-    runs = []
-    for _ in range(args.repeats):
-      stick = _child(args, 'yardstick')
-      rate = _child(args, name)
-      runs.append((rate / stick, rate, stick))
+    # The machine's speed drifts: each row runs beside the yardstick or right after it,
+    # `--repeats` times, and the median ratio is what is printed (with that run's rates).
+    runs = (_side_by_side(args, name, cpus) if args.side_by_side
+            else _one_after_the_other(args, name))
     runs.sort()
     ratio, rate, stick = runs[len(runs) // 2]
     print(f'| {name:<62} | {rate / cores:13.0f} | {stick / cores:19.0f} | {ratio:11.2f}x | '
@@ -185,7 +263,11 @@ def main():
   parser.add_argument('--repeats', type=int, default=3, help='runs of each row and the yardstick')
   parser.add_argument('--rows', default='train,eval', help='rows whose names contain one of these')
   parser.add_argument('--ops', action='store_true', help='also time each RandAugment op alone')
+  parser.add_argument('--side_by_side', action='store_true',
+                      help='yardstick and row at the same time, on one core each')
+  parser.add_argument('--seconds', type=float, default=20.0, help='side by side: timed window')
   parser.add_argument('--row', default=None, help=argparse.SUPPRESS)  # a child process's row
+  parser.add_argument('--cpu', type=int, default=None, help=argparse.SUPPRESS)  # pinned child
   args = parser.parse_args()
   if args.row:
     measure_row(args)

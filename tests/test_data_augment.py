@@ -66,6 +66,19 @@ def test_randaugment_op_matches_pil(name):
     assert diff.mean() < 0.1, (name, magnitude, diff.mean())
 
 
+@pytest.mark.parametrize('name', ['AutoContrast', 'Equalize'])
+def test_per_channel_ops_leave_flat_channels_as_pil_does(name):
+  """A constant channel (PIL leaves it) beside a two-level one and a natural one: each channel's
+  table is its own."""
+  image = _natural_image()
+  image[..., 1] = 77
+  image[..., 2] = np.where(image[..., 2] > 128, 200, 30)
+  expected = _pil_reference(Image.fromarray(image), name, 9.0, 1.0)
+  out = randaugment.apply_op(tf.constant(image, tf.float32), name, 9.0, 1.0, FILL).numpy()
+  np.testing.assert_array_equal(out[..., 1], 77)
+  assert np.abs(out - expected).max() <= 1, name
+
+
 @pytest.mark.parametrize('name', randaugment.OP_NAMES)
 def test_randaugment_op_keeps_shape_dtype_range(name):
   image = tf.constant(_natural_image(17, 23, seed=1), tf.float32)  # Odd, non-square on purpose.

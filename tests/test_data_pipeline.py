@@ -1,5 +1,8 @@
 """Input pipelines on TFDS mock data (ImageNet, CIFAR) and on the real, locally built digits dataset."""
 import collections
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import tensorflow_datasets as tfds
 
 import cvt_flax.data as data
 from cvt_flax.data import digits, synthetic
-from helpers import input_config
+from helpers import ROOT, input_config, subprocess_env
 
 NUM_CLASSES = {'imagenet2012': 1000, 'cifar10': 10, 'cifar100': 100}
 
@@ -193,3 +196,22 @@ def test_synthetic_jpegs_time_the_train_pipeline(tmp_path):
   rate = synthetic.train_images_per_sec(cfg, str(tmp_path), batch_size=8, batches=2, warmup=1)
   assert rate > 0
   assert cfg.dataset == 'imagenet2012'  # the caller's config is left as it was
+
+
+@pytest.mark.slow  # four TensorFlow processes, two at a time: ~40 s on 2 cores
+def test_input_benchmark_side_by_side_pins_each_side_to_a_core(tmp_path):
+  """`bench_input_pipeline.py --side_by_side` runs the yardstick and a row at once, one core each,
+  the cores swapped on the second repeat, and prints the row's ratio."""
+  command = [sys.executable, 'benchmarks/bench_input_pipeline.py', '--side_by_side', '--rows',
+             'crop + flip', '--repeats', '2', '--seconds', '1', '--num_images', '32',
+             '--batch_size', '4', '--warmup', '1', '--image_size', '32', '--data_dir',
+             str(tmp_path)]
+  proc = subprocess.run(command, cwd=ROOT, env=subprocess_env({'PYTHONPATH': str(ROOT)}),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'side by side on cores' in proc.stdout
+  row = re.search(r'\| train: crop \+ flip only +\| +(\d+) \| +(\d+) \| +([\d.]+)x \| '
+                  r'([\d.]+)-([\d.]+) \|', proc.stdout)
+  assert row, proc.stdout
+  rate, stick, ratio, low, high = (float(v) for v in row.groups())
+  assert rate > 0 and stick > 0 and low <= ratio <= high

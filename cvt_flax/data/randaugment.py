@@ -7,7 +7,8 @@ calls): point ops are exact, geometric ops use bilinear sampling and fill with t
 
 Speed (benchmarks/RESULTS.md has each op's cost per image against a decode): selects use `Select`
 on operands of equal shape (TF's broadcasting `SelectV2`, behind `tf.where`, is an order of
-magnitude slower on images); per-channel reductions run over contiguous rows; translations move
+magnitude slower on images); per-channel reductions run over contiguous rows; Equalize's three
+tables are one histogram and one gather; luma is float32 arithmetic (exact); translations move
 whole rows, shears resample each row with `crop_and_resize`, and only rotation takes TF's
 general projective transform. Not XLA: an XLA-compiled op runs fast alone, but called from
 RandAugment's `tf.switch_case` inside tf.data it was compiled again and again (tens of ms per
@@ -38,10 +39,10 @@ def _blend(degenerate, image, factor):
 
 
 def _grey(image):
-  """PIL's RGB -> L conversion (ITU-R 601-2 luma, fixed point with rounding), HxWx1."""
-  rgb = tf.cast(image, tf.int32)
-  luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) // 65536
-  return tf.cast(luma, tf.float32)[..., None]
+  """PIL's RGB -> L conversion (ITU-R 601-2 luma, fixed point with rounding), HxWx1. Exact in
+  float32: every product and partial sum is an integer below 2**24, and / 65536 is exact."""
+  luma = image[..., 0] * 19595.0 + image[..., 1] * 38470.0 + image[..., 2] * 7471.0
+  return tf.floor((luma + 32768.0) / 65536.0)[..., None]
 
 
 def _channels_first(image):
@@ -51,28 +52,31 @@ def _channels_first(image):
 
 
 def auto_contrast(image, _):
-  """PIL ImageOps.autocontrast: stretch each channel to the full 0-255 range."""
+  """PIL ImageOps.autocontrast: stretch each channel to the full 0-255 range (a flat channel is
+  left as it is: low 0, scale 1)."""
   channels = _channels_first(image)
   low, high = tf.reduce_min(channels, axis=1), tf.reduce_max(channels, axis=1)
-  scale = 255.0 / tf.maximum(high - low, 1.0)
-  stretched = tf.clip_by_value(tf.floor((image - low) * scale), 0.0, 255.0)
-  return select(high > low, stretched, image)
-
-
-def _equalize_channel(channel):
-  values = tf.cast(channel, tf.int32)
-  histogram = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
-  last = tf.reduce_max(tf.range(256) * tf.cast(histogram > 0, tf.int32))  # last non-empty bin
-  step = (tf.reduce_sum(histogram) - tf.gather(histogram, last)) // 256
-  lut = (step // 2 + tf.cumsum(histogram, exclusive=True)) // tf.maximum(step, 1)
-  equalized = tf.cast(tf.gather(tf.minimum(lut, 255), values), tf.float32)
-  return select(step > 0, equalized, channel)
+  flat = high <= low
+  low = tf.where(flat, 0.0, low)
+  scale = tf.where(flat, 1.0, 255.0 / tf.maximum(high - low, 1.0))
+  return tf.clip_by_value(tf.floor((image - low) * scale), 0.0, 255.0)
 
 
 def equalize(image, _):
-  """PIL ImageOps.equalize, per channel (one histogram per channel measured faster in TF than one
-  histogram of all three)."""
-  return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+  """PIL ImageOps.equalize, per channel: the three histograms as one of 3 x 256 bins (each pixel
+  offset by 256 times its channel), and the three lookup tables applied by one gather."""
+  channels = image.shape[-1]
+  values = tf.cast(image, tf.int32)
+  bins = values + 256 * tf.range(channels)
+  histogram = tf.reshape(tf.math.bincount(tf.reshape(bins, [-1]), minlength=256 * channels,
+                                          maxlength=256 * channels), [channels, 256])
+  levels = tf.range(256)
+  last = tf.reduce_max(levels * tf.cast(histogram > 0, tf.int32), axis=1)  # last non-empty bin
+  step = (tf.reduce_sum(histogram, axis=1) - tf.gather(histogram, last, batch_dims=1)) // 256
+  step = step[:, None]
+  lut = (step // 2 + tf.cumsum(histogram, axis=1, exclusive=True)) // tf.maximum(step, 1)
+  lut = tf.where(step > 0, tf.minimum(lut, 255), levels)  # PIL leaves such a channel as it is.
+  return tf.cast(tf.gather(tf.reshape(lut, [-1]), bins), tf.float32)
 
 
 def invert(image, _):
@@ -95,7 +99,7 @@ def solarize_add(image, addition, threshold=128.0):
 
 
 def color(image, factor):
-  return _blend(tf.tile(_grey(image), [1, 1, 3]), image, factor)
+  return _blend(tf.broadcast_to(_grey(image), tf.shape(image)), image, factor)
 
 
 def contrast(image, factor):
