@@ -180,15 +180,18 @@ def _side_by_side(args, name, cpus):
   for repeat in range(args.repeats):
     stick_cpu, row_cpu = cpus if repeat % 2 == 0 else cpus[::-1]
     procs = [_pinned(args, 'yardstick', stick_cpu), _pinned(args, name, row_cpu)]
-    for proc in procs:  # lines before 'ready' (a library's prints) are skipped
-      if 'ready\n' not in iter(proc.stdout.readline, ''):
-        raise SystemExit(f'a side-by-side child of row {name!r} failed (see its stderr)')
-    for proc in procs:
-      proc.stdin.write('go\n')
-      proc.stdin.flush()
-    stick, rate = [json.loads(proc.stdout.readlines()[-1])['rate'] for proc in procs]
-    for proc in procs:
-      proc.wait()
+    try:
+      for proc in procs:  # lines before 'ready' (a library's prints) are skipped
+        if 'ready\n' not in iter(proc.stdout.readline, ''):
+          raise SystemExit(f'a side-by-side child of row {name!r} failed (see its stderr)')
+      for proc in procs:
+        proc.stdin.write('go\n')
+        proc.stdin.flush()
+      stick, rate = [json.loads(proc.stdout.readlines()[-1])['rate'] for proc in procs]
+    finally:
+      for proc in procs:  # after a failure, the other side must not go on timing on its own
+        proc.kill()
+        proc.wait()
     runs.append((rate / stick, rate, stick))
   return runs
 
@@ -217,7 +220,7 @@ def run(args):
       raise SystemExit('--side_by_side needs two cores')
     print(f'side by side on cores {cpus}: yardstick and row at once, {args.seconds:g} s each, '
           f'batch {args.batch_size}, {args.image_size}px\n')
-    cores = 1
+    cores = 1  # each side's rate is already one core's
   else:
     print(f'host cores usable: {cores} (os.cpu_count() = {os.cpu_count()}), batch '
           f'{args.batch_size}, {args.image_size}px, {args.batches} timed batches, each row in its '
