@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 PIP_INSTALL := $(PY) -m pip install -q -c .ci/constraints.txt
 
-.PHONY: train test test-slow install clean
+.PHONY: train test test-slow test-bench install clean
 
 # The core package plus the `train` extra (TensorFlow input pipelines, optax, ...).
 $(VENV)/.stamp-base: pyproject.toml .ci/constraints.txt
@@ -40,13 +40,18 @@ TRAIN_ARGS ?=
 train: $(VENV)/.stamp-base
 	$(PY) train.py --config configs/digits.py --workdir runs/digits $(TRAIN_ARGS)
 
-# Every test but the `slow` ones (time in the README); CI runs both targets.
+# Every test but the `slow` and `bench` ones (time in the README); CI runs this and test-slow.
 test: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
-	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m "not slow and not bench" $(PYTEST_ARGS)
 
 # The checks too long for `make test` (the README lists them); CI runs them too.
 test-slow: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m slow $(PYTEST_ARGS)
+
+# The benchmark scripts end to end on small inputs (~5 min on 2 cores): before a benchmark's
+# figures go into RESULTS.md. Outside CI, whose time budget they do not fit.
+test-bench: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m bench $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

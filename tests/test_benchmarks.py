@@ -15,7 +15,7 @@ _NO_TF = ("import os, runpy, sys; sys.modules['tensorflow'] = None; sys.argv = s
           "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-@pytest.mark.slow  # four benchmark processes: ~1.2 min on 2 cores (CI runs it)
+@pytest.mark.bench  # four benchmark processes: ~1.5 min on 2 cores
 def test_bench_device_on_cpu_with_a_tiny_model(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-c', _NO_TF, 'benchmarks/bench_device.py', '--tiny', '--steps', '1',
@@ -65,7 +65,7 @@ def test_profile_times_are_wall_clock_with_gaps_given_to_the_last_matmul():
   assert sum(ms.values()) == pytest.approx(12e-6)  # the whole span, counted once
 
 
-@pytest.mark.slow  # four profiled processes of CvT-13 at 64 px: ~2 min on 2 cores (CI runs it)
+@pytest.mark.bench  # four profiled processes of CvT-13 at 64 px: ~2.5 min on 2 cores
 def test_profile_ops_tables_cover_both_frameworks():
   proc = subprocess.run(
       [sys.executable, 'benchmarks/profile_ops.py', '--batch', '2', '--image-size', '64',
@@ -83,7 +83,7 @@ def test_profile_ops_tables_cover_both_frameworks():
       assert 'mlp (backward)' in rows and 'optimizer' in rows, table
 
 
-@pytest.mark.slow  # seven benchmark processes of CvT-13 at 64 px: ~2 min on 2 cores (CI runs it)
+@pytest.mark.bench  # seven benchmark processes of CvT-13 at 64 px: ~4.5 min on 2 cores
 def test_bench_model_times_flax_hf_and_the_exported_forms_on_the_same_weights():
   proc = subprocess.run(
       [sys.executable, 'benchmarks/bench_model.py', '--batch', '2', '--image-size', '64',

@@ -198,7 +198,7 @@ def test_synthetic_jpegs_time_the_train_pipeline(tmp_path):
   assert cfg.dataset == 'imagenet2012'  # the caller's config is left as it was
 
 
-@pytest.mark.slow  # four TensorFlow processes, two at a time: ~40 s on 2 cores
+@pytest.mark.bench  # four TensorFlow processes, two at a time: ~1 min on 2 cores
 def test_input_benchmark_side_by_side_pins_each_side_to_a_core(tmp_path):
   """`bench_input_pipeline.py --side_by_side` runs the yardstick and a row at once, one core each,
   the cores swapped on the second repeat, and prints the row's ratio."""
