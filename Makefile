@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 PIP_INSTALL := $(PY) -m pip install -q -c .ci/constraints.txt
+PYTEST := $(PY) -m pytest -n 2 --dist worksteal --durations=15
 
 .PHONY: train test test-slow test-bench install clean
 
@@ -42,16 +43,16 @@ train: $(VENV)/.stamp-base
 
 # Every test but the `slow` and `bench` ones (time in the README); CI runs this and test-slow.
 test: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
-	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m "not slow and not bench" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not bench" $(PYTEST_ARGS)
 
 # The checks too long for `make test` (the README lists them); CI runs them too.
 test-slow: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
-	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m slow $(PYTEST_ARGS)
+	$(PYTEST) -m slow $(PYTEST_ARGS)
 
 # The benchmark scripts end to end on small inputs (~5 min on 2 cores): before a benchmark's
 # figures go into RESULTS.md. Outside CI, whose time budget they do not fit.
 test-bench: $(VENV)/.stamp-test $(VENV)/.stamp-gpu-aot
-	$(PY) -m pytest -n 2 --dist worksteal --durations=15 -m bench $(PYTEST_ARGS)
+	$(PYTEST) -m bench $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
